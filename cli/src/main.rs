@@ -1,0 +1,2 @@
+//! The `ornament` command line.
+fn main() {}

@@ -1,0 +1,2 @@
+//! ornament-images: builds guest images.
+#![forbid(unsafe_code)]

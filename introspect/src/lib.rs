@@ -1,0 +1,2 @@
+//! ornament-introspect: understands a Linux guest from outside.
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! Shared helpers for the real-guest tests in `tests/tests/`.

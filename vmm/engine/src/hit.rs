@@ -1,0 +1,28 @@
+//! [2] A probe hit: the one record every trap backend produces.
+
+use crate::regs::Regs;
+use serde::{Deserialize, Serialize};
+
+/// Identifies one armed probe; chosen by whoever arms it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProbeId(pub u32);
+
+/// A vCPU reached an armed probe address.
+///
+/// Identical whichever engine or trap backend produced it, so the events built
+/// from it are identical too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeHit {
+    /// Which probe.
+    pub probe: ProbeId,
+    /// The vCPU index (0-based) that hit it.
+    pub vcpu: u32,
+    /// Per-engine sequence number, strictly increasing in delivery order.
+    pub seq: u64,
+    /// Host monotonic time of the hit, nanoseconds since the engine started.
+    pub time_ns: u64,
+    /// Registers at the probe address (rip == the probe address).
+    pub regs: Regs,
+    /// True when the vCPU is held until the hit is answered.
+    pub held: bool,
+}

@@ -1,0 +1,27 @@
+//! ornament-engine: the seam between the engines and `introspect`.
+//!
+//! Data flow of ornament, and the stages this crate names:
+//!
+//! ```text
+//! [1] vCPU exit / plugin callback  (ornament-kvm, ornament-qemu, tcg-plugin)
+//! [2] engine  -> ProbeHit           (this crate: hit.rs)
+//! [3] probe lookup, [4] task read, [5] event, [6] ornaments  (ornament-introspect)
+//! [7] Action back to the engine     (this crate: action.rs)
+//! ```
+//!
+//! Nothing here knows about KVM or QEMU; nothing here uses `unsafe`.
+#![forbid(unsafe_code)]
+
+pub mod action;
+pub mod addr;
+pub mod engine;
+pub mod hit;
+pub mod mem;
+pub mod regs;
+
+pub use action::Action;
+pub use addr::{Gpa, Gva};
+pub use engine::{Engine, EngineError, EngineEvent, GuestExit};
+pub use hit::{ProbeHit, ProbeId};
+pub use mem::{MemError, PhysMemory, SliceMemory};
+pub use regs::Regs;

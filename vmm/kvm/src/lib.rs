@@ -1,0 +1,1 @@
+//! ornament-kvm: our own KVM VMM.

@@ -1,0 +1,2 @@
+//! ornament-qemu: the QEMU engine.
+#![allow(missing_docs)]

@@ -1,0 +1,1 @@
+//! ornament-tcg-plugin: a QEMU TCG plugin (GPL-2.0-or-later).
