@@ -38,7 +38,7 @@ pub enum GuestExit {
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
     /// A probe was hit.
-    Hit(ProbeHit),
+    Hit(Box<ProbeHit>),
     /// The guest ended.
     Exited(GuestExit),
     /// Nothing happened within the timeout.
