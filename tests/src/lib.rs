@@ -1,1 +1,150 @@
-//! Shared helpers for the real-guest tests in `tests/tests/`.
+//! Shared helpers for the real-guest tests in `tests/tests/`: finding the
+//! `ornament` binary, gating on what the host has, running guests with limits.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Seconds any test guest may run before ornament stops it.
+pub const GUEST_TIMEOUT_SECS: u64 = 300;
+
+/// True when running under CI (`CI=true`): missing prerequisites fail the test.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Skip (outside CI) or fail (in CI) with a message saying what is missing.
+/// Returns true when the test should go on.
+pub fn require(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if in_ci() {
+        panic!("CI=true and this test needs {what}, which is missing");
+    }
+    eprintln!("SKIPPED: this test needs {what}, which is missing on this host");
+    false
+}
+
+/// Gate a test on a prerequisite: `require_host!("QEMU", has_qemu());`
+#[macro_export]
+macro_rules! require_host {
+    ($what:expr, $present:expr) => {
+        if !$crate::require($what, $present) {
+            return;
+        }
+    };
+}
+
+/// Is qemu-system-x86_64 runnable?
+pub fn has_qemu() -> bool {
+    Command::new(std::env::var("ORNAMENT_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Can images be built (apt-get and dpkg-deb present, busybox-static installed)?
+pub fn can_build_images() -> bool {
+    let ok = |c: &str| Command::new(c).arg("--version").output().is_ok();
+    ok("apt-get") && ok("dpkg-deb") && Path::new("/bin/busybox").exists()
+}
+
+/// The `ornament` binary: `$ORNAMENT_BIN`, else beside the test executable's
+/// `deps/` directory (where `cargo build` puts it).
+pub fn ornament_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORNAMENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = dir.join("ornament");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --workspace` before `cargo test` (or set ORNAMENT_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// A finished `ornament` invocation.
+#[derive(Debug)]
+pub struct Ran {
+    /// Exit code.
+    pub code: Option<i32>,
+    /// stdout.
+    pub stdout: String,
+    /// stderr (guest console, ornament's messages).
+    pub stderr: String,
+    /// Process id ornament ran as.
+    pub pid: u32,
+}
+
+impl Ran {
+    fn new(o: Output, pid: u32) -> Self {
+        Ran {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            pid,
+        }
+    }
+}
+
+/// Run `ornament ARGS` with a private runtime/temp directory; returns the result
+/// and that directory (to check that nothing was left in it).
+pub fn ornament(args: &[&str]) -> (Ran, tempfile::TempDir) {
+    ornament_env(args, &[])
+}
+
+/// As `ornament`, with extra environment variables.
+pub fn ornament_env(args: &[&str], env: &[(&str, &str)]) -> (Ran, tempfile::TempDir) {
+    let rt = tempfile::tempdir().expect("runtime dir");
+    let mut c = Command::new(ornament_bin());
+    c.args(args)
+        .env("XDG_RUNTIME_DIR", rt.path())
+        .env("TMPDIR", rt.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let child = c.spawn().expect("run ornament");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for ornament");
+    (Ran::new(out, pid), rt)
+}
+
+/// Fail if anything of run `r` is left: files in its runtime `dir`, a process
+/// that mentions `dir`, or its RAM file in /dev/shm.
+pub fn assert_nothing_left(r: &Ran, dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .expect("read runtime dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let needle = dir.to_string_lossy().into_owned();
+    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !cmdline.contains(&needle),
+            "process {} still running: {cmdline}",
+            p.path().display()
+        );
+    }
+    let shm: Vec<_> = std::fs::read_dir("/dev/shm")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("ornament-ram-{}-", r.pid)))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(shm.is_empty(), "RAM files left in /dev/shm: {shm:?}");
+}

@@ -1,0 +1,273 @@
+//! `ornament run`: boot a guest, run a command in it, exit with its status.
+
+use crate::banner::{self, Verdict};
+use crate::select::{self, EngineChoice, Selected};
+use anyhow::{bail, Context, Result};
+use ornament_images::image::files;
+use ornament_images::kernel_file;
+use ornament_images::overlay::{parse_add, RunOverlay};
+use ornament_images::{build_image, BuildOptions, DEFAULT_IMAGE};
+use ornament_qemu::{Accel, MachineError, QemuConfig, QemuMachine, RunPaths};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Smallest guest memory we start a guest with.
+pub const MIN_MEMORY_MIB: u32 = 128;
+/// Most vCPUs QEMU's `pc` machine takes.
+pub const MAX_VCPUS: u32 = 255;
+/// Kernel command line every guest gets before `--append`.
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// Boot a guest and run COMMAND in it as a child of ornament's /init. The guest
+/// console goes to stderr; ornament exits with COMMAND's exit status (128+N if
+/// killed by signal N), or 125 if ornament itself failed.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Guest image to boot (see `ornament image list`); built on first use.
+    #[arg(long, default_value = DEFAULT_IMAGE, conflicts_with = "kernel")]
+    image: String,
+    /// Boot this kernel (bzImage or ELF vmlinux) instead of an image's.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Initramfs for --kernel (default: the default image's, which has ornament's /init).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// System.map of --kernel, checked against the running kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    system_map: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    memory: u32,
+    /// Which engine runs the guest.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    engine: EngineChoice,
+    /// Use the chosen engine even where it would be very slow (PVM KVM).
+    #[arg(long)]
+    force: bool,
+    /// Extra kernel command-line arguments (after "console=ttyS0 panic=-1 quiet").
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    append: Option<String>,
+    /// Add a host file to the guest: HOST:GUEST (repeatable).
+    #[arg(long = "add", value_name = "HOST:GUEST")]
+    add: Vec<String>,
+    /// Image cache directory (default: $ORNAMENT_CACHE_DIR, else $XDG_CACHE_HOME/ornament).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Give up (and stop the guest) after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// QEMU binary (default: $ORNAMENT_QEMU, else qemu-system-x86_64 on PATH).
+    #[arg(long, value_name = "FILE")]
+    qemu: Option<PathBuf>,
+    /// The command to run in the guest, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// The run was interrupted by a signal.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
+struct Boot {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    system_map: Option<PathBuf>,
+}
+
+fn resolve(a: &RunArgs) -> Result<Boot> {
+    let opts = BuildOptions {
+        cache_dir: a.cache_dir.clone(),
+        ..BuildOptions::default()
+    };
+    match &a.kernel {
+        Some(k) => {
+            let initrd = match &a.initrd {
+                Some(i) => i.clone(),
+                None => build_image(DEFAULT_IMAGE, &opts)
+                    .context("building the default image for its initramfs")?
+                    .initramfs(),
+            };
+            Ok(Boot {
+                kernel: k.clone(),
+                initrd,
+                system_map: a.system_map.clone(),
+            })
+        }
+        None => {
+            let img = build_image(&a.image, &opts)
+                .with_context(|| format!("preparing image {}", a.image))?;
+            Ok(Boot {
+                kernel: img.kernel(),
+                initrd: img.initramfs(),
+                system_map: Some(img.path(files::SYSTEM_MAP)),
+            })
+        }
+    }
+}
+
+/// Run; returns the exit status for the process.
+pub fn run(a: RunArgs) -> Result<u8> {
+    if a.vcpus == 0 || a.vcpus > MAX_VCPUS {
+        bail!("--vcpus {}: must be between 1 and {MAX_VCPUS}", a.vcpus);
+    }
+    if a.memory < MIN_MEMORY_MIB {
+        bail!(
+            "--memory {} MiB is too small: a Linux guest needs at least {MIN_MEMORY_MIB} MiB",
+            a.memory
+        );
+    }
+    let add = a
+        .add
+        .iter()
+        .map(|s| parse_add(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (host, _) in &add {
+        if !host.is_file() {
+            bail!("--add {}: no such file on the host", host.display());
+        }
+    }
+    let (selected, why) = select::select(a.engine, a.force)?;
+    eprintln!("ornament: {why}");
+    let qemu = ornament_qemu::qemu_binary(a.qemu.as_deref());
+    let qemu_info = ornament_qemu::probe(&qemu)?;
+    tracing::info!(version = %qemu_info.version_line, "QEMU");
+
+    let boot = resolve(&a)?;
+    let kind = kernel_file::inspect(&boot.kernel)?;
+    let initrd_len = std::fs::metadata(&boot.initrd)
+        .with_context(|| format!("initramfs {}", boot.initrd.display()))?
+        .len();
+    let kernel_len = std::fs::metadata(&boot.kernel)?.len();
+    // The kernel unpacks itself and the initramfs (about 4x compressed) in RAM.
+    let need_mib = 64 + (kernel_len * 4 + initrd_len * 5) / (1 << 20);
+    if u64::from(a.memory) < need_mib {
+        bail!(
+            "--memory {} MiB is too small for kernel {} and initramfs {}: they need at least {need_mib} MiB",
+            a.memory,
+            boot.kernel.display(),
+            boot.initrd.display()
+        );
+    }
+    let anchors = boot
+        .system_map
+        .as_deref()
+        .map(banner::anchors)
+        .transpose()?;
+    tracing::info!(?kind, "kernel");
+
+    let paths = RunPaths::new()?;
+    let initrd = paths.dir.path().join("initramfs");
+    RunOverlay {
+        command: a.command.clone(),
+        add,
+    }
+    .write_combined(&boot.initrd, &initrd)?;
+    let mut cmdline = BASE_CMDLINE.to_owned();
+    if let Some(extra) = &a.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let cfg = QemuConfig {
+        binary: qemu,
+        kernel: boot.kernel.clone(),
+        initrd,
+        cmdline,
+        vcpus: a.vcpus,
+        mem_size_mib: a.memory,
+        accel: if selected == Selected::QemuKvm {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        },
+        ram_path: PathBuf::new(),
+        gdb_socket: PathBuf::new(),
+        status_path: PathBuf::new(),
+        start_paused: true,
+        plugin: None,
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
+    }
+    let mut machine = QemuMachine::start(cfg, paths, Some(Box::new(std::io::stderr())))?;
+    let mismatch: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let done = Arc::new(AtomicBool::new(false));
+    let identity = anchors.map(|anch| {
+        let ram = machine.ram();
+        let stop = stop.clone();
+        let mismatch = mismatch.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            // A banner elsewhere may be seen while the kernel is still unpacking
+            // itself; only one that stays unmatched for SETTLE is a mismatch.
+            const SETTLE: Duration = Duration::from_secs(3);
+            let begin = Instant::now();
+            let mut seen: Option<(Instant, String)> = None;
+            let mut round = 0u32;
+            while begin.elapsed() < Duration::from_secs(120) {
+                let finished = done.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed);
+                // The aligned places are cheap to look at; the full scan for a
+                // banner elsewhere reads all of RAM, so it runs once a second.
+                let full = finished || round % 10 == 9;
+                round += 1;
+                match banner::check(ram.as_ref(), anch, full) {
+                    Verdict::Match(b) => {
+                        tracing::info!(banner = %b, "System.map matches the running kernel");
+                        return;
+                    }
+                    Verdict::Mismatch(running) => {
+                        let first = seen
+                            .get_or_insert_with(|| (Instant::now(), running.clone()))
+                            .0;
+                        if finished || first.elapsed() > SETTLE {
+                            *mismatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(running);
+                            stop.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    Verdict::NotYet => {}
+                }
+                if finished {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    });
+    machine.resume()?;
+    let outcome = machine.wait(&stop, a.timeout.map(Duration::from_secs));
+    done.store(true, Ordering::Relaxed);
+    if let Some(t) = identity {
+        let _ = t.join();
+    }
+    if let Some(running) = mismatch.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(banner::BannerError::Mismatch {
+            path: boot.system_map.unwrap_or_default(),
+            running,
+        }
+        .into());
+    }
+    let outcome = match outcome {
+        Err(MachineError::Interrupted) => return Err(Interrupted.into()),
+        other => other?,
+    };
+    match outcome.guest_status {
+        Some(code) => Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),
+        None => bail!(
+            "the guest stopped without reporting the command's exit status (kernel panic, or no ornament /init in the initramfs?); QEMU exit code {:?}{}",
+            outcome.qemu_code,
+            if outcome.qemu_stderr.is_empty() {
+                String::new()
+            } else {
+                format!("; QEMU said:\n{}", outcome.qemu_stderr)
+            }
+        ),
+    }
+}

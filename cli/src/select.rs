@@ -1,0 +1,109 @@
+//! Which engine runs the guest, and why (printed to the user).
+
+use std::path::Path;
+
+/// `--engine` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineChoice {
+    /// Our KVM VMM where KVM can run an unmodified kernel, else QEMU.
+    Auto,
+    /// Our own KVM VMM.
+    Kvm,
+    /// QEMU (TCG software emulation, or KVM acceleration where KVM is hardware).
+    Qemu,
+}
+
+/// The kind of KVM this host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvmKind {
+    /// No /dev/kvm.
+    Absent,
+    /// /dev/kvm exists but cannot be opened.
+    Inaccessible,
+    /// PVM (kvm_pvm): kernel mode of an unmodified guest is emulated.
+    Pvm,
+    /// VT-x / AMD-V.
+    Hardware,
+    /// Something else.
+    Unknown,
+}
+
+/// Look at /dev/kvm, the loaded modules and the CPU flags.
+pub fn kvm_kind() -> KvmKind {
+    let dev = Path::new("/dev/kvm");
+    if !dev.exists() {
+        return KvmKind::Absent;
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .is_err()
+    {
+        return KvmKind::Inaccessible;
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return KvmKind::Pvm;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if hw {
+        KvmKind::Hardware
+    } else {
+        KvmKind::Unknown
+    }
+}
+
+/// What `run` will use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selected {
+    /// QEMU with TCG.
+    QemuTcg,
+    /// QEMU with KVM acceleration.
+    QemuKvm,
+}
+
+/// Why an engine cannot be used.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum SelectError {
+    /// --engine kvm: this host's KVM is PVM (kvm_pvm module, no VT-x/AMD-V), which runs an unmodified kernel's kernel mode through an instruction emulator and takes minutes to boot; use --engine qemu (or --engine auto)
+    KvmIsPvm,
+    /// --engine kvm: /dev/kvm is missing; use --engine qemu (software emulation)
+    NoKvm,
+    /// --engine kvm: /dev/kvm cannot be opened (permission?); add yourself to the kvm group or use --engine qemu
+    KvmInaccessible,
+    /// --engine kvm: ornament's own KVM VMM cannot boot a Linux guest yet; use --engine qemu (with --force on a hardware-KVM host it would still refuse)
+    KvmEngineNotReady,
+}
+
+/// Decide, and say why.
+pub fn select(choice: EngineChoice, force: bool) -> Result<(Selected, String), SelectError> {
+    let kind = kvm_kind();
+    match choice {
+        EngineChoice::Qemu | EngineChoice::Auto => Ok(match kind {
+            KvmKind::Hardware => (
+                Selected::QemuKvm,
+                "engine qemu with KVM acceleration: KVM is hardware here, and ornament's own KVM VMM does not boot Linux yet".to_owned(),
+            ),
+            KvmKind::Pvm if choice == EngineChoice::Auto => (
+                Selected::QemuTcg,
+                "engine qemu (TCG): /dev/kvm here is PVM, which cannot run an unmodified kernel at usable speed".to_owned(),
+            ),
+            KvmKind::Absent if choice == EngineChoice::Auto => (
+                Selected::QemuTcg,
+                "engine qemu (TCG): no /dev/kvm on this host".to_owned(),
+            ),
+            _ => (Selected::QemuTcg, "engine qemu (TCG software emulation)".to_owned()),
+        }),
+        EngineChoice::Kvm => match kind {
+            KvmKind::Pvm if !force => Err(SelectError::KvmIsPvm),
+            KvmKind::Absent => Err(SelectError::NoKvm),
+            KvmKind::Inaccessible => Err(SelectError::KvmInaccessible),
+            _ => Err(SelectError::KvmEngineNotReady),
+        },
+    }
+}

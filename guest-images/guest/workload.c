@@ -1,0 +1,270 @@
+/*
+ * ornament-workload: a guest program that does known things and says what it did.
+ *
+ * Every line it prints that starts with "W " is a fact the host-side tests check
+ * events against, e.g. "W fork parent=12 child=13". Usage:
+ *
+ *   ornament-workload getppid N        call getppid N times
+ *   ornament-workload forkexit N       fork N children; child i exits with 10+i
+ *   ornament-workload forkexec N       fork N children that exec `ornament-workload true`
+ *   ornament-workload spin SECONDS     busy-loop (for progress checks), print iterations
+ *   ornament-workload mkdir PATH       mkdir(PATH) and print the errno (0 on success)
+ *   ornament-workload kill             fork a child that sleeps; kill it with SIGKILL
+ *   ornament-workload threads N        start and join N threads
+ *   ornament-workload bigargv          exec itself with an argv longer than a page
+ *   ornament-workload failexec         exec a file that does not exist
+ *   ornament-workload vfork            vfork + _exit(3)
+ *   ornament-workload tree             a three-level process tree
+ *   ornament-workload syscall K        call getpriority(PRIO_USER, 4242) K times
+ *   ornament-workload all              everything above, in order
+ *   ornament-workload true|exit CODE   exit 0 / exit CODE
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *self = "/ornament/bin/ornament-workload";
+
+static int wait_report(pid_t pid)
+{
+    int status = 0;
+    if (waitpid(pid, &status, 0) < 0) {
+        perror("waitpid");
+        return -1;
+    }
+    if (WIFEXITED(status))
+        printf("W exit pid=%d code=%d\n", (int)pid, WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        printf("W exit pid=%d signal=%d\n", (int)pid, WTERMSIG(status));
+    fflush(stdout);
+    return status;
+}
+
+static pid_t do_fork(void)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("fork");
+        exit(100);
+    }
+    if (pid > 0) {
+        printf("W fork parent=%d child=%d\n", (int)getpid(), (int)pid);
+        fflush(stdout);
+    }
+    return pid;
+}
+
+static void cmd_getppid(long n)
+{
+    pid_t p = 0;
+    for (long i = 0; i < n; i++)
+        p = (pid_t)syscall(SYS_getppid);
+    printf("W getppid pid=%d ppid=%d n=%ld\n", (int)getpid(), (int)p, n);
+}
+
+static void cmd_forkexit(long n)
+{
+    for (long i = 0; i < n; i++) {
+        pid_t pid = do_fork();
+        if (pid == 0)
+            _exit((int)(10 + i));
+        wait_report(pid);
+    }
+}
+
+static void cmd_forkexec(long n)
+{
+    for (long i = 0; i < n; i++) {
+        pid_t pid = do_fork();
+        if (pid == 0) {
+            execl(self, "ornament-workload", "true", (char *)NULL);
+            _exit(127);
+        }
+        printf("W exec pid=%d filename=%s argv=ornament-workload,true\n", (int)pid, self);
+        wait_report(pid);
+    }
+}
+
+static void cmd_spin(long seconds)
+{
+    time_t end = time(NULL) + seconds;
+    unsigned long iters = 0;
+    while (time(NULL) < end)
+        iters++;
+    printf("W spin iterations=%lu\n", iters);
+}
+
+static void cmd_mkdir(const char *path)
+{
+    int rc = mkdir(path, 0755);
+    int err = rc == 0 ? 0 : errno;
+    struct stat st;
+    int exists = stat(path, &st) == 0;
+    printf("W mkdir path=%s errno=%d exists=%d\n", path, err, exists);
+}
+
+static void cmd_kill(void)
+{
+    pid_t pid = do_fork();
+    if (pid == 0) {
+        for (;;)
+            pause();
+    }
+    kill(pid, SIGKILL);
+    wait_report(pid);
+}
+
+static void *thread_main(void *arg)
+{
+    (void)arg;
+    return NULL;
+}
+
+static void cmd_threads(long n)
+{
+    pthread_t t[64];
+    if (n > 64)
+        n = 64;
+    for (long i = 0; i < n; i++)
+        pthread_create(&t[i], NULL, thread_main, NULL);
+    for (long i = 0; i < n; i++)
+        pthread_join(t[i], NULL);
+    printf("W threads pid=%d n=%ld\n", (int)getpid(), n);
+}
+
+static void cmd_bigargv(void)
+{
+    /* 600 arguments of 9 characters: well over one 4 KiB page. */
+    enum { N = 600 };
+    static char store[N][16];
+    static char *argv[N + 3];
+    argv[0] = "ornament-workload";
+    argv[1] = "true";
+    for (int i = 0; i < N; i++) {
+        snprintf(store[i], sizeof store[i], "arg%06d", i);
+        argv[i + 2] = store[i];
+    }
+    argv[N + 2] = NULL;
+    pid_t pid = do_fork();
+    if (pid == 0) {
+        execv(self, argv);
+        _exit(127);
+    }
+    printf("W exec pid=%d filename=%s argc=%d\n", (int)pid, self, N + 2);
+    wait_report(pid);
+}
+
+static void cmd_failexec(void)
+{
+    pid_t pid = do_fork();
+    if (pid == 0) {
+        execl("/does/not/exist", "nothing", (char *)NULL);
+        printf("W execfail pid=%d errno=%d\n", (int)getpid(), errno);
+        fflush(stdout);
+        _exit(9);
+    }
+    wait_report(pid);
+}
+
+static void cmd_vfork(void)
+{
+    fflush(stdout);
+    pid_t pid = vfork();
+    if (pid == 0)
+        _exit(3);
+    printf("W vfork parent=%d child=%d\n", (int)getpid(), (int)pid);
+    wait_report(pid);
+}
+
+static void cmd_tree(void)
+{
+    pid_t a = do_fork();
+    if (a == 0) {
+        pid_t b = do_fork();
+        if (b == 0) {
+            pid_t c = do_fork();
+            if (c == 0)
+                _exit(33);
+            wait_report(c);
+            _exit(22);
+        }
+        wait_report(b);
+        _exit(11);
+    }
+    wait_report(a);
+}
+
+static void cmd_syscall(long k)
+{
+    for (long i = 0; i < k; i++)
+        syscall(SYS_getpriority, PRIO_USER, 4242);
+    printf("W syscall pid=%d nr=%d name=getpriority args=%d,4242 n=%ld\n", (int)getpid(),
+           (int)SYS_getpriority, PRIO_USER, k);
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2) {
+        fprintf(stderr, "usage: ornament-workload COMMAND [ARG]\n");
+        return 2;
+    }
+    const char *c = argv[1];
+    long n = argc > 2 ? atol(argv[2]) : 0;
+    if (!strcmp(c, "true"))
+        return 0;
+    if (!strcmp(c, "exit"))
+        return (int)n;
+    printf("W start pid=%d ppid=%d\n", (int)getpid(), (int)getppid());
+    if (!strcmp(c, "getppid"))
+        cmd_getppid(n);
+    else if (!strcmp(c, "forkexit"))
+        cmd_forkexit(n);
+    else if (!strcmp(c, "forkexec"))
+        cmd_forkexec(n);
+    else if (!strcmp(c, "spin"))
+        cmd_spin(n);
+    else if (!strcmp(c, "mkdir") && argc > 2)
+        cmd_mkdir(argv[2]);
+    else if (!strcmp(c, "kill"))
+        cmd_kill();
+    else if (!strcmp(c, "threads"))
+        cmd_threads(n);
+    else if (!strcmp(c, "bigargv"))
+        cmd_bigargv();
+    else if (!strcmp(c, "failexec"))
+        cmd_failexec();
+    else if (!strcmp(c, "vfork"))
+        cmd_vfork();
+    else if (!strcmp(c, "tree"))
+        cmd_tree();
+    else if (!strcmp(c, "syscall"))
+        cmd_syscall(n);
+    else if (!strcmp(c, "all")) {
+        cmd_forkexit(3);
+        cmd_threads(2);
+        cmd_bigargv();
+        cmd_failexec();
+        cmd_vfork();
+        cmd_tree();
+        cmd_syscall(5);
+        cmd_kill();
+    } else {
+        fprintf(stderr, "ornament-workload: unknown command %s\n", c);
+        return 2;
+    }
+    printf("W done pid=%d\n", (int)getpid());
+    return 0;
+}

@@ -1,0 +1,426 @@
+//! Build (or find in the cache) one guest image: kernel, symbols, BTF, initramfs.
+
+use crate::cache::{self, CacheError, FileEntry, Manifest};
+use crate::catalog::{self, ImageSpec};
+use crate::cpio::CpioWriter;
+use crate::debian::{self, DebianError};
+use crate::progress;
+use crate::workloads::{self, WorkloadError};
+use flate2::write::GzEncoder;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// File names inside an image directory.
+pub mod files {
+    /// The compressed kernel (bzImage).
+    pub const KERNEL: &str = "vmlinuz";
+    /// The real System.map.
+    pub const SYSTEM_MAP: &str = "System.map";
+    /// The kernel config.
+    pub const CONFIG: &str = "config";
+    /// The uncompressed ELF kernel, debug sections stripped (for direct ELF boot).
+    pub const VMLINUX: &str = "vmlinux";
+    /// The raw `.BTF` section of vmlinux (struct layouts for profiles).
+    pub const BTF: &str = "vmlinux.btf";
+    /// The initramfs: busybox, /init, workloads (newc cpio, gzip).
+    pub const INITRAMFS: &str = "initramfs.cpio.gz";
+}
+
+/// Why an image could not be built.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ImageError {
+    /// unknown image {name}; known images: {known}
+    UnknownImage {
+        /// The name asked for.
+        name: String,
+        /// The names we know.
+        known: String,
+    },
+    /// Debian package step failed
+    Debian(#[from] DebianError),
+    /// compiling guest programs failed
+    Workload(#[from] WorkloadError),
+    /// image cache error
+    Cache(#[from] CacheError),
+    /// {path} is not a static executable; install the busybox-static package (apt-get install busybox-static)
+    BusyboxNotStatic {
+        /// The busybox found.
+        path: PathBuf,
+    },
+    /// no busybox found at {path}; install the busybox-static package (apt-get install busybox-static)
+    NoBusybox {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// `objcopy` failed on {path} (install binutils): {stderr}
+    Objcopy {
+        /// The input.
+        path: PathBuf,
+        /// What objcopy said.
+        stderr: String,
+    },
+    /// file {path} to add to the image cannot be read
+    AddFile {
+        /// The host file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// I/O on {path} failed
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How to build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Cache root (see `cache::cache_root`).
+    pub cache_dir: Option<PathBuf>,
+    /// Rebuild even if a valid image is cached.
+    pub rebuild: bool,
+    /// Host files to add: (host path, guest path).
+    pub add: Vec<(PathBuf, String)>,
+}
+
+/// A built image: where its files are.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Image name.
+    pub name: String,
+    /// Kernel release.
+    pub release: String,
+    /// Debian package version.
+    pub package_version: String,
+    /// Directory holding the files.
+    pub dir: PathBuf,
+    /// True when it came from the cache without building.
+    pub cached: bool,
+}
+
+impl Image {
+    /// Path of one of the `files::*` of this image.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+    /// The bzImage.
+    pub fn kernel(&self) -> PathBuf {
+        self.path(files::KERNEL)
+    }
+    /// The initramfs.
+    pub fn initramfs(&self) -> PathBuf {
+        self.path(files::INITRAMFS)
+    }
+    /// The System.map.
+    pub fn system_map(&self) -> PathBuf {
+        self.path(files::SYSTEM_MAP)
+    }
+}
+
+/// Find a valid cached image or build it.
+pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError> {
+    let spec = catalog::find(name).ok_or_else(|| ImageError::UnknownImage {
+        name: name.to_owned(),
+        known: catalog::names().join(", "),
+    })?;
+    let root = cache::cache_root(opts.cache_dir.as_deref())
+        .join("images")
+        .join(spec.name);
+    let suffix = add_suffix(&opts.add)?;
+    if !opts.rebuild {
+        if let Some(img) = find_cached(spec, &root, &suffix) {
+            tracing::info!(image = spec.name, dir = %img.dir.display(), "using cached image");
+            return Ok(img);
+        }
+    }
+    fs::create_dir_all(&root).map_err(io_err(&root))?;
+    // One builder at a time per image (parallel runs and tests share the cache);
+    // whoever waited finds the image the first one built.
+    let lock_path = root.join(".lock");
+    let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    if !opts.rebuild {
+        if let Some(img) = find_cached(spec, &root, &suffix) {
+            return Ok(img);
+        }
+    }
+    let work = tempfile::Builder::new()
+        .prefix(".partial-")
+        .tempdir_in(&root)
+        .map_err(io_err(&root))?;
+    let version = build_into(spec, work.path(), &opts.add)?;
+    let dest = root.join(format!("{version}{suffix}"));
+    if dest.exists() {
+        fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
+    }
+    let tmp = work.keep();
+    fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+    tracing::info!(image = spec.name, dir = %dest.display(), "image built");
+    Ok(Image {
+        name: spec.name.to_owned(),
+        release: spec.release.to_owned(),
+        package_version: version,
+        dir: dest,
+        cached: false,
+    })
+}
+
+/// Images with `--add` files are cached apart: the directory name carries a hash
+/// of the added files' names and contents.
+fn add_suffix(add: &[(PathBuf, String)]) -> Result<String, ImageError> {
+    if add.is_empty() {
+        return Ok(String::new());
+    }
+    let mut desc = String::new();
+    for (host, guest) in add {
+        let e = cache::hash_file(host).map_err(|_| ImageError::AddFile {
+            path: host.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "cannot read"),
+        })?;
+        desc.push_str(&format!("{guest}:{}\n", e.sha256));
+    }
+    let tmp = tempfile::NamedTempFile::new().map_err(io_err(Path::new("/tmp")))?;
+    fs::write(tmp.path(), desc).map_err(io_err(tmp.path()))?;
+    let h = cache::hash_file(tmp.path())?;
+    Ok(format!("+add-{}", &h.sha256[..12]))
+}
+
+fn find_cached(spec: &ImageSpec, root: &Path, suffix: &str) -> Option<Image> {
+    let mut candidates: Vec<String> = Vec::new();
+    if let Some(v) = debian::candidate_version(spec.package) {
+        candidates.push(format!("{v}{suffix}"));
+    } else if let Ok(rd) = fs::read_dir(root) {
+        // No apt lists: any complete cached version will do, newest name last.
+        let mut names: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.') && n.ends_with(suffix))
+            .filter(|n| suffix.is_empty() != n.contains("+add-"))
+            .collect();
+        names.sort();
+        candidates.extend(names.into_iter().rev());
+    }
+    for c in candidates {
+        let dir = root.join(&c);
+        match cache::verify(&dir) {
+            Ok(m) => {
+                return Some(Image {
+                    name: spec.name.to_owned(),
+                    release: m.release,
+                    package_version: m.package_version,
+                    dir,
+                    cached: true,
+                })
+            }
+            Err(CacheError::Missing { .. }) if !dir.exists() => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cached image is damaged; rebuilding");
+            }
+        }
+    }
+    None
+}
+
+/// Build every file of `spec` into `dir`; returns the package version.
+fn build_into(
+    spec: &ImageSpec,
+    dir: &Path,
+    add: &[(PathBuf, String)],
+) -> Result<String, ImageError> {
+    let debs_dir = dir.join("debs");
+    fs::create_dir_all(&debs_dir).map_err(io_err(&debs_dir))?;
+    let debs = debian::download(&[spec.package, spec.dbg_package], &debs_dir)?;
+    let version = debian::deb_version(&debs[0])?;
+    let rel = spec.release;
+    debian::extract(
+        &debs[0],
+        &[
+            (format!("./boot/vmlinuz-{rel}"), dir.join(files::KERNEL)),
+            (format!("./boot/config-{rel}"), dir.join(files::CONFIG)),
+        ],
+    )?;
+    let full = dir.join("vmlinux.full");
+    debian::extract(
+        &debs[1],
+        &[
+            (
+                format!("./usr/lib/debug/boot/System.map-{rel}"),
+                dir.join(files::SYSTEM_MAP),
+            ),
+            (format!("./usr/lib/debug/boot/vmlinux-{rel}"), full.clone()),
+        ],
+    )?;
+    fs::remove_dir_all(&debs_dir).map_err(io_err(&debs_dir))?;
+    let pb = progress::spinner("stripping vmlinux");
+    objcopy(&full, &["--strip-debug"], &dir.join(files::VMLINUX))?;
+    let btf_arg = format!(".BTF={}", dir.join(files::BTF).display());
+    objcopy(&full, &["--dump-section", &btf_arg], Path::new("/dev/null"))?;
+    fs::remove_file(&full).map_err(io_err(&full))?;
+    pb.finish_and_clear();
+    write_initramfs(&dir.join(files::INITRAMFS), add)?;
+    let mut entries: Vec<FileEntry> = Vec::new();
+    for f in [
+        files::KERNEL,
+        files::SYSTEM_MAP,
+        files::CONFIG,
+        files::VMLINUX,
+        files::BTF,
+        files::INITRAMFS,
+    ] {
+        entries.push(cache::hash_file(&dir.join(f))?);
+    }
+    cache::write_manifest(
+        dir,
+        Manifest {
+            format: cache::MANIFEST_FORMAT,
+            image: spec.name.to_owned(),
+            release: spec.release.to_owned(),
+            package_version: version.clone(),
+            files: entries,
+        },
+    )?;
+    Ok(version)
+}
+
+fn objcopy(input: &Path, args: &[&str], output: &Path) -> Result<(), ImageError> {
+    let out = Command::new("objcopy")
+        .args(args)
+        .arg(input)
+        .arg(output)
+        .output()
+        .map_err(|e| ImageError::Objcopy {
+            path: input.to_path_buf(),
+            stderr: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::Objcopy {
+            path: input.to_path_buf(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Where the host's static busybox is (Debian's busybox-static).
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Write the base initramfs: directories, device nodes, busybox, /init, workloads, added files.
+pub fn write_initramfs(path: &Path, add: &[(PathBuf, String)]) -> Result<(), ImageError> {
+    let busybox_path = Path::new(BUSYBOX);
+    let busybox = fs::read(busybox_path).map_err(|_| ImageError::NoBusybox {
+        path: busybox_path.to_path_buf(),
+    })?;
+    if !is_static_elf(&busybox) {
+        return Err(ImageError::BusyboxNotStatic {
+            path: busybox_path.to_path_buf(),
+        });
+    }
+    let build = tempfile::tempdir().map_err(io_err(Path::new("/tmp")))?;
+    let programs = workloads::compile_all(build.path())?;
+    let f = fs::File::create(path).map_err(io_err(path))?;
+    let gz = GzEncoder::new(io::BufWriter::new(f), flate2::Compression::new(6));
+    let mut w = CpioWriter::new(gz);
+    let io = io_err(path);
+    (|| -> io::Result<()> {
+        for d in [
+            "/bin",
+            "/sbin",
+            "/dev",
+            "/proc",
+            "/sys",
+            "/tmp",
+            "/run",
+            "/root",
+            "/etc",
+            "/usr",
+            "/usr/bin",
+            "/usr/sbin",
+            "/ornament",
+            "/ornament/bin",
+        ] {
+            w.dir(d, 0o755)?;
+        }
+        w.char_dev("/dev/console", 0o600, 5, 1)?;
+        w.char_dev("/dev/null", 0o666, 1, 3)?;
+        w.file("/bin/busybox", 0o755, &busybox)?;
+        w.symlink("/bin/sh", "busybox")?;
+        w.file("/init", 0o755, workloads::INIT_SCRIPT.as_bytes())?;
+        for (name, bin) in &programs {
+            let data = fs::read(bin)?;
+            w.file(&format!("/ornament/bin/{name}"), 0o755, &data)?;
+        }
+        Ok(())
+    })()
+    .map_err(io)?;
+    crate::overlay::add_files(&mut w, add)?;
+    let gz = w.finish().map_err(io_err(path))?;
+    let buf = gz.finish().map_err(io_err(path))?;
+    buf.into_inner()
+        .map_err(|e| ImageError::Io {
+            path: path.to_path_buf(),
+            source: e.into_error(),
+        })?
+        .sync_all()
+        .map_err(io_err(path))?;
+    Ok(())
+}
+
+/// An ELF executable without a PT_INTERP program header.
+fn is_static_elf(b: &[u8]) -> bool {
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return false;
+    }
+    let rd16 = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let rd64 = |o: usize| {
+        b.get(o..o + 8)
+            .and_then(|s| <[u8; 8]>::try_from(s).ok())
+            .map(u64::from_le_bytes)
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (rd64(0x20), rd16(0x36), rd16(0x38)) else {
+        return false;
+    };
+    let Ok(phoff) = usize::try_from(phoff) else {
+        return false;
+    };
+    (0..usize::from(phnum)).all(|i| {
+        let o = phoff + i * usize::from(phentsize);
+        // PT_INTERP == 3
+        b.get(o..o + 4) != Some(&3u32.to_le_bytes()[..])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busybox_static_check() {
+        assert!(!is_static_elf(b"#!/bin/sh\n"));
+        if let Ok(b) = fs::read("/bin/sh") {
+            // Debian's /bin/sh (dash) is dynamically linked.
+            assert!(!is_static_elf(&b));
+        }
+    }
+
+    #[test]
+    fn unknown_image_names_the_known_ones() {
+        let e = build_image("nope", &BuildOptions::default()).expect_err("unknown");
+        let msg = e.to_string();
+        assert!(msg.contains("unknown image nope"), "{msg}");
+        assert!(msg.contains("debian-6.1-cloud"), "{msg}");
+    }
+}

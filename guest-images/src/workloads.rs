@@ -1,0 +1,94 @@
+//! Guest-side programs: C sources shipped in `guest/`, compiled statically on the host.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A guest program: its name in `/ornament/bin` and its C source.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// File name under `/ornament/bin/`.
+    pub name: &'static str,
+    /// C source text.
+    pub source: &'static str,
+    /// Extra compiler flags.
+    pub flags: &'static [&'static str],
+}
+
+/// Every guest program in the image.
+pub const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "demo",
+        source: include_str!("../guest/demo.c"),
+        flags: &[],
+    },
+    Workload {
+        name: "ornament-workload",
+        source: include_str!("../guest/workload.c"),
+        flags: &["-pthread"],
+    },
+];
+
+/// The `/init` script.
+pub const INIT_SCRIPT: &str = include_str!("../guest/init.sh");
+
+/// Why a workload did not compile.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum WorkloadError {
+    /// cannot run the C compiler `{cc}` (install gcc and libc6-dev, or set CC)
+    NoCompiler {
+        /// The compiler tried.
+        cc: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// compiling guest program {name} failed: {stderr}
+    Compile {
+        /// The program.
+        name: &'static str,
+        /// Compiler output.
+        stderr: String,
+    },
+    /// I/O on {path} failed
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Compile every workload statically into `dir`; returns (name, binary path).
+pub fn compile_all(dir: &Path) -> Result<Vec<(&'static str, PathBuf)>, WorkloadError> {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+    WORKLOADS
+        .iter()
+        .map(|w| {
+            let src = dir.join(format!("{}.c", w.name));
+            std::fs::write(&src, w.source).map_err(|source| WorkloadError::Io {
+                path: src.clone(),
+                source,
+            })?;
+            let bin = dir.join(w.name);
+            let out = Command::new(&cc)
+                .args(["-static", "-O2", "-Wall", "-o"])
+                .arg(&bin)
+                .arg(&src)
+                .args(w.flags)
+                .output()
+                .map_err(|source| WorkloadError::NoCompiler {
+                    cc: cc.clone(),
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(WorkloadError::Compile {
+                    name: w.name,
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+            Ok((w.name, bin))
+        })
+        .collect()
+}

@@ -1,0 +1,131 @@
+//! `ornament run` on real Debian guests through the QEMU engine: commands run,
+//! their output and exit status come back, the guest sees its vCPUs.
+
+use ornament_tests::{
+    assert_nothing_left, can_build_images, has_qemu, ornament, require_host, GUEST_TIMEOUT_SECS,
+};
+
+fn run_in_guest(extra: &[&str], cmd: &[&str]) -> (ornament_tests::Ran, tempfile::TempDir) {
+    let timeout = GUEST_TIMEOUT_SECS.to_string();
+    let mut args = vec!["run", "--engine", "qemu", "--timeout", &timeout];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(cmd);
+    ornament(&args)
+}
+
+#[test]
+fn echo_on_one_vcpu() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let (r, rt) = run_in_guest(&["--vcpus", "1"], &["echo", "hello from ornament's guest"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("\nhello from ornament's guest\n"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("ornament: engine qemu"),
+        "engine choice not said: {}",
+        r.stderr
+    );
+    assert_nothing_left(&r, rt.path());
+}
+
+#[test]
+fn two_vcpus_are_seen_and_exit_status_comes_back() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let (r, rt) = run_in_guest(
+        &["--vcpus", "2"],
+        &["sh", "-c", "echo cpus=$(nproc); exit 7"],
+    );
+    assert_eq!(r.code, Some(7), "{}", r.stderr);
+    assert!(r.stderr.contains("cpus=2"), "{}", r.stderr);
+    assert_nothing_left(&r, rt.path());
+}
+
+#[test]
+fn one_vcpu_is_seen_and_arguments_arrive_exactly() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let (r, _rt) = run_in_guest(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo \"cpus=$(nproc) argc=$# [$1] [$2]\"",
+            "sh",
+            "a b",
+            "it's $HOME",
+        ],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cpus=1 argc=2 [a b] [it's $HOME]"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn killed_command_gives_128_plus_signal() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let (r, _rt) = run_in_guest(&[], &["sh", "-c", "kill -9 $$"]);
+    assert_eq!(r.code, Some(128 + 9), "{}", r.stderr);
+}
+
+#[test]
+fn demo_runs_without_a_command() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let timeout = GUEST_TIMEOUT_SECS.to_string();
+    let (r, _rt) = ornament(&["run", "--timeout", &timeout]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    for i in 1..=2 {
+        assert!(
+            r.stderr.contains(&format!("exited with {i}\n")),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(
+        r.stderr.contains("6.1.0-50-cloud-amd64"),
+        "uname -r of the exec'd child: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("demo: done"), "{}", r.stderr);
+}
+
+#[test]
+fn added_file_is_in_the_guest() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("note.txt");
+    std::fs::write(&f, "carried into the guest\n").expect("write");
+    let spec = format!("{}:/opt/ornament-test/note.txt", f.display());
+    let (r, _rt) = run_in_guest(&["--add", &spec], &["cat", "/opt/ornament-test/note.txt"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains("carried into the guest"), "{}", r.stderr);
+}
+
+#[test]
+fn kernel_6_12_boots_and_runs_a_command() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let (r, rt) = run_in_guest(
+        &["--image", "debian-6.12-cloud", "--vcpus", "2"],
+        &["sh", "-c", "uname -r; nproc"],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("6.12.117+deb12-cloud-amd64\n"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("\n2\n"), "{}", r.stderr);
+    assert_nothing_left(&r, rt.path());
+}
