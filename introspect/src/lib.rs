@@ -1,2 +1,59 @@
 //! ornament-introspect: understands a Linux guest from outside.
+//!
+//! ```text
+//! [2] ProbeHit (ornament-engine)
+//!      |
+//!      v
+//! symbols + profile  --> kaslr (slides) --> kernel (current task of a vCPU)
+//!                                              |
+//!                     paging -> vmem ------> task (TaskReader, task list)
+//! ```
+//!
+//! Everything here reads guest memory only through [`ornament_engine::PhysMemory`], so it is
+//! tested against synthetic guests ([`testing::SynthGuest`]) with no VM at all.
+//!
+//! The calls, in the order a monitor makes them:
+//!
+//! 1. [`profile::generate`]`(system_map, vmlinux_or_btf)` once per kernel build, then
+//!    [`profile::Profile::save`]; at run time [`profile::Profile::load`].
+//! 2. [`kaslr::detect_from_regs`] (MSR_LSTAR, a stop at a known symbol, or a scan for
+//!    `linux_banner` through CR3) gives a [`kaslr::KernelLayout`];
+//!    [`identity::verify_banner`] checks the guest runs the profile's kernel.
+//! 3. [`kernel::Kernel::new`], then per hit [`kernel::Kernel::current_task`] and
+//!    [`kernel::Kernel::kernel_vm`].
+//! 4. [`task::TaskReader::new`], then [`task::TaskReader::read`] (a [`task::TaskInfo`]),
+//!    [`task::TaskReader::user_regs`], [`task::TaskReader::processes`].
+//!
+//! ```
+//! use ornament_introspect::{kaslr, kernel::Kernel, profile::Profile, task::TaskReader};
+//! use ornament_introspect::testing::{SynthConfig, SynthGuest, TaskSpec};
+//! use std::path::Path;
+//!
+//! let profile = Profile::load(Path::new("../profiles/6.1.0-50-cloud-amd64.json")).unwrap();
+//! let mut guest = SynthGuest::new(profile, SynthConfig::default()).unwrap();
+//! let task = guest.add_task(&TaskSpec::user(7, "sh", "/bin/sh", &["sh", "-i"])).unwrap();
+//! guest.set_current(0, task).unwrap();
+//!
+//! let regs = guest.regs_user(0); // a vCPU stopped in user mode, no LSTAR at hand
+//! let layout = kaslr::detect_from_regs(&guest.phys.mem, &guest.profile, &regs, None, None).unwrap();
+//! ornament_introspect::identity::verify_banner(&guest.phys.mem, &layout, &guest.profile).unwrap();
+//! let kernel = Kernel::new(&guest.phys.mem, &guest.profile, layout);
+//! let current = kernel.current_task(&regs).unwrap();
+//! let reader = TaskReader::new(&kernel).unwrap();
+//! let info = reader.read(&kernel.kernel_vm(&regs), current);
+//! assert_eq!(info.pid, Ok(7));
+//! assert_eq!(info.exe_path, Ok(Some("/bin/sh".to_string())));
+//! ```
 #![forbid(unsafe_code)]
+
+pub mod btf;
+pub mod elf;
+pub mod identity;
+pub mod kaslr;
+pub mod kernel;
+pub mod paging;
+pub mod profile;
+pub mod symbols;
+pub mod task;
+pub mod testing;
+pub mod vmem;

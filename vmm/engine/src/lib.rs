@@ -18,6 +18,7 @@ pub mod engine;
 pub mod hit;
 pub mod mem;
 pub mod regs;
+pub mod wire;
 
 pub use action::Action;
 pub use addr::{Gpa, Gva};

@@ -12,6 +12,7 @@ pub mod gdb;
 pub mod host;
 pub mod launch;
 pub mod machine;
+pub mod plugin_link;
 pub mod ram;
 
 pub use host::{probe, qemu_binary, QemuInfo};

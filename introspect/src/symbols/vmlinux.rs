@@ -1,0 +1,132 @@
+//! The ELF symbol table (`.symtab` + `.strtab`) of a vmlinux, read through goblin.
+
+use super::{Symbol, SymbolKind, SymbolTable, SymbolsError};
+use crate::elf::ElfSections;
+use goblin::elf::section_header::SHN_ABS;
+use goblin::elf::sym::{Sym, STB_GLOBAL, STB_LOCAL, STB_WEAK, STT_FILE, STT_FUNC, STT_SECTION};
+use ornament_engine::Gva;
+use std::path::Path;
+
+impl SymbolTable {
+    /// Read the ELF symbol table of the vmlinux at `path` (only its section headers,
+    /// `.symtab` and `.strtab` are read).
+    pub fn from_vmlinux(path: &Path) -> Result<Self, SymbolsError> {
+        let mut elf = ElfSections::open(path).map_err(|source| SymbolsError::Elf {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        symbols_from_vmlinux(&mut elf)
+    }
+}
+
+/// Read the symbols of an already opened ELF file.
+pub fn symbols_from_vmlinux(elf: &mut ElfSections) -> Result<SymbolTable, SymbolsError> {
+    let path = elf.path().to_path_buf();
+    let elf_err = |source| SymbolsError::Elf {
+        path: path.clone(),
+        source,
+    };
+    let symtab = elf.read_section(".symtab").map_err(elf_err)?;
+    let strtab = elf.read_section(".strtab").map_err(elf_err)?;
+    let ctx = elf.ctx();
+    let entsize = if ctx.is_big() { 24 } else { 16 };
+    let count = symtab.len() / entsize;
+    let syms = Sym::parse(&symtab, 0, count, ctx).map_err(|source| SymbolsError::ElfSyms {
+        path: path.clone(),
+        source,
+    })?;
+    let sections = elf.sections();
+    let mut out = Vec::with_capacity(syms.len());
+    for s in syms {
+        if s.st_name == 0 || matches!(s.st_type(), STT_FILE | STT_SECTION) {
+            continue;
+        }
+        let Some(name) = strtab
+            .get(s.st_name..)
+            .map(|b| &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())])
+        else {
+            continue;
+        };
+        let section = sections.get(s.st_shndx).map(|sec| sec.header.clone());
+        let letter = nm_letter(&s, section.as_ref());
+        out.push(Symbol {
+            name: String::from_utf8_lossy(name).into_owned(),
+            addr: Gva(s.st_value),
+            kind: SymbolKind(letter),
+        });
+    }
+    if out.is_empty() {
+        return Err(SymbolsError::Empty { path });
+    }
+    // nm order (by address) so that duplicate resolution matches System.map.
+    out.sort_by_key(|s| s.addr);
+    Ok(SymbolTable::new(out))
+}
+
+/// The `nm` letter for an ELF symbol, as far as vmlinux needs it.
+fn nm_letter(s: &Sym, section: Option<&goblin::elf::SectionHeader>) -> char {
+    use goblin::elf::section_header::{SHF_ALLOC, SHF_EXECINSTR, SHF_WRITE, SHT_NOBITS};
+    let upper = match s.st_bind() {
+        STB_LOCAL => false,
+        STB_GLOBAL => true,
+        STB_WEAK => return if s.st_type() == STT_FUNC { 'W' } else { 'V' },
+        _ => true,
+    };
+    let base = if s.st_shndx == usize::from(u16::try_from(SHN_ABS).unwrap_or(u16::MAX)) {
+        'a'
+    } else {
+        match section {
+            Some(h) if h.sh_flags & u64::from(SHF_EXECINSTR) != 0 => 't',
+            Some(h) if h.sh_type == SHT_NOBITS => 'b',
+            Some(h) if h.sh_flags & u64::from(SHF_WRITE) != 0 => 'd',
+            Some(h) if h.sh_flags & u64::from(SHF_ALLOC) != 0 => 'r',
+            _ => '?',
+        }
+    };
+    if upper {
+        base.to_ascii_uppercase()
+    } else {
+        base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Debian's 6.1 cloud kernel, when extracted on this machine (skipped otherwise).
+    const DIR: &str = "/tmp/k/x/6.1.0-50-cloud-amd64/usr/lib/debug/boot";
+
+    #[test]
+    fn vmlinux_agrees_with_system_map() {
+        let vmlinux = Path::new(DIR).join("vmlinux-6.1.0-50-cloud-amd64");
+        let map = Path::new(DIR).join("System.map-6.1.0-50-cloud-amd64");
+        if !vmlinux.exists() || !map.exists() {
+            tracing::warn!("skipped: {} not present", vmlinux.display());
+            return;
+        }
+        let elf = SymbolTable::from_vmlinux(&vmlinux).expect("vmlinux symbols");
+        let sm = SymbolTable::from_system_map(&map).expect("System.map");
+        for name in [
+            "linux_banner",
+            "init_task",
+            "entry_SYSCALL_64",
+            "do_syscall_64",
+            "bprm_execve",
+            "proc_fork_connector",
+            "__x64_sys_getppid",
+        ] {
+            assert_eq!(elf.lookup(name), sm.lookup(name), "{name}");
+            assert!(sm.lookup(name).is_some(), "{name}");
+        }
+        assert_eq!(elf.percpu_offset("current_task"), Some(0x1fb80));
+        assert_eq!(sm.percpu_offset("current_task"), Some(0x1fb80));
+        assert_eq!(
+            sm.lookup("proc_fork_connector"),
+            Some(Gva(0xffff_ffff_816e_dd10))
+        );
+        let get = sm.lookup("do_exit").expect("do_exit");
+        assert_eq!(elf.symbolize(get.wrapping_add(3)), Some(("do_exit", 3)));
+        assert_eq!(sm.symbolize(get.wrapping_add(3)), Some(("do_exit", 3)));
+    }
+}

@@ -1,0 +1,923 @@
+//! Real-guest tests of the TCG plugin: the Debian 6.1 cloud kernel under `qemu-system-x86_64
+//! -accel tcg`, a static workload as `/init` (`tests/guest/workload.c`), the host side
+//! (`plugin_link.rs`) counting hits exactly.
+//!
+//! Inputs (skipped with a message when missing, failing when `CI=true`):
+//! - `ORNAMENT_TEST_KERNEL` (bzImage), `ORNAMENT_TEST_SYSTEM_MAP` (its real System.map);
+//!   by default the default guest image's, built into the image cache when missing;
+//! - `qemu-system-x86_64` >= 10.0 on `PATH` (or `ORNAMENT_TEST_QEMU`), `musl-gcc`, `python3`;
+//! - the plugin: `ORNAMENT_TEST_PLUGIN`, else built with cargo into this test's target dir;
+//! - struct offsets for the deny test and the comm filter: `ORNAMENT_TEST_OFFSETS` =
+//!   `comm,syscall_work,emu_bit,pt_regs_ax` (hex or decimal); the defaults are 6.1.0-50-cloud's
+//!   (`gdb -batch -ex 'ptype /o struct task_struct'` etc. on its vmlinux) until profiles exist.
+#![allow(missing_docs, clippy::cast_possible_truncation)]
+
+#[path = "../../qemu/src/plugin_link.rs"]
+pub mod plugin_link;
+
+use ornament_engine::wire::{MemRead, ProbeSpec, Reg, RegMask};
+use ornament_engine::{Action, Gpa, Gva, MemError, PhysMemory, ProbeId};
+use plugin_link::{DenyConfig, GuestRam, PluginHit, PluginLink, PluginLinkError};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Kernel and System.map of the default image (built into the cache if needed).
+fn default_image() -> Result<(PathBuf, PathBuf), String> {
+    static IMG: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    IMG.get_or_init(|| {
+        let img = ornament_images::build_image(
+            ornament_images::DEFAULT_IMAGE,
+            &ornament_images::BuildOptions::default(),
+        )
+        .map_err(|e| format!("building the default image: {e}"))?;
+        Ok((img.kernel(), img.system_map()))
+    })
+    .clone()
+}
+const GUEST_MEM_MIB: u64 = 512;
+
+macro_rules! require {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(why) => {
+                if std::env::var("CI").as_deref() == Ok("true") {
+                    panic!("real-guest test cannot run under CI=true: {why}");
+                }
+                eprintln!("SKIPPED: {why}");
+                return;
+            }
+        }
+    };
+}
+
+struct Env {
+    kernel: PathBuf,
+    symbols: HashMap<String, u64>,
+    initramfs: PathBuf,
+    plugin: PathBuf,
+    qemu: String,
+    comm_offset: u64,
+    syscall_work_offset: u64,
+    emu_bit: u32,
+    pt_regs_ax: u64,
+}
+
+fn parse_num(s: &str) -> Option<u64> {
+    let s = s.trim();
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn env() -> Result<Env, String> {
+    let (kernel, map) = match (
+        std::env::var_os("ORNAMENT_TEST_KERNEL"),
+        std::env::var_os("ORNAMENT_TEST_SYSTEM_MAP"),
+    ) {
+        (Some(k), Some(m)) => (PathBuf::from(k), PathBuf::from(m)),
+        _ => default_image()?,
+    };
+    if !kernel.is_file() {
+        return Err(format!(
+            "kernel {} not found (ORNAMENT_TEST_KERNEL)",
+            kernel.display()
+        ));
+    }
+    let text = std::fs::read_to_string(&map).map_err(|e| {
+        format!(
+            "System.map {} unreadable (ORNAMENT_TEST_SYSTEM_MAP): {e}",
+            map.display()
+        )
+    })?;
+    let mut symbols = HashMap::new();
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        if let (Some(a), Some(_), Some(n)) = (it.next(), it.next(), it.next()) {
+            if let Ok(a) = u64::from_str_radix(a, 16) {
+                symbols.entry(n.to_owned()).or_insert(a);
+            }
+        }
+    }
+    let qemu = std::env::var("ORNAMENT_TEST_QEMU").unwrap_or("qemu-system-x86_64".into());
+    let v = Command::new(&qemu)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{qemu} not runnable: {e}"))?;
+    let vs = String::from_utf8_lossy(&v.stdout).to_string();
+    let major = vs
+        .split("version ")
+        .nth(1)
+        .and_then(|r| r.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok())
+        .unwrap_or(0);
+    if major < 10 {
+        return Err(format!(
+            "{qemu} is not QEMU >= 10.0 (plugin API v4): {}",
+            vs.trim()
+        ));
+    }
+    static PLUGIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let plugin = PLUGIN.get_or_init(plugin_so).clone()?;
+    static INITRAMFS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let initramfs = INITRAMFS.get_or_init(build_initramfs).clone()?;
+    let offs: Vec<u64> = std::env::var("ORNAMENT_TEST_OFFSETS")
+        .unwrap_or("0xba0,8,3,0x50".into())
+        .split(',')
+        .filter_map(parse_num)
+        .collect();
+    if offs.len() != 4 {
+        return Err("ORNAMENT_TEST_OFFSETS must be comm,syscall_work,emu_bit,pt_regs_ax".into());
+    }
+    Ok(Env {
+        kernel,
+        symbols,
+        initramfs,
+        plugin,
+        qemu,
+        comm_offset: offs[0],
+        syscall_work_offset: offs[1],
+        emu_bit: u32::try_from(offs[2]).map_err(|e| e.to_string())?,
+        pt_regs_ax: offs[3],
+    })
+}
+
+/// The plugin `.so`: `ORNAMENT_TEST_PLUGIN`, or built now (a no-op when fresh) into the target
+/// directory of this test binary with its profile (`cargo test` builds only the rlib).
+fn plugin_so() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("ORNAMENT_TEST_PLUGIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let profile_dir = exe.parent().and_then(Path::parent).ok_or("no target dir")?;
+    let target = profile_dir.parent().ok_or("no target dir")?;
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or("cargo".into());
+    let mut c = Command::new(cargo);
+    c.args(["build", "--lib", "--manifest-path"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", target);
+    if release {
+        c.arg("--release");
+    }
+    let st = c
+        .status()
+        .map_err(|e| format!("cannot run cargo to build the plugin: {e}"))?;
+    let so = profile_dir.join("libornament_tcg_plugin.so");
+    if !st.success() || !so.is_file() {
+        return Err(format!("plugin {} could not be built", so.display()));
+    }
+    Ok(so)
+}
+
+/// `tests/guest/workload.c` as `/init` of an initramfs, built once per test process under
+/// cargo's test scratch directory (written to a per-process name, then renamed into place).
+fn build_initramfs() -> Result<PathBuf, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ornament-tcg-plugin");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let pid = std::process::id();
+    let bin = dir.join(format!("workload-{pid}"));
+    let st = Command::new("musl-gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(src.join("workload.c"))
+        .status()
+        .map_err(|e| format!("musl-gcc not runnable: {e}"))?;
+    if !st.success() {
+        return Err("musl-gcc failed on workload.c".into());
+    }
+    let tmp = dir.join(format!("workload-{pid}.cpio"));
+    let st = Command::new("python3")
+        .arg(src.join("mkcpio.py"))
+        .arg(&bin)
+        .arg(&tmp)
+        .status()
+        .map_err(|e| format!("python3 not runnable: {e}"))?;
+    let _ = std::fs::remove_file(&bin);
+    if !st.success() {
+        return Err("mkcpio.py failed".into());
+    }
+    let out = dir.join("workload.cpio");
+    std::fs::rename(&tmp, &out).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(out)
+}
+
+impl Env {
+    /// Per-CPU offset of the current task pointer: `current_task` (6.1), or the start of
+    /// `pcpu_hot`, whose first field it is (6.12).
+    fn current_task_offset(&self) -> u64 {
+        self.symbols
+            .get("current_task")
+            .or_else(|| self.symbols.get("pcpu_hot"))
+            .copied()
+            .expect("current_task or pcpu_hot in System.map")
+    }
+
+    fn sym(&self, name: &str) -> Gva {
+        Gva(*self
+            .symbols
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not in System.map")))
+    }
+
+    fn spawn_qemu(
+        &self,
+        vcpus: u32,
+        workload: &str,
+        plugin_arg: Option<String>,
+        ram: &Path,
+    ) -> Child {
+        let mut c = Command::new(&self.qemu);
+        c.args(["-M", "pc", "-accel", "tcg", "-smp"])
+            .arg(vcpus.to_string())
+            .args(["-m", &format!("{GUEST_MEM_MIB}")])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initramfs)
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 nokaslr quiet -- {workload}"
+            ))
+            .arg("-no-reboot")
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-file,id=mem,size={GUEST_MEM_MIB}M,mem-path={},share=on",
+                ram.display()
+            ))
+            .args(["-machine", "memory-backend=mem"]);
+        if let Some(p) = plugin_arg {
+            c.arg("-plugin").arg(p);
+        }
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().expect("spawn qemu")
+    }
+}
+
+/// Guest RAM through QEMU's shared file (`-M pc` with <= 2.75 GiB: gpa == file offset).
+struct ShmRam {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through bounds-checked copies
+// or atomics.
+unsafe impl Send for ShmRam {}
+// SAFETY: as above.
+unsafe impl Sync for ShmRam {}
+
+impl ShmRam {
+    fn open(path: &Path) -> ShmRam {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open ram file");
+        let len = usize::try_from(f.metadata().expect("stat").len()).expect("size");
+        use std::os::fd::AsRawFd;
+        // SAFETY: mapping a regular file we opened read-write, shared, whole length.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap ram file");
+        ShmRam {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    fn range(&self, gpa: Gpa, n: usize) -> Result<usize, MemError> {
+        let err = MemError::OutOfRange { gpa, len: n as u64 };
+        let s = usize::try_from(gpa.raw()).map_err(|_| err.clone())?;
+        if s.checked_add(n).is_none_or(|e| e > self.len) {
+            return Err(err);
+        }
+        Ok(s)
+    }
+
+    fn atomic(&self, gpa: Gpa) -> Result<&AtomicU64, MemError> {
+        let s = self.range(gpa, 8)?;
+        if s % 8 != 0 {
+            return Err(MemError::OutOfRange { gpa, len: 8 });
+        }
+        // SAFETY: in bounds, 8-aligned (the mapping is page-aligned), and the memory is only
+        // accessed atomically by us while the guest uses locked ops or plain stores on it.
+        Ok(unsafe { &*self.ptr.add(s).cast::<AtomicU64>() })
+    }
+}
+
+impl Drop for ShmRam {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `open` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+impl PhysMemory for ShmRam {
+    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), MemError> {
+        let s = self.range(gpa, buf.len())?;
+        // SAFETY: in bounds of the live mapping.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(s), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+    fn write_phys(&self, gpa: Gpa, buf: &[u8]) -> Result<(), MemError> {
+        let s = self.range(gpa, buf.len())?;
+        // SAFETY: in bounds of the live mapping.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.add(s), buf.len()) };
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.len as u64
+    }
+}
+
+impl GuestRam for ShmRam {
+    fn fetch_or_u64(&self, gpa: Gpa, bits: u64) -> Result<u64, MemError> {
+        Ok(self.atomic(gpa)?.fetch_or(bits, Ordering::SeqCst))
+    }
+    fn fetch_and_u64(&self, gpa: Gpa, mask: u64) -> Result<u64, MemError> {
+        Ok(self.atomic(gpa)?.fetch_and(mask, Ordering::SeqCst))
+    }
+}
+
+struct Outcome {
+    hits: Vec<PluginHit>,
+    serial: String,
+    link: PluginLink,
+    wall: Duration,
+}
+
+impl Outcome {
+    fn wl_line(&self, prefix: &str) -> String {
+        self.serial
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in serial output:\n{}", self.serial))
+            .to_owned()
+    }
+}
+
+fn field(line: &str, key: &str) -> i64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.split('(').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in `{line}`"))
+}
+
+/// Boot the guest with the plugin; `setup` arms the initial probes (and may enable denies),
+/// `on_hit` decides held hits and may arm/disarm. Returns every hit delivered.
+fn run(
+    e: &Env,
+    name: &str,
+    vcpus: u32,
+    workload: &str,
+    setup: impl FnOnce(&mut PluginLink, &Path),
+    on_hit: impl FnMut(&mut PluginLink, &PluginHit) -> Action,
+) -> Outcome {
+    run_with(e, name, vcpus, workload, &[], setup, on_hit, |_| true)
+}
+
+/// `run` with extra plugin options and a per-held-hit choice to leave it unanswered.
+#[allow(clippy::too_many_arguments)]
+fn run_with(
+    e: &Env,
+    name: &str,
+    vcpus: u32,
+    workload: &str,
+    plugin_opts: &[&str],
+    setup: impl FnOnce(&mut PluginLink, &Path),
+    mut on_hit: impl FnMut(&mut PluginLink, &PluginHit) -> Action,
+    mut answer: impl FnMut(&PluginHit) -> bool,
+) -> Outcome {
+    // Sockets stay in the system temp dir: unix socket paths are limited to 108 bytes.
+    let sock = std::env::temp_dir().join(format!(
+        "ornament-plugin-{}-{name}.sock",
+        std::process::id()
+    ));
+    let ram = PathBuf::from(format!(
+        "/dev/shm/ornament-plugin-test-{}-{name}",
+        std::process::id()
+    ));
+    let mut link = PluginLink::listen(&sock).expect("listen");
+    // Created here at its final size so `setup` can map it; QEMU uses an existing file as is.
+    std::fs::File::create(&ram)
+        .and_then(|f| f.set_len(GUEST_MEM_MIB << 20))
+        .expect("create guest RAM file");
+    setup(&mut link, &ram);
+    let [_, parg] = link.qemu_args(&e.plugin, plugin_opts);
+    let t0 = Instant::now();
+    let mut child = e.spawn_qemu(vcpus, workload, Some(parg), &ram);
+    let mut out = child.stdout.take().expect("stdout");
+    let serial_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    if let Err(err) = link.accept(Duration::from_secs(30)) {
+        let _ = child.kill();
+        let mut es = String::new();
+        let _ = child.stderr.take().expect("stderr").read_to_string(&mut es);
+        panic!("plugin did not connect: {err}; qemu stderr: {es}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut hits = Vec::new();
+    loop {
+        match link.next_hit(Duration::from_millis(200)) {
+            Ok(Some(h)) => {
+                if h.hit.held {
+                    let a = on_hit(&mut link, &h);
+                    if answer(&h) {
+                        link.answer(&h, a).expect("answer");
+                    }
+                } else {
+                    let _ = on_hit(&mut link, &h);
+                }
+                hits.push(h);
+            }
+            Ok(None) => {}
+            Err(PluginLinkError::Closed) => break,
+            Err(err) => panic!("link: {err}"),
+        }
+        assert!(Instant::now() < deadline, "guest did not finish in time");
+    }
+    let st = child.wait().expect("wait qemu");
+    let wall = t0.elapsed();
+    let serial = serial_t.join().expect("serial thread");
+    let mut es = String::new();
+    let _ = child.stderr.take().expect("stderr").read_to_string(&mut es);
+    let _ = std::fs::remove_file(&ram);
+    assert!(st.success(), "qemu failed: {st}; stderr: {es}");
+    assert!(
+        serial.contains("WL done"),
+        "workload did not finish:\n{serial}\n{es}"
+    );
+    Outcome {
+        hits,
+        serial,
+        link,
+        wall,
+    }
+}
+
+const P_GETPPID: ProbeId = ProbeId(1);
+const P_FORK: ProbeId = ProbeId(2);
+const P_EXEC: ProbeId = ProbeId(3);
+const P_EXIT: ProbeId = ProbeId(4);
+const P_MARK: ProbeId = ProbeId(10);
+const P_GETUID: ProbeId = ProbeId(11);
+const P_SYSCALL: ProbeId = ProbeId(12);
+
+/// The first 5 bytes of the task's `comm` (memory read 0) are "init\0".
+fn comm_is_init(h: &PluginHit) -> bool {
+    h.mem[0].is_some_and(|v| v & 0xff_ffff_ffff == u64::from_le_bytes(*b"init\0\0\0\0"))
+}
+
+fn held(regs: RegMask) -> ProbeSpec {
+    let mut s = ProbeSpec::regs(regs);
+    s.hold = true;
+    s
+}
+
+fn counts_on(vcpus: u32) {
+    let e = require!(env());
+    let (n, m, pn) = (3000u64, 25u64, 2000u64);
+    let mut marks = 0;
+    let conn = {
+        let mut s = ProbeSpec::regs(RegMask::of(&[Reg::Rip, Reg::Rdi]));
+        s.mem[0] = MemRead::at_reg(Reg::Rdi, e.comm_offset, 8);
+        s
+    };
+    let o = run(
+        &e,
+        &format!("counts{vcpus}"),
+        vcpus,
+        &format!("mark fork {m} mark getppid {n} pgetppid {pn}"),
+        |l, _| {
+            l.arm(
+                P_GETPPID,
+                e.sym("__x64_sys_getppid"),
+                ProbeSpec::regs(RegMask::of(&[Reg::Rip])),
+            )
+            .expect("arm");
+            l.add_candidate(P_FORK, e.sym("proc_fork_connector"), conn)
+                .expect("cand");
+            l.add_candidate(P_EXEC, e.sym("proc_exec_connector"), conn)
+                .expect("cand");
+            l.add_candidate(P_EXIT, e.sym("proc_exit_connector"), conn)
+                .expect("cand");
+            l.arm(
+                P_MARK,
+                e.sym("__x64_sys_getpid"),
+                held(RegMask::of(&[Reg::Rip])),
+            )
+            .expect("arm");
+        },
+        |l, h| {
+            if h.hit.probe == P_MARK {
+                marks += 1;
+                for p in [P_FORK, P_EXEC, P_EXIT] {
+                    if marks == 1 {
+                        l.arm(
+                            p,
+                            e.sym(match p {
+                                P_FORK => "proc_fork_connector",
+                                P_EXEC => "proc_exec_connector",
+                                _ => "proc_exit_connector",
+                            }),
+                            conn,
+                        )
+                        .expect("arm");
+                    } else {
+                        l.disarm(p).expect("disarm");
+                    }
+                }
+            }
+            Action::Continue
+        },
+    );
+    let count = |p: ProbeId, only_init: bool| {
+        o.hits
+            .iter()
+            .filter(|h| h.hit.probe == p && (!only_init || comm_is_init(h)))
+            .count() as u64
+    };
+    let line = o.wl_line("WL fork");
+    assert_eq!(field(&line, "ok"), m as i64, "{line}");
+    eprintln!(
+        "vcpus={vcpus}: getppid {} fork {}/{} exec {}/{} exit {}/{} marks {} (init-only/all), wall {:?}, per-vcpu getppid {:?}",
+        count(P_GETPPID, false),
+        count(P_FORK, true),
+        count(P_FORK, false),
+        count(P_EXEC, true),
+        count(P_EXEC, false),
+        count(P_EXIT, true),
+        count(P_EXIT, false),
+        count(P_MARK, false),
+        o.wall,
+        (0..vcpus)
+            .map(|v| o.hits.iter().filter(|h| h.hit.probe == P_GETPPID && h.hit.vcpu == v).count())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(count(P_GETPPID, false), n + 2 * pn);
+    if vcpus > 1 {
+        let on1 = o
+            .hits
+            .iter()
+            .filter(|h| h.hit.probe == P_GETPPID && h.hit.vcpu == 1)
+            .count();
+        assert!(on1 as u64 >= pn, "the pinned child ran on vCPU 1");
+    }
+    assert_eq!(count(P_FORK, true), m);
+    assert_eq!(count(P_EXEC, true), m);
+    assert_eq!(count(P_EXIT, true), m);
+    assert_eq!(count(P_MARK, false), 2);
+    for h in o.hits.iter().filter(|h| h.hit.probe == P_GETPPID) {
+        assert_eq!(Gva(h.hit.regs.rip), e.sym("__x64_sys_getppid"));
+    }
+    // Per-vCPU sequence numbers have no gaps: no record was lost.
+    for v in 0..vcpus {
+        let seqs: Vec<u64> = o
+            .hits
+            .iter()
+            .filter(|h| h.hit.vcpu == v)
+            .map(|h| h.vcpu_seq)
+            .collect();
+        assert!(
+            seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + 1),
+            "vcpu {v} seq gap"
+        );
+    }
+    assert!(
+        o.link.plugin_errors().is_empty(),
+        "{:?}",
+        o.link.plugin_errors()
+    );
+}
+
+#[test]
+fn exact_counts_one_vcpu() {
+    counts_on(1);
+}
+
+#[test]
+fn exact_counts_two_vcpus() {
+    counts_on(2);
+}
+
+/// Arming a new address (not a candidate: needs retranslation) and disarming it while held at
+/// a marker take effect exactly: only the middle loop is seen.
+#[test]
+fn arm_new_address_and_disarm_while_running() {
+    let e = require!(env());
+    let mut marks = 0;
+    let o = run(
+        &e,
+        "armnew",
+        2,
+        "getppid 100 mark getppid 200 mark getppid 300",
+        |l, _| {
+            l.arm(P_MARK, e.sym("__x64_sys_getpid"), held(RegMask::NONE))
+                .expect("arm");
+        },
+        |l, h| {
+            if h.hit.probe == P_MARK {
+                marks += 1;
+                if marks == 1 {
+                    l.arm(
+                        P_GETPPID,
+                        e.sym("__x64_sys_getppid"),
+                        ProbeSpec::regs(RegMask::of(&[Reg::Rip])),
+                    )
+                    .expect("arm");
+                } else {
+                    l.disarm(P_GETPPID).expect("disarm");
+                }
+            }
+            Action::Continue
+        },
+    );
+    let n = o.hits.iter().filter(|h| h.hit.probe == P_GETPPID).count();
+    assert_eq!(n, 200);
+}
+
+/// A held hit on one vCPU: the workload on the other vCPU keeps running (and keeps hitting).
+#[test]
+fn hold_blocks_only_its_vcpu() {
+    let e = require!(env());
+    let hold = Duration::from_millis(1500);
+    let mut window = None;
+    let o = run(
+        &e,
+        "hold",
+        2,
+        "hold",
+        |l, _| {
+            l.arm(
+                P_GETPPID,
+                e.sym("__x64_sys_getppid"),
+                ProbeSpec::regs(RegMask::of(&[Reg::Rip])),
+            )
+            .expect("arm");
+            l.arm(
+                P_GETUID,
+                e.sym("__x64_sys_getuid"),
+                held(RegMask::of(&[Reg::Rip])),
+            )
+            .expect("arm");
+        },
+        |_, h| {
+            if h.hit.probe == P_GETUID {
+                let t0 = h.hit.time_ns;
+                std::thread::sleep(hold);
+                window = Some((h.hit.vcpu, t0, t0 + hold.as_nanos() as u64));
+            }
+            Action::Continue
+        },
+    );
+    let (held_vcpu, t0, t1) = window.expect("getuid was hit");
+    let line = o.wl_line("WL hold");
+    let during = o
+        .hits
+        .iter()
+        .filter(|h| h.hit.probe == P_GETPPID && h.hit.time_ns > t0 && h.hit.time_ns < t1)
+        .collect::<Vec<_>>();
+    eprintln!(
+        "{line}; hits during the hold: {} (vcpu of hold: {held_vcpu})",
+        during.len()
+    );
+    assert!(field(&line, "held_ms") >= 1400, "{line}");
+    assert!(field(&line, "child_calls_during_hold") > 100, "{line}");
+    assert!(during.len() > 100);
+    assert!(during.iter().all(|h| h.hit.vcpu != held_vcpu));
+}
+
+/// `mkdir` denied with EPERM once (the directory is not created), then allowed.
+#[test]
+fn deny_syscall_returns_errno_and_next_runs() {
+    let e = require!(env());
+    let mut seen = 0;
+    let cfg = DenyConfig {
+        syscall_exit: e.sym("syscall_exit_to_user_mode"),
+        current_task_offset: e.current_task_offset(),
+        syscall_work_offset: e.syscall_work_offset,
+        syscall_emu_bit: e.emu_bit,
+        pt_regs_ax_offset: e.pt_regs_ax,
+    };
+    let o = run(
+        &e,
+        "deny",
+        2,
+        "deny",
+        |l, ram| {
+            l.enable_deny(cfg, Arc::new(ShmRam::open(ram)))
+                .expect("enable deny");
+            l.arm(
+                P_SYSCALL,
+                e.sym("do_syscall_64"),
+                cfg.entry_spec(&[83], RegMask::NONE),
+            )
+            .expect("arm");
+        },
+        |l, h| {
+            if h.hit.probe == P_SYSCALL && h.hit.regs.rsi == 83 {
+                seen += 1;
+                if seen == 1 {
+                    return Action::DenySyscall { errno: 1 };
+                }
+            }
+            let _ = l;
+            Action::Continue
+        },
+    );
+    let line = o.wl_line("WL deny");
+    eprintln!("{line}; stats {:?}", o.link.stats());
+    assert_eq!(seen, 2);
+    assert_eq!(field(&line, "first"), -1, "{line}");
+    assert_eq!(field(&line, "errno"), 1, "{line}");
+    assert_eq!(field(&line, "exists_after_first"), 0, "{line}");
+    assert_eq!(field(&line, "second"), 0, "{line}");
+    assert_eq!(field(&line, "exists_after_second"), 1, "{line}");
+    assert_eq!(o.link.stats().denied, 1);
+    assert_eq!(o.link.stats().internal_hits, 1);
+}
+
+/// Per-hit cost on a getppid loop, in one boot with the plugin (no probe at the address /
+/// probe reporting registers and a memory read / callback present but disarmed / probe
+/// reporting no registers / probe reporting registers only) and one boot without the plugin. Prints the numbers; run with
+/// `cargo test --release -p ornament-tcg-plugin --test real_guest -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement, prints numbers"]
+fn measure_per_hit_cost() {
+    let e = require!(env());
+    let n = 20_000u64;
+    let rounds: usize = std::env::var("ORNAMENT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(2);
+    let per_call = |o: &Outcome| -> Vec<i64> {
+        o.serial
+            .lines()
+            .filter(|l| l.starts_with("WL getppid"))
+            .map(|l| field(l, "min_chunk_ns_per_call"))
+            .collect()
+    };
+    for round in 0..rounds {
+        // Without the plugin: same kernel, same workload, same RAM file backend.
+        let ram = PathBuf::from(format!(
+            "/dev/shm/ornament-plugin-bench-{}",
+            std::process::id()
+        ));
+        let t0 = Instant::now();
+        let mut c = e.spawn_qemu(
+            1,
+            &format!("getppid {n} getppid {n} getppid {n} getppid {n}"),
+            None,
+            &ram,
+        );
+        let mut s = String::new();
+        let _ = c.stdout.take().expect("stdout").read_to_string(&mut s);
+        let _ = c.wait();
+        let _ = std::fs::remove_file(&ram);
+        let bare: Vec<i64> = s
+            .lines()
+            .filter(|l| l.starts_with("WL getppid"))
+            .map(|l| field(l, "min_chunk_ns_per_call"))
+            .collect();
+        let bare_wall = t0.elapsed();
+
+        let mut marks = 0;
+        let full = {
+            let mut sp = ProbeSpec::regs(RegMask::of(&[
+                Reg::Rip,
+                Reg::Rdi,
+                Reg::Rsi,
+                Reg::GsBase,
+                Reg::Cr3,
+            ]));
+            sp.mem[0] = MemRead::at_reg(Reg::GsBase, e.current_task_offset(), 8);
+            sp
+        };
+        let o = run(
+            &e,
+            "bench",
+            1,
+            &format!(
+                "getppid {n} mark getppid {n} mark getppid {n} mark getppid {n} mark getppid {n}"
+            ),
+            |l, _| {
+                l.arm(P_MARK, e.sym("__x64_sys_getpid"), held(RegMask::NONE))
+                    .expect("arm");
+            },
+            |l, h| {
+                if h.hit.probe == P_MARK {
+                    marks += 1;
+                    match marks {
+                        1 => l
+                            .arm(P_GETPPID, e.sym("__x64_sys_getppid"), full)
+                            .expect("arm"),
+                        2 => l.disarm(P_GETPPID).expect("disarm"),
+                        3 => l
+                            .arm(
+                                P_GETPPID,
+                                e.sym("__x64_sys_getppid"),
+                                ProbeSpec::regs(RegMask::NONE),
+                            )
+                            .expect("arm"),
+                        _ => l
+                            .arm(
+                                P_GETPPID,
+                                e.sym("__x64_sys_getppid"),
+                                ProbeSpec::regs(full.regs),
+                            )
+                            .expect("arm"),
+                    }
+                }
+                Action::Continue
+            },
+        );
+        let got = o.hits.iter().filter(|h| h.hit.probe == P_GETPPID).count() as u64;
+        assert_eq!(got, 3 * n);
+        let p = per_call(&o);
+        eprintln!(
+            "round {round}: ns per getppid (fastest tenth of each loop): no plugin {bare:?} (boot+run {bare_wall:?}); plugin: no probe {}, \
+             probe (5 regs + 1 mem read) {}, probe disarmed {}, probe (no regs) {}, probe (5 regs) {} \
+             (boot+run {:?}); hits {got}",
+            p[0], p[1], p[2], p[3], p[4], o.wall
+        );
+    }
+}
+
+/// A held hit nobody answers: the vCPU goes on after the plugin's hold timeout, and the plugin
+/// says so with a `HoldTimeout` error record.
+#[test]
+fn unanswered_hold_times_out_and_is_reported() {
+    let e = require!(env());
+    let o = run_with(
+        &e,
+        "holdtimeout",
+        1,
+        "mark getppid 10",
+        &["hold_timeout_ms=700"],
+        |l, _| {
+            l.arm(P_MARK, e.sym("__x64_sys_getpid"), held(RegMask::NONE))
+                .expect("arm");
+            l.arm(
+                P_GETPPID,
+                e.sym("__x64_sys_getppid"),
+                ProbeSpec::regs(RegMask::of(&[Reg::Rip])),
+            )
+            .expect("arm");
+        },
+        |_, _| Action::Continue,
+        |h| h.hit.probe != P_MARK,
+    );
+    let mark = o
+        .hits
+        .iter()
+        .find(|h| h.hit.probe == P_MARK)
+        .expect("mark hit");
+    let first = o
+        .hits
+        .iter()
+        .find(|h| h.hit.probe == P_GETPPID)
+        .expect("getppid hit");
+    let waited = Duration::from_nanos(first.hit.time_ns - mark.hit.time_ns);
+    let errs = o.link.plugin_errors();
+    eprintln!("waited {waited:?}; plugin errors {errs:?}");
+    assert!(waited >= Duration::from_millis(650), "{waited:?}");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(
+        errs[0].code,
+        ornament_engine::wire::PluginErrorCode::HoldTimeout as u32
+    );
+    assert_eq!(errs[0].probe, P_MARK.0);
+    assert_eq!(
+        o.hits.iter().filter(|h| h.hit.probe == P_GETPPID).count(),
+        10
+    );
+}
