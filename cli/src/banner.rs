@@ -48,6 +48,24 @@ pub struct Anchors {
     banner: u64,
 }
 
+impl Anchors {
+    /// The anchors of a kernel profile.
+    pub fn from_profile(p: &ornament_introspect::profile::Profile) -> Result<Self, BannerError> {
+        let get = |symbol: &'static str| {
+            p.symbol(symbol)
+                .map(|g| g.raw())
+                .map_err(|_| BannerError::MissingSymbol {
+                    path: PathBuf::from(format!("profile of {}", p.kernel.release)),
+                    symbol,
+                })
+        };
+        Ok(Self {
+            text: get("_text")?,
+            banner: get("linux_banner")?,
+        })
+    }
+}
+
 /// Read `_text` and `linux_banner` from a System.map.
 pub fn anchors(path: &Path) -> Result<Anchors, BannerError> {
     let text = std::fs::read_to_string(path).map_err(|source| BannerError::Read {

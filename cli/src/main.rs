@@ -6,7 +6,11 @@
 
 mod banner;
 mod cmd;
+mod control;
+mod guest;
+mod identify;
 mod select;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

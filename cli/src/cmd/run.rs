@@ -1,6 +1,7 @@
 //! `ornament run`: boot a guest, run a command in it, exit with its status.
 
 use crate::banner::{self, Verdict};
+use crate::identify;
 use crate::select::{self, EngineChoice, Selected};
 use anyhow::{bail, Context, Result};
 use ornament_images::image::files;
@@ -64,6 +65,14 @@ pub struct RunArgs {
     /// QEMU binary (default: $ORNAMENT_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "FILE")]
     qemu: Option<PathBuf>,
+    /// Kernel profile for --kernel (see `ornament profile generate`); images have their own.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    profile: Option<PathBuf>,
+    /// Serve a control socket (JSON lines) at SOCKET, e.g. for `ornament ps`.
+    #[arg(long, value_name = "SOCKET")]
+    control: Option<PathBuf>,
+    #[command(flatten)]
+    watch: crate::watch::WatchArgs,
     /// The command to run in the guest, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -74,10 +83,17 @@ pub struct RunArgs {
 #[error("interrupted")]
 pub struct Interrupted;
 
+/// A private (0700) temporary directory for sockets of this run.
+pub fn private_dir() -> Result<tempfile::TempDir> {
+    Ok(ornament_qemu::machine::run_dir()?)
+}
+
 struct Boot {
     kernel: PathBuf,
     initrd: PathBuf,
     system_map: Option<PathBuf>,
+    /// The image directory (for its profile), when booting an image.
+    image_dir: Option<PathBuf>,
 }
 
 fn resolve(a: &RunArgs) -> Result<Boot> {
@@ -97,6 +113,7 @@ fn resolve(a: &RunArgs) -> Result<Boot> {
                 kernel: k.clone(),
                 initrd,
                 system_map: a.system_map.clone(),
+                image_dir: None,
             })
         }
         None => {
@@ -106,6 +123,7 @@ fn resolve(a: &RunArgs) -> Result<Boot> {
                 kernel: img.kernel(),
                 initrd: img.initramfs(),
                 system_map: Some(img.path(files::SYSTEM_MAP)),
+                image_dir: Some(img.dir.clone()),
             })
         }
     }
@@ -161,6 +179,25 @@ pub fn run(a: RunArgs) -> Result<u8> {
         .transpose()?;
     tracing::info!(?kind, "kernel");
 
+    let watch = a.watch.plan()?;
+    let needs_view = watch.is_some() || a.control.is_some();
+    let profile = if needs_view {
+        let p = match (&a.profile, &boot.image_dir) {
+            (Some(p), _) => identify::load_profile(p)?,
+            (None, Some(dir)) => identify::image_profile(dir)?,
+            (None, None) => bail!(
+                "--watch, --deny-syscall and --control need the kernel's profile: boot an --image, or give --profile FILE (ornament profile generate)"
+            ),
+        };
+        Some(Arc::new(p))
+    } else {
+        None
+    };
+    let mut tracer = match (&watch, &profile) {
+        (Some(plan), Some(p)) => Some(crate::watch::Tracer::prepare(plan, p, &qemu_info)?),
+        _ => None,
+    };
+
     let paths = RunPaths::new()?;
     let initrd = paths.dir.path().join("initramfs");
     RunOverlay {
@@ -189,14 +226,41 @@ pub fn run(a: RunArgs) -> Result<u8> {
         gdb_socket: PathBuf::new(),
         status_path: PathBuf::new(),
         start_paused: true,
-        plugin: None,
+        plugin: tracer.as_ref().and_then(|t| t.plugin_so()),
     };
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
     }
-    let mut machine = QemuMachine::start(cfg, paths, Some(Box::new(std::io::stderr())))?;
+    let mut machine = QemuMachine::start(
+        cfg,
+        paths,
+        Some(Box::new(std::io::stderr())),
+        tracer.as_mut().and_then(|t| t.link_mut()),
+    )?;
+    if let Some(profile) = profile {
+        // Identify the kernel (guest stopped once), then arm and serve, then run.
+        let view = Arc::new(identify::identify(&mut machine, profile, &stop)?);
+        let _control = match &a.control {
+            Some(path) => Some(crate::control::serve(path, view.clone())?),
+            None => None,
+        };
+        let outcome = match tracer.as_mut() {
+            Some(t) => t.run(
+                &mut machine,
+                &view,
+                &stop,
+                a.timeout.map(Duration::from_secs),
+            ),
+            None => {
+                machine.resume()?;
+                machine.wait_in_place(&stop, a.timeout.map(Duration::from_secs))
+            }
+        };
+        let outcome = machine.finish_after(outcome);
+        return exit_status(outcome);
+    }
     let mismatch: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let done = Arc::new(AtomicBool::new(false));
     let identity = anchors.map(|anch| {
@@ -254,6 +318,11 @@ pub fn run(a: RunArgs) -> Result<u8> {
         }
         .into());
     }
+    exit_status(outcome)
+}
+
+/// The process exit status for a run's outcome.
+fn exit_status(outcome: Result<ornament_qemu::RunOutcome, MachineError>) -> Result<u8> {
     let outcome = match outcome {
         Err(MachineError::Interrupted) => return Err(Interrupted.into()),
         other => other?,

@@ -3,6 +3,7 @@
 
 use crate::gdb::{GdbClient, GdbError, StopReply};
 use crate::launch::QemuConfig;
+use crate::plugin_link::PluginLink;
 use crate::ram::{RamError, RamFile, RamMap};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -38,6 +39,14 @@ pub enum MachineError {
     Gdb(#[from] GdbError),
     /// guest RAM file failed
     Ram(#[from] RamError),
+    /// the TCG plugin did not come up (QEMU said: {stderr})
+    Plugin {
+        /// Why.
+        #[source]
+        source: crate::plugin_link::PluginLinkError,
+        /// What QEMU printed.
+        stderr: String,
+    },
     /// interrupted (Ctrl-C); QEMU was stopped
     Interrupted,
     /// the guest did not finish within {0:?}; QEMU was stopped
@@ -212,15 +221,25 @@ fn spawn_reader<R: Read + Send + 'static>(
 impl QemuMachine {
     /// Start QEMU (stopped, `-S`), attach the gdbstub, map the RAM file.
     /// The guest has not run an instruction when this returns; call `resume`.
+    /// With `plugin`, QEMU loads ornament's TCG plugin, which connects to that link
+    /// before QEMU finishes starting; the link is accepted here.
     pub fn start(
         mut cfg: QemuConfig,
         paths: RunPaths,
         console: Option<ConsoleSink>,
+        plugin: Option<&mut PluginLink>,
     ) -> Result<Self, MachineError> {
         cfg.gdb_socket = paths.gdb_socket.clone();
         cfg.status_path = paths.status.clone();
         cfg.ram_path = paths.ram.clone();
         cfg.start_paused = true;
+        let so = cfg.plugin.as_ref().map(|(so, _)| so.clone());
+        if let (Some(link), Some(so)) = (plugin.as_deref(), so) {
+            // qemu_args gives ["-plugin", "SO,sock=...,..."]: keep our launch format.
+            let args = link.qemu_args(&so, &[]);
+            let extra: Vec<String> = args[1].split(',').skip(1).map(str::to_owned).collect();
+            cfg.plugin = Some((so, extra));
+        }
         let mut cmd = Command::new(&cfg.binary);
         cmd.args(cfg.args())
             .stdin(Stdio::null())
@@ -256,6 +275,22 @@ impl QemuMachine {
         let started = Instant::now();
         // From here on, any error must kill QEMU: wrap it first.
         let mut guard = ChildGuard(Some(child));
+        if let Some(link) = plugin {
+            // QEMU installs plugins before it opens the gdbstub, and ours waits for us.
+            if let Err(e) = link.accept(Duration::from_secs(30)) {
+                if let Some(c) = guard.0.as_mut() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                if let Some(t) = err_thread {
+                    let _ = t.join();
+                }
+                return Err(MachineError::Plugin {
+                    source: e,
+                    stderr: tail(&stderr),
+                });
+            }
+        }
         let gdb = loop {
             if let Some(c) = guard.0.as_mut() {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -319,13 +354,31 @@ impl QemuMachine {
         Ok(())
     }
 
-    /// Wait until the guest powers off (or `stop` says to give up, or `timeout`).
-    /// Breakpoint stops are not expected here (no probes armed through gdb).
-    pub fn wait(
-        mut self,
+    /// Wait up to `timeout` for the guest to end; true when it has (QEMU exited or
+    /// closed the gdbstub). Unexpected stops are resumed.
+    pub fn poll_exit(&mut self, timeout: Duration) -> Result<bool, MachineError> {
+        match self.gdb.wait_stop(timeout) {
+            Ok(None) => Ok(false),
+            Ok(Some(StopReply::Exited(_) | StopReply::Terminated(_))) | Err(GdbError::Closed) => {
+                Ok(true)
+            }
+            Ok(Some(other)) => {
+                tracing::warn!(?other, "unexpected stop; resuming");
+                self.gdb.cont(None)?;
+                Ok(false)
+            }
+            Err(GdbError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Wait until the guest powers off (or `stop` says to give up, or `timeout`);
+    /// QEMU is killed on the way out of an interruption or timeout.
+    pub fn wait_in_place(
+        &mut self,
         stop: &AtomicBool,
         timeout: Option<Duration>,
-    ) -> Result<RunOutcome, MachineError> {
+    ) -> Result<(), MachineError> {
         let begin = Instant::now();
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -338,22 +391,37 @@ impl QemuMachine {
                     return Err(MachineError::Timeout(t));
                 }
             }
-            match self.gdb.wait_stop(Duration::from_millis(100)) {
-                Ok(None) => continue,
-                Ok(Some(StopReply::Exited(_) | StopReply::Terminated(_)))
-                | Err(GdbError::Closed) => break,
-                Ok(Some(other)) => {
-                    tracing::warn!(?other, "unexpected stop; resuming");
-                    self.gdb.cont(None)?;
-                }
-                Err(GdbError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            match self.poll_exit(Duration::from_millis(100)) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
                 Err(e) => {
                     self.kill();
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
-        self.finish()
+    }
+
+    /// `wait_in_place`, then `finish`.
+    pub fn wait(
+        mut self,
+        stop: &AtomicBool,
+        timeout: Option<Duration>,
+    ) -> Result<RunOutcome, MachineError> {
+        let r = self.wait_in_place(stop, timeout);
+        self.finish_after(r)
+    }
+
+    /// Finish after a wait that ended with `r`: collect the outcome, or stop QEMU
+    /// and pass the error on.
+    pub fn finish_after(mut self, r: Result<(), MachineError>) -> Result<RunOutcome, MachineError> {
+        match r {
+            Ok(()) => self.finish(),
+            Err(e) => {
+                self.kill();
+                Err(e)
+            }
+        }
     }
 
     /// Reap QEMU and collect what the run produced.

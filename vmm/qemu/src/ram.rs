@@ -254,6 +254,38 @@ impl PhysMemory for RamFile {
     }
 }
 
+impl crate::plugin_link::GuestRam for RamFile {
+    fn fetch_or_u64(&self, gpa: Gpa, bits: u64) -> Result<u64, MemError> {
+        Ok(self
+            .atomic_u64(gpa)?
+            .fetch_or(bits, std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn fetch_and_u64(&self, gpa: Gpa, mask: u64) -> Result<u64, MemError> {
+        Ok(self
+            .atomic_u64(gpa)?
+            .fetch_and(mask, std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+impl RamFile {
+    /// The aligned guest `u64` at `gpa` as a host atomic (coherent with the guest's
+    /// locked instructions on the same shared page).
+    fn atomic_u64(&self, gpa: Gpa) -> Result<&std::sync::atomic::AtomicU64, MemError> {
+        let err = MemError::OutOfRange { gpa, len: 8 };
+        if !gpa.raw().is_multiple_of(8) {
+            return Err(err);
+        }
+        let off = self.offset(gpa, 8)?;
+        // SAFETY: `offset` checked [off, off+8) is inside the live mapping; the mapping
+        // base is page-aligned and `off` has the guest address's alignment (8, checked
+        // above, and ranges start page-aligned), so the pointer is aligned for AtomicU64;
+        // the memory is shared and only ever accessed atomically or by plain copies of
+        // guest data, which is what the guest itself does.
+        Ok(unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.add(off).cast()) })
+    }
+}
+
 impl Drop for RamFile {
     fn drop(&mut self) {
         // SAFETY: base/size are exactly what mmap returned and nothing uses the
@@ -337,8 +369,12 @@ mod tests {
         let mut b = [0u8; 8];
         ram.read_phys(Gpa(0x10ff8), &mut b).expect("in range");
         assert_eq!(u64::from_le_bytes(b), 7);
+        use crate::plugin_link::GuestRam;
+        assert_eq!(ram.fetch_or_u64(Gpa(0x10ff8), 8).expect("aligned"), 7);
+        assert_eq!(ram.fetch_and_u64(Gpa(0x10ff8), !1).expect("aligned"), 15);
+        assert!(ram.fetch_or_u64(Gpa(0x10ff9), 1).is_err(), "unaligned");
         let on_disk = std::fs::read(f.path()).expect("read");
-        assert_eq!(on_disk[0x1ff8], 7);
+        assert_eq!(on_disk[0x1ff8], 14);
         assert!(ram.read_phys(Gpa(0x2000), &mut b).is_err());
         assert!(ram.read_phys(Gpa(0x11ffc), &mut b).is_err());
         let bad = RamMap {

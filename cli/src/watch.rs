@@ -1,0 +1,381 @@
+//! `ornament run --watch/--deny-syscall/--tree`: choose a trap backend, arm the
+//! probes of the event set once the kernel is identified, and carry every hit
+//! through the monitor to the ornaments and back as an action.
+//!
+//! ```text
+//! plugin hit ─► Monitor::on_hit (task read, events) ─► ornaments ─► Action ─► plugin answer
+//! ```
+
+use crate::guest::GuestView;
+use anyhow::{bail, Context, Result};
+use ornament_engine::wire::{ProbeSpec, Reg, RegMask};
+use ornament_engine::ProbeId;
+use ornament_introspect::profile::Profile;
+use ornament_qemu::machine::MachineError;
+use ornament_qemu::plugin_link::{DenyConfig, PluginLink, PluginLinkError};
+use ornament_qemu::{QemuInfo, QemuMachine};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Output format of events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per line (schema: introspect/EVENTS.md).
+    Json,
+}
+
+/// How probes trap under QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrapChoice {
+    /// The TCG plugin where QEMU has plugin API v4 or later, else the gdbstub.
+    Auto,
+    /// ornament's TCG plugin (QEMU >= 10.0): the guest never stops for a hit.
+    Plugin,
+    /// QEMU's gdbstub breakpoints (every hit stops the guest: milliseconds each).
+    Gdbstub,
+}
+
+/// Event options of `ornament run`.
+#[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    /// Report these events: fork, exec, exit, setid, syscall (every syscall) or
+    /// syscall=NAME,NAME... (only those; other syscalls cost nothing), comma-separated.
+    #[arg(long, value_name = "EVENTS")]
+    watch: Option<String>,
+    /// Event output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Write events to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Make syscall NAME fail with ERRNO (a name like EPERM or a number; default EPERM)
+    /// without running it. Repeatable.
+    #[arg(long = "deny-syscall", value_name = "NAME[:ERRNO]")]
+    deny: Vec<String>,
+    /// Only report events of this guest pid (and, with --follow, its descendants).
+    #[arg(long, value_name = "PID")]
+    pid: Option<i32>,
+    /// With --pid: also every descendant of PID, as they are forked.
+    #[arg(long, requires = "pid")]
+    follow: bool,
+    /// Print the process tree (forks, execs, exit codes) when the guest ends.
+    #[arg(long)]
+    tree: bool,
+    /// Trap backend for probes under QEMU.
+    #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
+    trap: TrapChoice,
+}
+
+/// Which syscalls to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Syscalls {
+    /// None.
+    None,
+    /// Every syscall.
+    All,
+    /// Only these.
+    Named(Vec<String>),
+}
+
+/// The parsed event options.
+#[derive(Debug, Clone)]
+pub struct WatchPlan {
+    /// fork events.
+    pub fork: bool,
+    /// exec events.
+    pub exec: bool,
+    /// exit events.
+    pub exit: bool,
+    /// uid/gid change events.
+    pub setid: bool,
+    /// syscall events.
+    pub syscalls: Syscalls,
+    /// (syscall name, errno) to deny.
+    pub deny: Vec<(String, i32)>,
+    /// Output format.
+    pub format: Format,
+    /// Output file.
+    pub output: Option<PathBuf>,
+    /// Root pid filter and whether it follows children.
+    pub pid: Option<(i32, bool)>,
+    /// Print a tree at the end.
+    pub tree: bool,
+    /// Trap backend asked for.
+    pub trap: TrapChoice,
+}
+
+/// errno names ornament knows (`--deny-syscall NAME:ENAME`).
+pub const ERRNO_NAMES: &[(&str, i32)] = &[
+    ("EPERM", 1),
+    ("ENOENT", 2),
+    ("EINTR", 4),
+    ("EIO", 5),
+    ("EBADF", 9),
+    ("EAGAIN", 11),
+    ("ENOMEM", 12),
+    ("EACCES", 13),
+    ("EFAULT", 14),
+    ("EBUSY", 16),
+    ("EEXIST", 17),
+    ("ENOTDIR", 20),
+    ("EISDIR", 21),
+    ("EINVAL", 22),
+    ("EMFILE", 24),
+    ("ENOSPC", 28),
+    ("EROFS", 30),
+    ("ENAMETOOLONG", 36),
+    ("ENOSYS", 38),
+    ("ENOTEMPTY", 39),
+    ("EOPNOTSUPP", 95),
+    ("ETIMEDOUT", 110),
+    ("ECONNREFUSED", 111),
+];
+
+/// Parse `EPERM`, `eperm` or `1` (1..=4095).
+pub fn parse_errno(s: &str) -> Result<i32> {
+    if let Some((_, v)) = ERRNO_NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)) {
+        return Ok(*v);
+    }
+    match s.parse::<i32>() {
+        Ok(v) if (1..=4095).contains(&v) => Ok(v),
+        Ok(v) => bail!("errno {v} is out of range (1..=4095)"),
+        Err(_) => bail!(
+            "unknown errno {s:?} (use a number 1..=4095 or one of: {})",
+            ERRNO_NAMES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Parse the --watch list.
+pub fn parse_watch(spec: &str) -> Result<(bool, bool, bool, bool, Syscalls)> {
+    let (mut fork, mut exec, mut exit, mut setid) = (false, false, false, false);
+    let mut syscalls = Syscalls::None;
+    let mut in_syscall_list = false;
+    for tok in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        match tok {
+            "fork" => fork = true,
+            "exec" => exec = true,
+            "exit" => exit = true,
+            "setid" => setid = true,
+            "syscall" => syscalls = Syscalls::All,
+            _ if tok.starts_with("syscall=") => {
+                let name = &tok["syscall=".len()..];
+                if name.is_empty() {
+                    bail!("--watch {spec}: syscall= needs a syscall name");
+                }
+                let mut names = match std::mem::replace(&mut syscalls, Syscalls::None) {
+                    Syscalls::Named(n) => n,
+                    _ => Vec::new(),
+                };
+                names.push(name.to_owned());
+                syscalls = Syscalls::Named(names);
+                in_syscall_list = true;
+                continue;
+            }
+            _ if in_syscall_list => {
+                if let Syscalls::Named(n) = &mut syscalls {
+                    n.push(tok.to_owned());
+                }
+                continue;
+            }
+            _ => bail!(
+                "--watch {spec}: unknown event {tok:?} (events: fork, exec, exit, setid, syscall, syscall=NAME,...)"
+            ),
+        }
+        in_syscall_list = false;
+    }
+    Ok((fork, exec, exit, setid, syscalls))
+}
+
+impl WatchArgs {
+    /// The plan, or `None` when no event option was given.
+    pub fn plan(&self) -> Result<Option<WatchPlan>> {
+        if self.watch.is_none() && self.deny.is_empty() && !self.tree {
+            return Ok(None);
+        }
+        let (mut fork, mut exec, mut exit, setid, syscalls) = match &self.watch {
+            Some(w) => parse_watch(w)?,
+            None => (false, false, false, false, Syscalls::None),
+        };
+        if self.tree || self.follow {
+            // The tree and the follow filter are built from lifecycle events.
+            fork = true;
+            exec |= self.tree;
+            exit = true;
+        }
+        let deny = self
+            .deny
+            .iter()
+            .map(|d| {
+                let (name, errno) = match d.split_once(':') {
+                    Some((n, e)) => (
+                        n,
+                        parse_errno(e).with_context(|| format!("--deny-syscall {d}"))?,
+                    ),
+                    None => (d.as_str(), 1),
+                };
+                if name.is_empty() {
+                    bail!("--deny-syscall {d}: no syscall name");
+                }
+                Ok((name.to_owned(), errno))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(WatchPlan {
+            fork,
+            exec,
+            exit,
+            setid,
+            syscalls,
+            deny,
+            format: self.format,
+            output: self.output.clone(),
+            pid: self.pid.map(|p| (p, self.follow)),
+            tree: self.tree,
+            trap: self.trap,
+        }))
+    }
+}
+
+/// Where the TCG plugin library is: `$ORNAMENT_TCG_PLUGIN`, else beside the
+/// `ornament` executable (cargo's target dir), else `../lib/ornament/`.
+pub fn find_plugin() -> Option<PathBuf> {
+    const NAME: &str = "libornament_tcg_plugin.so";
+    if let Some(p) = std::env::var_os("ORNAMENT_TCG_PLUGIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join(NAME), dir.join("../lib/ornament").join(NAME)]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// A prepared tracing session: trap backend chosen, link listening.
+pub struct Tracer {
+    plan: WatchPlan,
+    plugin_so: PathBuf,
+    link: PluginLink,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer").field("plan", &self.plan).finish()
+    }
+}
+
+impl Tracer {
+    /// Choose the trap backend (and say which), check names against the profile,
+    /// and open the plugin's socket.
+    pub fn prepare(plan: &WatchPlan, profile: &Profile, qemu: &QemuInfo) -> Result<Self> {
+        for (name, _) in &plan.deny {
+            if profile.syscall_nr(name).is_none() {
+                bail!(
+                    "--deny-syscall {name}: no such syscall in kernel {}",
+                    profile.kernel.release
+                );
+            }
+        }
+        if let Syscalls::Named(names) = &plan.syscalls {
+            for n in names {
+                if profile.syscall_nr(n).is_none() {
+                    bail!(
+                        "--watch syscall={n}: no such syscall in kernel {}",
+                        profile.kernel.release
+                    );
+                }
+            }
+        }
+        let api = qemu.plugin_api.unwrap_or(0);
+        let so = find_plugin();
+        match plan.trap {
+            TrapChoice::Gdbstub => bail!(
+                "--trap gdbstub is not wired into `ornament run` yet; use --trap plugin (QEMU >= 10.0)"
+            ),
+            TrapChoice::Plugin | TrapChoice::Auto if api < 4 => bail!(
+                "{} has TCG plugin API v{api}; ornament's plugin needs v4 (QEMU >= 10.0; on Debian 12: apt-get install -t bookworm-backports qemu-system-x86)",
+                qemu.binary.display()
+            ),
+            _ => {}
+        }
+        let Some(so) = so else {
+            bail!("ornament's TCG plugin (libornament_tcg_plugin.so) was not found beside the ornament binary; build it with `cargo build -p ornament-tcg-plugin` or set ORNAMENT_TCG_PLUGIN")
+        };
+        if !so.is_file() {
+            bail!("TCG plugin {}: no such file", so.display());
+        }
+        eprintln!(
+            "ornament: trap plugin ({}): QEMU {} offers plugin API v{api}; hits never stop the guest",
+            so.display(),
+            qemu.version_line
+        );
+        let dir = crate::cmd::run::private_dir()?;
+        let link = PluginLink::listen(&dir.path().join("plugin.sock"))?;
+        Ok(Self {
+            plan: plan.clone(),
+            plugin_so: so,
+            link,
+            _dir: dir,
+        })
+    }
+
+    /// The plugin to load into QEMU.
+    pub fn plugin_so(&self) -> Option<(PathBuf, Vec<String>)> {
+        Some((self.plugin_so.clone(), Vec::new()))
+    }
+
+    /// The link QEMU's plugin connects to.
+    pub fn link_mut(&mut self) -> Option<&mut PluginLink> {
+        Some(&mut self.link)
+    }
+
+    /// Arm the probes (the guest is stopped after identification), run the guest,
+    /// and deliver every hit until the guest ends.
+    pub fn run(
+        &mut self,
+        machine: &mut QemuMachine,
+        view: &Arc<GuestView>,
+        stop: &AtomicBool,
+        timeout: Option<Duration>,
+    ) -> Result<(), MachineError> {
+        let _ = view;
+        let _ = (
+            ProbeSpec::default(),
+            Reg::Rdi,
+            RegMask::default(),
+            ProbeId(0),
+        );
+        let _: Option<DenyConfig> = None;
+        machine.resume()?;
+        let begin = Instant::now();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                machine.kill();
+                return Err(MachineError::Interrupted);
+            }
+            if let Some(t) = timeout {
+                if begin.elapsed() > t {
+                    machine.kill();
+                    return Err(MachineError::Timeout(t));
+                }
+            }
+            match self.link.next_hit(Duration::from_millis(20)) {
+                Ok(Some(_hit)) => {}
+                Ok(None) => {}
+                Err(PluginLinkError::Closed) => {}
+                Err(e) => tracing::warn!(error = %e, "plugin link"),
+            }
+            if machine.poll_exit(Duration::from_millis(1))? {
+                return Ok(());
+            }
+        }
+    }
+}
