@@ -1,0 +1,77 @@
+//! Boot a kernel with the crate's recipe and copy its console to stdout.
+//!
+//! `cargo run -p ornament-kvm --example boot -- KERNEL [SECONDS] [VCPUS] [CMDLINE...]`
+//! runs until the guest stops by itself or SECONDS (default 120) pass, then prints how
+//! each vCPU ended.
+
+use ornament_kvm::builder::{build, ConsoleOutput, MachineConfig};
+use ornament_kvm::machine::RunControl;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(kernel) = args.first() else {
+        eprintln!("usage: boot KERNEL [SECONDS] [VCPUS] [CMDLINE...]");
+        return ExitCode::FAILURE;
+    };
+    let secs: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(120);
+    let vcpus: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let cmdline = if args.len() > 3 {
+        args[3..].join(" ")
+    } else {
+        "earlyprintk=serial,ttyS0 console=ttyS0 noxsave nokaslr pci=off nowatchdog \
+         clearcpuid=137,308,151 cryptomgr.notests panic=-1"
+            .to_string()
+    };
+    let cfg = MachineConfig {
+        kernel: kernel.into(),
+        initrd: None,
+        cmdline,
+        vcpu_count: vcpus,
+        mem_size_mib: 512,
+        console: ConsoleOutput::CaptureAndStdout,
+    };
+    let mut m = match build(&cfg) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("build failed: {}", ornament_kvm::support::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let control = RunControl::new();
+    let done = AtomicBool::new(false);
+    let start = Instant::now();
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                if start.elapsed() > Duration::from_secs(secs) {
+                    control.request_stop();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let out = m.run(None, &|_, _| false, &control);
+        done.store(true, Ordering::SeqCst);
+        out
+    });
+    eprintln!("\n--- after {:?}:", start.elapsed());
+    match out {
+        Ok(v) => {
+            for (i, o) in v.iter().enumerate() {
+                let r = match &o.result {
+                    Ok(r) => format!("{r:?}"),
+                    Err(e) => ornament_kvm::support::error_chain(e),
+                };
+                eprintln!("vCPU {i}: {r}; {:?}", o.stats);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("run failed: {}", ornament_kvm::support::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! A built machine (test guest or Linux): VM, vCPUs, devices; runs one thread per vCPU
+//! and can be stopped from outside (a flag plus a signal that interrupts `KVM_RUN`).
+
+use crate::devices::{PioBus, SharedBuffer};
+use crate::trap::TrapBackend;
+use crate::vcpu::exit::{ExitCtx, ExitStats, StopReason};
+use crate::vcpu::{KvmVcpu, PauseGate, VcpuError, VcpuEvent};
+use crate::vm::KvmVm;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+
+/// Why a machine could not run.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum MachineError {
+    /// a vCPU thread panicked
+    ThreadPanicked,
+    /// cannot install the vCPU kick signal handler
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// How one vCPU's run ended.
+#[derive(Debug)]
+pub struct VcpuOutcome {
+    /// Stop reason or error.
+    pub result: Result<StopReason, VcpuError>,
+    /// The exit handler's counters.
+    pub stats: ExitStats,
+}
+
+/// Lets another thread stop a running machine.
+#[derive(Debug, Default)]
+pub struct RunControl {
+    stop: Arc<AtomicBool>,
+    /// The pthread of each running vCPU thread; cleared (under the lock) before it ends.
+    threads: Mutex<Vec<Option<libc::pthread_t>>>,
+}
+
+impl RunControl {
+    /// A control with no stop requested.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ask every vCPU to stop: set the flag and interrupt `KVM_RUN` with a signal.
+    /// The vCPUs end with [`StopReason::Stopped`].
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Interrupt every vCPU thread's `KVM_RUN` once.
+    pub fn kick(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for t in threads.iter().flatten() {
+            // SAFETY: `t` is the pthread of a vCPU thread that is still running: each
+            // thread clears its entry under this same lock before it returns, so the
+            // handle cannot be stale; the signal has a no-op handler (installed by
+            // `install_kick_handler`), so it only interrupts the ioctl with EINTR.
+            unsafe {
+                libc::pthread_kill(*t, kick_signal());
+            }
+        }
+    }
+
+    /// True once a stop was requested.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> Result<(), MachineError> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        res = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_signal_handler)
+            .map_err(MachineError::Signal);
+    });
+    res
+}
+
+/// VM, vCPUs and devices, ready to run (paused until [`Machine::run`]).
+#[derive(Debug)]
+pub struct Machine {
+    /// The VM (memory, fds).
+    pub vm: KvmVm,
+    /// Its vCPUs.
+    pub vcpus: Vec<KvmVcpu>,
+    /// The port-I/O bus.
+    pub bus: PioBus,
+    /// Everything the guest wrote to COM1 (when the machine was built to capture it).
+    pub serial: SharedBuffer,
+    /// When one vCPU stops (reset, shutdown), stop the others too, as a real machine
+    /// would. Test guests turn it off so each vCPU runs to its own end. A vCPU error
+    /// always stops the others.
+    pub stop_all_on_exit: bool,
+    /// Finish instructions KVM fails to emulate (kernel-mode `int3` on PVM) instead
+    /// of stopping with an error; see `vcpu::complete`.
+    pub complete_instructions: bool,
+}
+
+impl Machine {
+    /// Run every vCPU on its own thread until each stops; `on_event` sees hits and
+    /// reports of all of them (the vCPU index comes first). `control` stops it early.
+    pub fn run(
+        &mut self,
+        traps: Option<Arc<dyn TrapBackend>>,
+        on_event: &(dyn Fn(u32, VcpuEvent<'_>) -> bool + Sync),
+        control: &RunControl,
+    ) -> Result<Vec<VcpuOutcome>, MachineError> {
+        self.run_gated(traps, on_event, control, None)
+    }
+
+    /// [`Machine::run`], with the vCPUs parking at `gate` while it says so.
+    pub fn run_gated(
+        &mut self,
+        traps: Option<Arc<dyn TrapBackend>>,
+        on_event: &(dyn Fn(u32, VcpuEvent<'_>) -> bool + Sync),
+        control: &RunControl,
+        gate: Option<Arc<dyn PauseGate>>,
+    ) -> Result<Vec<VcpuOutcome>, MachineError> {
+        install_kick_handler()?;
+        let bus = &self.bus;
+        let stop_all = self.stop_all_on_exit;
+        let memory = self.complete_instructions.then(|| self.vm.memory().clone());
+        let n = self.vcpus.len();
+        *control.threads.lock().unwrap_or_else(|p| p.into_inner()) = vec![None; n];
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .vcpus
+                .iter_mut()
+                .enumerate()
+                .map(|(slot, vcpu)| {
+                    let traps = traps.clone();
+                    let gate = gate.clone();
+                    let memory = memory.clone();
+                    s.spawn(move || {
+                        {
+                            let mut t = control.threads.lock().unwrap_or_else(|p| p.into_inner());
+                            // SAFETY: pthread_self has no preconditions.
+                            t[slot] = Some(unsafe { libc::pthread_self() });
+                        }
+                        let mut ctx = ExitCtx::new(bus.clone(), traps);
+                        ctx.stop = Some(control.stop.clone());
+                        ctx.gate = gate;
+                        ctx.memory = memory;
+                        let result = vcpu.run(&mut ctx, &mut |i, ev| on_event(i, ev));
+                        control.threads.lock().unwrap_or_else(|p| p.into_inner())[slot] = None;
+                        let ends_machine = match &result {
+                            Ok(StopReason::Stopped) => false,
+                            Ok(_) => stop_all,
+                            Err(_) => true,
+                        };
+                        if ends_machine {
+                            control.request_stop();
+                        }
+                        VcpuOutcome {
+                            result,
+                            stats: ctx.stats,
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| MachineError::ThreadPanicked))
+                .collect()
+        })
+    }
+}
