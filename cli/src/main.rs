@@ -36,6 +36,11 @@ enum Command {
     Image(cmd::image::ImageCmd),
     /// Say what this host can do: KVM kind, QEMU version, which engine `auto` picks.
     Doctor(cmd::doctor::DoctorArgs),
+    /// List a running guest's processes from outside (via `run --control SOCKET`).
+    Ps(cmd::ps::PsArgs),
+    /// Generate kernel profiles (symbols and struct offsets).
+    #[command(subcommand)]
+    Profile(cmd::profile::ProfileCmd),
 }
 
 /// Exit status when ornament itself fails (as `docker run` does).
@@ -64,6 +69,8 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Image(c) => cmd::image::run(c).map(|()| 0),
         Command::Doctor(a) => cmd::doctor::run(a).map(|()| 0),
+        Command::Ps(a) => cmd::ps::run(a).map(|()| 0),
+        Command::Profile(c) => cmd::profile::run(c).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

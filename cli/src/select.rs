@@ -43,18 +43,10 @@ pub fn kvm_kind() -> KvmKind {
     {
         return KvmKind::Inaccessible;
     }
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        return KvmKind::Pvm;
-    }
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    if hw {
-        KvmKind::Hardware
-    } else {
-        KvmKind::Unknown
+    match ornament_kvm::support::kvm_kind() {
+        ornament_kvm::support::KvmKind::Pvm => KvmKind::Pvm,
+        ornament_kvm::support::KvmKind::Hardware => KvmKind::Hardware,
+        ornament_kvm::support::KvmKind::Unknown => KvmKind::Unknown,
     }
 }
 

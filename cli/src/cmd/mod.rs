@@ -2,4 +2,6 @@
 
 pub mod doctor;
 pub mod image;
+pub mod profile;
+pub mod ps;
 pub mod run;
