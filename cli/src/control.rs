@@ -653,6 +653,7 @@ mod tests {
         let regs = g.regs_kernel(0, Gva(0));
         GuestView {
             ram: Arc::new(g.phys.mem),
+            ram_for_writes: None,
             profile: Arc::new(g.profile),
             layout: g.layout,
             vcpus: 2,

@@ -12,6 +12,9 @@ use std::sync::Arc;
 pub struct GuestView {
     /// Guest-physical memory (readable while the guest runs).
     pub ram: Arc<dyn PhysMemory>,
+    /// The same memory with the atomic updates the plugin link's syscall deny uses
+    /// (`None` for memory that cannot do them, e.g. in tests).
+    pub ram_for_writes: Option<Arc<dyn ornament_qemu::plugin_link::GuestRam>>,
     /// The kernel's profile (symbols and struct offsets).
     pub profile: Arc<Profile>,
     /// Where KASLR put the kernel.

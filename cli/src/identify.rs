@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use ornament_introspect::profile::Profile;
 use ornament_introspect::{identity, kaslr};
 use ornament_qemu::QemuMachine;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ pub fn image_profile(dir: &Path) -> Result<Profile> {
 }
 
 /// Load a profile given with `--profile`.
-pub fn load_profile(path: &PathBuf) -> Result<Profile> {
+pub fn load_profile(path: &Path) -> Result<Profile> {
     Ok(Profile::load(path)?)
 }
 
@@ -84,6 +84,7 @@ pub fn identify(
                     );
                     return Ok(GuestView {
                         ram: ram.clone(),
+                        ram_for_writes: Some(ram.clone()),
                         profile,
                         layout,
                         vcpus: machine.vcpus(),

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a guest, run COMMAND in it (or a short demo), exit with its status.
-    Run(cmd::run::RunArgs),
+    Run(Box<cmd::run::RunArgs>),
     /// Build or list guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Run(a) => cmd::run::run(a),
+        Command::Run(a) => cmd::run::run(*a),
         Command::Image(c) => cmd::image::run(c).map(|()| 0),
         Command::Doctor(a) => cmd::doctor::run(a).map(|()| 0),
         Command::Ps(a) => cmd::ps::run(a).map(|()| 0),

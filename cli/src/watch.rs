@@ -9,7 +9,12 @@
 use crate::guest::GuestView;
 use anyhow::{bail, Context, Result};
 use ornament_engine::wire::{ProbeSpec, Reg, RegMask};
-use ornament_engine::ProbeId;
+use ornament_introspect::event::{Event, EventMask};
+use ornament_introspect::monitor::Monitor;
+use ornament_introspect::ornament::{
+    self, Decision, DenySyscalls, EventWriter, Follow, Ornament, ProcessTree, TreeView,
+};
+use ornament_introspect::probes::{ProbeSet, SyscallWatch, WatchConfig};
 use ornament_introspect::profile::Profile;
 use ornament_qemu::machine::MachineError;
 use ornament_qemu::plugin_link::{DenyConfig, PluginLink, PluginLinkError};
@@ -106,6 +111,8 @@ pub struct WatchPlan {
     pub tree: bool,
     /// Trap backend asked for.
     pub trap: TrapChoice,
+    /// The events the user asked to see (the tree and --follow may trap more).
+    pub shown: EventMask,
 }
 
 /// errno names ornament knows (`--deny-syscall NAME:ENAME`).
@@ -205,6 +212,18 @@ impl WatchArgs {
             Some(w) => parse_watch(w)?,
             None => (false, false, false, false, Syscalls::None),
         };
+        let mut shown = EventMask::NONE;
+        for (on, m) in [
+            (fork, EventMask::FORK),
+            (exec, EventMask::EXEC),
+            (exit, EventMask::EXIT),
+            (setid, EventMask::SETID),
+            (syscalls != Syscalls::None, EventMask::SYSCALL),
+        ] {
+            if on {
+                shown = shown | m;
+            }
+        }
         if self.tree || self.follow {
             // The tree and the follow filter are built from lifecycle events.
             fork = true;
@@ -240,6 +259,7 @@ impl WatchArgs {
             pid: self.pid.map(|p| (p, self.follow)),
             tree: self.tree,
             trap: self.trap,
+            shown,
         }))
     }
 }
@@ -345,37 +365,225 @@ impl Tracer {
         view: &Arc<GuestView>,
         stop: &AtomicBool,
         timeout: Option<Duration>,
-    ) -> Result<(), MachineError> {
-        let _ = view;
-        let _ = (
-            ProbeSpec::default(),
-            Reg::Rdi,
-            RegMask::default(),
-            ProbeId(0),
-        );
-        let _: Option<DenyConfig> = None;
+    ) -> Result<()> {
+        let mut session = Session::new(&self.plan, view)?;
+        self.arm(&session, view)?;
         machine.resume()?;
         let begin = Instant::now();
-        loop {
+        let result = loop {
             if stop.load(Ordering::Relaxed) {
                 machine.kill();
-                return Err(MachineError::Interrupted);
+                break Err(MachineError::Interrupted);
             }
             if let Some(t) = timeout {
                 if begin.elapsed() > t {
                     machine.kill();
-                    return Err(MachineError::Timeout(t));
+                    break Err(MachineError::Timeout(t));
                 }
             }
             match self.link.next_hit(Duration::from_millis(20)) {
-                Ok(Some(_hit)) => {}
+                Ok(Some(hit)) => {
+                    let action = session.deliver(&hit.hit);
+                    if hit.hit.held {
+                        if let Err(e) = self.link.answer(&hit, action) {
+                            tracing::warn!(error = %e, "answering a held hit failed");
+                        }
+                    }
+                    continue;
+                }
                 Ok(None) => {}
                 Err(PluginLinkError::Closed) => {}
                 Err(e) => tracing::warn!(error = %e, "plugin link"),
             }
-            if machine.poll_exit(Duration::from_millis(1))? {
-                return Ok(());
+            match machine.poll_exit(Duration::from_millis(1)) {
+                Ok(true) => {
+                    // Deliver what the plugin sent before QEMU went away.
+                    while let Ok(Some(hit)) = self.link.next_hit(Duration::from_millis(50)) {
+                        session.deliver(&hit.hit);
+                    }
+                    break Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => break Err(e),
             }
+        };
+        session.finish();
+        Ok(result?)
+    }
+
+    fn arm(&mut self, session: &Session, view: &GuestView) -> Result<()> {
+        let p = &view.profile;
+        let needed = RegMask::of(&[
+            Reg::Rip,
+            Reg::Rdi,
+            Reg::Rsi,
+            Reg::Rdx,
+            Reg::Rsp,
+            Reg::Cs,
+            Reg::Cr3,
+            Reg::Cr4,
+            Reg::GsBase,
+            Reg::KernelGsBase,
+        ]);
+        let deny = if session.probes.deny_rules().is_empty() {
+            None
+        } else {
+            let per_cpu = &p.percpu_current_task;
+            let cfg = DenyConfig {
+                syscall_exit: view.layout.virt(p.symbol("syscall_exit_to_user_mode")?),
+                current_task_offset: per_cpu.symbol_offset + per_cpu.field_offset,
+                syscall_work_offset: p.offset("task_struct", "thread_info.syscall_work")?,
+                syscall_emu_bit: SYSCALL_WORK_BIT_SYSCALL_EMU,
+                pt_regs_ax_offset: p.offset("pt_regs", "ax")?,
+            };
+            let ram = view.ram_for_writes.clone().context(
+                "this guest memory cannot be written atomically; --deny-syscall needs it",
+            )?;
+            self.link.enable_deny(cfg, ram)?;
+            Some(cfg)
+        };
+        for spec in session.probes.specs() {
+            let probe = match (&deny, spec.hold, &spec.syscall_filter) {
+                // A held do_syscall_64 probe: the deny path needs its own spec.
+                (Some(cfg), true, filter) if spec.symbol == "do_syscall_64" => {
+                    let nrs: Vec<u64> = match filter {
+                        Some(f) => f.iter().map(|&n| u64::from(n)).collect(),
+                        None => (0..512).collect(),
+                    };
+                    cfg.entry_spec(&nrs, needed)
+                }
+                (_, hold, filter) => {
+                    let mut ps = ProbeSpec::regs(needed);
+                    if let Some(f) = filter {
+                        let nrs: Vec<u64> = f.iter().map(|&n| u64::from(n)).collect();
+                        ps = ps.with_filter(Reg::Rsi, &nrs);
+                    }
+                    ps.hold = hold;
+                    ps
+                }
+            };
+            self.link.arm(spec.id, spec.at, probe)?;
+            tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = spec.hold, "armed");
+        }
+        Ok(())
+    }
+}
+
+/// `SYSCALL_WORK_BIT_SYSCALL_EMU` of `enum syscall_work_bit` (include/linux/thread_info.h,
+/// unchanged since 5.11): setting it makes `syscall_trace_enter` skip the syscall.
+pub const SYSCALL_WORK_BIT_SYSCALL_EMU: u32 = 3;
+
+/// The monitor and its ornaments for one run.
+struct Session {
+    monitor: Monitor,
+    probes: ProbeSet,
+    tree: Option<TreeView>,
+    tree_out: Option<PathBuf>,
+}
+
+impl Session {
+    fn new(plan: &WatchPlan, view: &GuestView) -> Result<Self> {
+        let cfg = WatchConfig {
+            fork: plan.fork,
+            exec: plan.exec,
+            exit: plan.exit,
+            setid: plan.setid,
+            syscalls: match &plan.syscalls {
+                Syscalls::None => SyscallWatch::None,
+                Syscalls::All => SyscallWatch::All,
+                Syscalls::Named(n) => SyscallWatch::Named(n.clone()),
+            },
+            deny: plan.deny.clone(),
+            hold_syscalls: false,
+        };
+        let probes = ProbeSet::new(&view.profile, view.layout, &cfg)?;
+        for w in probes.warnings() {
+            eprintln!("ornament: warning: {w}");
+        }
+        let mut monitor = Monitor::new(
+            view.ram.clone(),
+            view.profile.clone(),
+            view.layout,
+            probes.clone(),
+        )?;
+        let out: Box<dyn std::io::Write + Send> = match &plan.output {
+            Some(path) => Box::new(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("--output {}", path.display()))?,
+            )),
+            None => Box::new(std::io::LineWriter::new(std::io::stdout())),
+        };
+        let format = match plan.format {
+            Format::Text => ornament::Format::Text,
+            Format::Json => ornament::Format::Json,
+        };
+        let writer: Box<dyn Ornament> =
+            Box::new(EventWriter::new(out, format).with_mask(plan.shown));
+        let reg = monitor.registry_mut();
+        // Built-in ornaments, in delivery order, one line each.
+        match plan.pid {
+            Some((root, true)) => reg.attach(Box::new(Follow::new(root, writer))),
+            Some((pid, false)) => reg.attach(Box::new(OnlyPid { pid, inner: writer })),
+            None => reg.attach(writer),
+        };
+        if !probes.deny_rules().is_empty() {
+            reg.attach(Box::new(DenySyscalls::new(probes.deny_rules().clone())));
+        }
+        let tree = plan.tree.then(|| {
+            let t = ProcessTree::new();
+            let v = t.view();
+            reg.attach(Box::new(t));
+            v
+        });
+        Ok(Self {
+            monitor,
+            probes,
+            tree,
+            tree_out: plan.output.clone(),
+        })
+    }
+
+    fn deliver(&mut self, hit: &ornament_engine::ProbeHit) -> ornament_engine::Action {
+        self.monitor.on_hit(hit).action
+    }
+
+    fn finish(&mut self) {
+        self.monitor.finish();
+        if let Some(t) = &self.tree {
+            let text = t.render();
+            match &self.tree_out {
+                Some(path) => {
+                    use std::io::Write;
+                    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+                        let _ = f.write_all(text.as_bytes());
+                    }
+                }
+                None => print!("{text}"),
+            }
+        }
+        let s = self.monitor.stats();
+        tracing::info!(?s, "monitor");
+    }
+}
+
+/// Passes on only the events of one pid (`--pid` without `--follow`).
+struct OnlyPid {
+    pid: i32,
+    inner: Box<dyn Ornament>,
+}
+
+impl Ornament for OnlyPid {
+    fn name(&self) -> &str {
+        "only-pid"
+    }
+
+    fn mask(&self) -> EventMask {
+        self.inner.mask()
+    }
+
+    fn on_event(&mut self, ev: &Event, d: &mut Decision) {
+        if ev.task().pid == Some(self.pid) {
+            self.inner.on_event(ev, d);
         }
     }
 }

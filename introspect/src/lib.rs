@@ -5,8 +5,16 @@
 //!      |
 //!      v
 //! symbols + profile  --> kaslr (slides) --> kernel (current task of a vCPU)
-//!                                              |
-//!                     paging -> vmem ------> task (TaskReader, task list)
+//!        |                                     |
+//!        v            paging -> vmem ------> task (TaskReader, task list)
+//! [3] probes (ProbeSet: what to arm)           |
+//!        |                                     v
+//!        +-------------------------> [3..6] monitor (hit -> event -> action)
+//!                                        |            |
+//!                                  [5] event    [6] ornament (Registry, Follow,
+//!                                  (JSON/text)       EventWriter, DenySyscalls, ...)
+//!                                                     |
+//!                                              [7] Action back to the engine
 //! ```
 //!
 //! Everything here reads guest memory only through [`ornament_engine::PhysMemory`], so it is
@@ -23,6 +31,11 @@
 //!    [`kernel::Kernel::kernel_vm`].
 //! 4. [`task::TaskReader::new`], then [`task::TaskReader::read`] (a [`task::TaskInfo`]),
 //!    [`task::TaskReader::user_regs`], [`task::TaskReader::processes`].
+//! 5. [`probes::ProbeSet::new`]`(profile, layout, &WatchConfig)`: arm each
+//!    [`probes::ArmSpec`] on the engine; then [`monitor::Monitor::new`], attach ornaments
+//!    through [`monitor::Monitor::registry_mut`], and per hit
+//!    [`monitor::Monitor::on_hit`] gives the events and the [`ornament_engine::Action`]
+//!    to answer with. Event schema: [`event::SCHEMA_DOC`] (`introspect/EVENTS.md`).
 //!
 //! ```
 //! use ornament_introspect::{kaslr, kernel::Kernel, profile::Profile, task::TaskReader};
@@ -48,10 +61,14 @@
 
 pub mod btf;
 pub mod elf;
+pub mod event;
 pub mod identity;
 pub mod kaslr;
 pub mod kernel;
+pub mod monitor;
+pub mod ornament;
 pub mod paging;
+pub mod probes;
 pub mod profile;
 pub mod symbols;
 pub mod task;

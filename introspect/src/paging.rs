@@ -234,7 +234,9 @@ pub struct TranslationCache {
 impl Default for TranslationCache {
     fn default() -> Self {
         Self {
-            slots: Mutex::new(vec![None; CACHE_SLOTS]),
+            // Allocated on the first insert: a cache made per probe hit costs nothing
+            // until it is used.
+            slots: Mutex::new(Vec::new()),
         }
     }
 }
@@ -260,7 +262,7 @@ impl TranslationCache {
         let page = gva.raw() >> 12;
         let off = gva.raw() & (PAGE_SIZE - 1);
         let slot = slot_of(root.table, page);
-        if let Some(e) = self.lock()[slot] {
+        if let Some(&Some(e)) = self.lock().get(slot) {
             if e.root == root.table && e.page == page {
                 return Ok(Translation {
                     gpa: Gpa(e.frame.raw() | off),
@@ -271,7 +273,11 @@ impl TranslationCache {
             }
         }
         let t = translate(mem, root, gva)?;
-        self.lock()[slot] = Some(CacheEntry {
+        let mut slots = self.lock();
+        if slots.is_empty() {
+            slots.resize(CACHE_SLOTS, None);
+        }
+        slots[slot] = Some(CacheEntry {
             root: root.table,
             page,
             frame: Gpa(t.gpa.raw() & !(PAGE_SIZE - 1)),

@@ -298,6 +298,16 @@ impl<'k> TaskReader<'k> {
         })
     }
 
+    /// A reader for `kernel` from offsets resolved earlier (no profile lookups: for a
+    /// reader made per probe hit).
+    pub fn from_offsets(kernel: &'k Kernel<'k>, off: TaskOffsets, limits: Limits) -> Self {
+        Self {
+            kernel,
+            off,
+            limits,
+        }
+    }
+
     /// The same reader with other limits.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
@@ -361,6 +371,11 @@ impl<'k> TaskReader<'k> {
         vm.read_cstr(a, max)
             .map(|s| s.text)
             .map_err(|_| Unreadable { at: a })
+    }
+
+    /// `task->signal` (the thread group's `signal_struct`).
+    pub fn signal_struct(&self, vm: &VirtMem<'_>, task: Gva) -> Field<Gva> {
+        Self::kptr_nonnull(vm, at(task, self.off.signal))
     }
 
     /// `task->mm` (`None` for kernel threads).
@@ -504,6 +519,12 @@ impl<'k> TaskReader<'k> {
     /// while the task is in the kernel on behalf of user space: syscalls, faults).
     pub fn user_regs(&self, vm: &VirtMem<'_>, task: Gva) -> Field<UserRegs> {
         let base = self.user_regs_addr(vm, task)?;
+        self.regs_at(vm, base)
+    }
+
+    /// A `struct pt_regs` at `base` (e.g. the argument of `__x64_sys_*` or
+    /// `do_syscall_64`).
+    pub fn regs_at(&self, vm: &VirtMem<'_>, base: Gva) -> Field<UserRegs> {
         // One read of the whole struct (it is small), then the fields out of it.
         let len = usize::try_from(self.off.pt_regs_size.min(4096)).unwrap_or(0);
         let mut raw = vec![0u8; len];

@@ -246,20 +246,25 @@ pub fn run(a: RunArgs) -> Result<u8> {
             Some(path) => Some(crate::control::serve(path, view.clone())?),
             None => None,
         };
-        let outcome = match tracer.as_mut() {
-            Some(t) => t.run(
-                &mut machine,
-                &view,
-                &stop,
-                a.timeout.map(Duration::from_secs),
-            ),
-            None => {
-                machine.resume()?;
-                machine.wait_in_place(&stop, a.timeout.map(Duration::from_secs))
-            }
+        let timeout = a.timeout.map(Duration::from_secs);
+        let waited: Result<()> = match tracer.as_mut() {
+            Some(t) => t.run(&mut machine, &view, &stop, timeout),
+            None => machine
+                .resume()
+                .and_then(|()| machine.wait_in_place(&stop, timeout))
+                .map_err(Into::into),
         };
-        let outcome = machine.finish_after(outcome);
-        return exit_status(outcome);
+        if let Err(e) = waited {
+            machine.kill();
+            if matches!(
+                e.downcast_ref::<MachineError>(),
+                Some(MachineError::Interrupted)
+            ) {
+                return Err(Interrupted.into());
+            }
+            return Err(e);
+        }
+        return exit_status(machine.finish());
     }
     let mismatch: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let done = Arc::new(AtomicBool::new(false));

@@ -1,0 +1,486 @@
+//! \[3\]..\[6\] The monitor: a probe hit in, the task read, an event built and delivered to
+//! the ornaments, an action out.
+//!
+//! ```text
+//! ProbeHit -> ProbeSet::get(probe) -> Kernel::current_task_on + hook argument (rdi, rsi)
+//!          -> TaskReader -> Event -> Registry::dispatch -> HitOutcome { events, action }
+//! ```
+//!
+//! What each hook reads (see [`crate::probes`] for where they sit):
+//! - fork: the header is the parent (current), `child_*` come from the child (rdi);
+//! - exec: the task after the exec (rdi at `proc_exec_connector`): `comm`, `filename`
+//!   (`mm->exe_file`) and `argv` from its new mm; at the `begin_new_exec` fallback from
+//!   `bprm` (rdi): `filename` is `bprm->filename` as passed to exec, `argv` the `argc`
+//!   strings at `bprm->p` in `bprm->mm`, `comm` its basename;
+//! - exit: `task->exit_code` (rdi at `proc_exit_connector`) or the `do_exit` argument:
+//!   `exit_code = (code >> 8) & 0xff`, `signal = code & 0x7f` when non-zero;
+//! - syscall: the arguments from the `pt_regs` passed in rdi, the number from the probe
+//!   (`__x64_sys_*`) or rsi (`do_syscall_64`), the path from the caller's user memory
+//!   (through `mm->pgd`);
+//! - setid: the task (rdi) and which ids changed (rsi).
+//!
+//! Nothing read from the guest can make it fail: an unreadable value becomes `null` in
+//! the event, and a hit that cannot be attributed is answered `Continue`.
+
+use crate::event::{
+    path_arg, Event, ExecEvent, ExitEvent, ForkEvent, IdChange, SetidEvent, SyscallEvent,
+    TaskHeader, MAX_ARGV_ENTRIES, MAX_PATH_BYTES,
+};
+use crate::kaslr::KernelLayout;
+use crate::kernel::{is_kernel_address, Kernel};
+use crate::ornament::Registry;
+use crate::paging::PageRoot;
+use crate::probes::{
+    ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, PROC_EVENT_GID, PROC_EVENT_UID,
+};
+use crate::profile::{Profile, ProfileError};
+use crate::task::{Limits, TaskError, TaskOffsets, TaskReader};
+use crate::vmem::VirtMem;
+use ornament_engine::{Action, Gva, PhysMemory, ProbeHit};
+use std::sync::Arc;
+
+/// Why a monitor could not be built.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum MonitorError {
+    /// the profile lacks a field the task reader needs
+    Task(#[from] TaskError),
+    /// the profile lacks a field the monitor needs
+    Profile(#[from] ProfileError),
+}
+
+/// What one hit produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HitOutcome {
+    /// The events built (at most one today), in delivery order; syscalls trapped only
+    /// for a deny rule are delivered to ornaments but not listed here.
+    pub events: Vec<Event>,
+    /// The answer for the engine.
+    pub action: Action,
+    /// Some ornament asked to pause the guest (also true when `action` is a deny that
+    /// took precedence: pause after answering).
+    pub pause: bool,
+}
+
+impl HitOutcome {
+    fn nothing() -> Self {
+        Self {
+            events: Vec::new(),
+            action: Action::Continue,
+            pause: false,
+        }
+    }
+}
+
+/// Counters (hot paths count instead of logging).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MonitorStats {
+    /// Hits handled.
+    pub hits: u64,
+    /// Events delivered to the ornaments.
+    pub events: u64,
+    /// Hits of a probe not in the set.
+    pub unknown_probe: u64,
+    /// `do_syscall_64` hits outside the probe's filter, or with a negative number.
+    pub filtered: u64,
+    /// Hits whose current task could not be found (the event has `null` task fields).
+    pub no_current: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BprmOffsets {
+    filename: u64,
+    argc: u64,
+    p: u64,
+    mm: u64,
+}
+
+/// Turns probe hits into events and actions.
+pub struct Monitor {
+    mem: Arc<dyn PhysMemory>,
+    profile: Arc<Profile>,
+    layout: KernelLayout,
+    probes: ProbeSet,
+    registry: Registry,
+    task_off: TaskOffsets,
+    limits: Limits,
+    exit_code: u64,
+    signal_live: Option<u64>,
+    bprm: Option<BprmOffsets>,
+    /// Syscall names and path-argument index, by number.
+    syscalls: Vec<Option<(String, Option<usize>)>>,
+    stats: MonitorStats,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("release", &self.profile.kernel.release)
+            .field("layout", &self.layout)
+            .field("probes", &self.probes.specs().len())
+            .field("registry", &self.registry)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// The low 32 bits of a register (an `int` or `long` argument read as 32 bits).
+fn low32(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
+/// The last path component, cut to `TASK_COMM_LEN - 1` bytes (what exec sets `comm` to).
+fn comm_of(filename: &str) -> String {
+    let base = filename.rsplit('/').next().unwrap_or(filename);
+    let mut end = base.len().min(15);
+    while !base.is_char_boundary(end) {
+        end -= 1;
+    }
+    base[..end].to_owned()
+}
+
+impl Monitor {
+    /// A monitor for the kernel of `profile` (moved by `layout`) in `mem`, handling hits
+    /// of `probes`. Ornaments are attached through [`Monitor::registry_mut`].
+    pub fn new(
+        mem: Arc<dyn PhysMemory>,
+        profile: Arc<Profile>,
+        layout: KernelLayout,
+        probes: ProbeSet,
+    ) -> Result<Self, MonitorError> {
+        let task_off = TaskOffsets::from_profile(&profile).map_err(TaskError::from)?;
+        let exit_code = profile.offset("task_struct", "exit_code")?;
+        let signal_live = profile.offset("signal_struct", "live").ok();
+        let bprm = (|| {
+            Some(BprmOffsets {
+                filename: profile.offset("linux_binprm", "filename").ok()?,
+                argc: profile.offset("linux_binprm", "argc").ok()?,
+                p: profile.offset("linux_binprm", "p").ok()?,
+                mm: profile.offset("linux_binprm", "mm").ok()?,
+            })
+        })();
+        let max_nr = profile.syscall_numbers.values().copied().max().unwrap_or(0);
+        let mut syscalls = vec![None; usize::try_from(max_nr).unwrap_or(0) + 1];
+        for (name, &nr) in &profile.syscall_numbers {
+            if let Some(slot) = usize::try_from(nr).ok().and_then(|i| syscalls.get_mut(i)) {
+                *slot = Some((name.clone(), path_arg(name)));
+            }
+        }
+        Ok(Self {
+            mem,
+            profile,
+            layout,
+            probes,
+            registry: Registry::new(),
+            task_off,
+            limits: Limits::default(),
+            exit_code,
+            signal_live,
+            bprm,
+            syscalls,
+            stats: MonitorStats::default(),
+        })
+    }
+
+    /// The ornaments.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The ornaments, to attach or detach.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The probes this monitor handles.
+    pub fn probes(&self) -> &ProbeSet {
+        &self.probes
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MonitorStats {
+        self.stats
+    }
+
+    /// Tell the ornaments the run is over.
+    pub fn finish(&mut self) {
+        self.registry.finish();
+    }
+
+    /// Handle one hit: read the task, build the event, deliver it, return the action.
+    pub fn on_hit(&mut self, hit: &ProbeHit) -> HitOutcome {
+        self.stats.hits += 1;
+        let Some(spec) = self.probes.get(hit.probe) else {
+            self.stats.unknown_probe += 1;
+            tracing::debug!(probe = ?hit.probe, "hit of a probe not in the set");
+            return HitOutcome::nothing();
+        };
+        let built = self.build(spec, hit);
+        let (ev, no_current) = match built {
+            Built::Event(ev, no_current) => (ev, no_current),
+            Built::Filtered => {
+                self.stats.filtered += 1;
+                return HitOutcome::nothing();
+            }
+        };
+        if no_current {
+            self.stats.no_current += 1;
+        }
+        self.stats.events += 1;
+        let d = self.registry.dispatch(&ev);
+        let action = d.action();
+        if !hit.held && action != Action::Continue {
+            tracing::debug!(probe = ?hit.probe, ?action, "action on a hit that was not held");
+        }
+        HitOutcome {
+            events: if ev.is_reported() {
+                vec![ev]
+            } else {
+                Vec::new()
+            },
+            action,
+            pause: d.pause_requested(),
+        }
+    }
+
+    fn build(&self, spec: &ArmSpec, hit: &ProbeHit) -> Built {
+        let kernel = Kernel::new(&*self.mem, &self.profile, self.layout);
+        let reader = TaskReader::from_offsets(&kernel, self.task_off, self.limits);
+        // Uncached: a hit reads a few dozen words, fewer than a translation cache costs
+        // to set up.
+        let vm = VirtMem::new(
+            &*self.mem,
+            PageRoot::kernel_from_cr3(hit.regs.cr3, hit.regs.cr4),
+        );
+        let current = kernel.current_task_on(&hit.regs, hit.vcpu).ok();
+        let r = Reader {
+            reader: &reader,
+            vm: &vm,
+            hit,
+        };
+        let arg = |v: u64| Some(Gva(v)).filter(|&g| is_kernel_address(g));
+        let task_arg = arg(hit.regs.rdi).or(current);
+        let no_current = current.is_none();
+        let ev = match spec.kind {
+            ProbeKind::Fork(_) => {
+                let child = arg(hit.regs.rdi);
+                let field = |f: &dyn Fn(Gva) -> Option<i32>| child.and_then(f);
+                let child_pid = field(&|c| reader.pid(&vm, c).ok());
+                let child_tgid = field(&|c| reader.tgid(&vm, c).ok());
+                Event::Fork(ForkEvent {
+                    task: r.header(current),
+                    child_pid,
+                    child_tgid,
+                    thread: matches!((child_pid, child_tgid), (Some(p), Some(t)) if p != t),
+                    kernel_thread: child
+                        .and_then(|c| reader.is_kernel_thread(&vm, c).ok())
+                        .unwrap_or(false),
+                })
+            }
+            ProbeKind::Exec(ExecHook::ProcExecConnector) => {
+                let mut ev = ExecEvent {
+                    task: r.header(task_arg),
+                    ..ExecEvent::default()
+                };
+                if let Some(t) = task_arg {
+                    ev.filename = reader.exe_path(&vm, t).ok().flatten();
+                    match reader.argv(&vm, t) {
+                        Ok(Some(a)) => {
+                            ev.argv_truncated = a.truncated || a.args.len() > MAX_ARGV_ENTRIES;
+                            ev.argv = a.args;
+                            ev.argv.truncate(MAX_ARGV_ENTRIES);
+                        }
+                        Ok(None) => {}
+                        Err(_) => ev.argv_truncated = true,
+                    }
+                }
+                Event::Exec(ev)
+            }
+            ProbeKind::Exec(ExecHook::BeginNewExec) => {
+                Event::Exec(r.exec_from_bprm(self.bprm, arg(hit.regs.rdi), current))
+            }
+            ProbeKind::Exit(hook) => {
+                let (task, code) = match hook {
+                    ExitHook::ProcExitConnector => (
+                        task_arg,
+                        task_arg.and_then(|t| vm.read_u32(t.wrapping_add(self.exit_code)).ok()),
+                    ),
+                    // `long code`: the status is its low 32 bits.
+                    ExitHook::DoExit => (current, Some(low32(hit.regs.rdi))),
+                };
+                let header = r.header(task);
+                let code = code.unwrap_or(0);
+                let sig = u8::try_from(code & 0x7f).unwrap_or(0);
+                let leader = header.pid.is_some() && header.pid == header.tgid;
+                let group_exit = match (self.signal_live, task) {
+                    (Some(live), Some(t)) => reader
+                        .signal_struct(&vm, t)
+                        .ok()
+                        .and_then(|s| vm.read_i32(s.wrapping_add(live)).ok())
+                        .map_or(leader, |n| match hook {
+                            ExitHook::ProcExitConnector => n == 0,
+                            ExitHook::DoExit => n <= 1,
+                        }),
+                    _ => leader,
+                };
+                Event::Exit(ExitEvent {
+                    task: header,
+                    exit_code: u8::try_from((code >> 8) & 0xff).unwrap_or(0),
+                    signal: (sig != 0).then_some(sig),
+                    core_dumped: code & 0x80 != 0,
+                    group_exit,
+                })
+            }
+            ProbeKind::Syscall(hook) => {
+                let nr = match hook {
+                    SyscallHook::Function { nr } => nr,
+                    SyscallHook::DoSyscall64 => {
+                        // `int nr`, sign-extended into rsi.
+                        let nr = low32(hit.regs.rsi);
+                        if i32::try_from(nr).is_err()
+                            || spec
+                                .syscall_filter
+                                .as_ref()
+                                .is_some_and(|f| !f.contains(&nr))
+                        {
+                            return Built::Filtered;
+                        }
+                        nr
+                    }
+                };
+                let args = arg(hit.regs.rdi)
+                    .and_then(|p| reader.regs_at(&vm, p).ok())
+                    .or_else(|| current.and_then(|c| reader.user_regs(&vm, c).ok()))
+                    .map(|u| u.syscall_args())
+                    .unwrap_or_default();
+                let known = usize::try_from(nr)
+                    .ok()
+                    .and_then(|i| self.syscalls.get(i))
+                    .and_then(Option::as_ref);
+                let path = known
+                    .and_then(|(_, i)| *i)
+                    .zip(current)
+                    .and_then(|(i, c)| r.user_string(c, args[i]));
+                Event::Syscall(SyscallEvent {
+                    task: r.header(current),
+                    nr,
+                    name: known.map(|(n, _)| n.clone()),
+                    args,
+                    path,
+                    reported: self.probes.reports_syscall(nr),
+                })
+            }
+            ProbeKind::Setid => {
+                let changed = match hit.regs.rsi & 0xffff_ffff {
+                    PROC_EVENT_UID => IdChange::Uid,
+                    PROC_EVENT_GID => IdChange::Gid,
+                    _ => return Built::Filtered,
+                };
+                let creds = task_arg.and_then(|t| reader.creds(&vm, t).ok());
+                Event::Setid(SetidEvent {
+                    task: r.header(task_arg),
+                    changed,
+                    gid: creds.map(|c| c[1]),
+                    euid: creds.map(|c| c[2]),
+                    egid: creds.map(|c| c[3]),
+                })
+            }
+        };
+        Built::Event(ev, no_current)
+    }
+}
+
+enum Built {
+    Event(Event, bool),
+    Filtered,
+}
+
+/// The reads of one hit.
+struct Reader<'r, 'k, 'v> {
+    reader: &'r TaskReader<'k>,
+    vm: &'r VirtMem<'v>,
+    hit: &'r ProbeHit,
+}
+
+impl Reader<'_, '_, '_> {
+    fn header(&self, task: Option<Gva>) -> TaskHeader {
+        let mut h = TaskHeader {
+            time_ns: self.hit.time_ns,
+            vcpu: self.hit.vcpu,
+            ..TaskHeader::default()
+        };
+        if let Some(t) = task {
+            let (r, vm) = (self.reader, self.vm);
+            h.pid = r.pid(vm, t).ok();
+            h.tgid = r.tgid(vm, t).ok();
+            h.ppid = r.ppid(vm, t).ok();
+            h.comm = r.comm(vm, t).ok();
+            h.uid = r.creds(vm, t).ok().map(|c| c[0]);
+        }
+        h
+    }
+
+    /// A NUL-terminated string at user address `at` of `task`'s address space.
+    fn user_string(&self, task: Gva, at: u64) -> Option<String> {
+        let mm = self.reader.mm(self.vm, task).ok()??;
+        let uvm = self.reader.user_vm(self.vm, mm).ok()?;
+        uvm.read_cstr(Gva(at), MAX_PATH_BYTES).ok().map(|s| s.text)
+    }
+
+    fn exec_from_bprm(
+        &self,
+        off: Option<BprmOffsets>,
+        bprm: Option<Gva>,
+        current: Option<Gva>,
+    ) -> ExecEvent {
+        let mut ev = ExecEvent {
+            task: self.header(current),
+            ..ExecEvent::default()
+        };
+        let (Some(off), Some(bprm)) = (off, bprm) else {
+            ev.argv_truncated = true;
+            return ev;
+        };
+        let vm = self.vm;
+        ev.filename = vm
+            .read_ptr(bprm.wrapping_add(off.filename))
+            .ok()
+            .filter(|&p| is_kernel_address(p))
+            .and_then(|p| vm.read_cstr(p, MAX_PATH_BYTES).ok())
+            .map(|s| s.text);
+        if let Some(f) = &ev.filename {
+            ev.task.comm = Some(comm_of(f));
+        }
+        let argc = vm.read_u32(bprm.wrapping_add(off.argc)).unwrap_or(0);
+        let start = vm.read_u64(bprm.wrapping_add(off.p)).ok();
+        let mm = vm
+            .read_ptr(bprm.wrapping_add(off.mm))
+            .ok()
+            .filter(|&p| is_kernel_address(p));
+        let uvm = mm.and_then(|mm| self.reader.user_vm(vm, mm).ok());
+        let (Some(uvm), Some(mut at)) = (uvm, start) else {
+            ev.argv_truncated = argc > 0;
+            return ev;
+        };
+        let budget = usize::try_from(Limits::default().max_argv_bytes).unwrap_or(usize::MAX);
+        let mut used = 0usize;
+        for _ in 0..argc.min(u32::try_from(MAX_ARGV_ENTRIES).unwrap_or(u32::MAX)) {
+            let Ok(s) = uvm.read_cstr(Gva(at), budget - used) else {
+                ev.argv_truncated = true;
+                return ev;
+            };
+            used += s.text.len() + 1;
+            at = at.wrapping_add(s.text.len() as u64 + 1);
+            let cut = s.truncated;
+            ev.argv.push(s.text);
+            if cut || used >= budget {
+                ev.argv_truncated = true;
+                return ev;
+            }
+        }
+        ev.argv_truncated = usize::try_from(argc).unwrap_or(usize::MAX) > ev.argv.len();
+        ev
+    }
+}
+
+#[cfg(test)]
+mod tests;

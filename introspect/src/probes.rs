@@ -1,0 +1,875 @@
+//! \[3\] The probe set: which kernel functions to trap for the events asked for, with
+//! fallbacks when a hook is missing from the profile.
+//!
+//! | event   | hook (argument)                                     | fallback |
+//! |---------|-----------------------------------------------------|----------|
+//! | fork    | `proc_fork_connector(child)`, current = parent       | `wake_up_new_task(child)` |
+//! | exec    | `proc_exec_connector(task)` after a successful exec | `begin_new_exec(bprm)`: the point of no return (an exec can still fail there if de_thread is killed) |
+//! | exit    | `proc_exit_connector(task)`, `task->exit_code` set   | `do_exit(code)`, current = exiting task |
+//! | setid   | `proc_id_connector(task, which)` after commit_creds  | none |
+//! | syscall | named: `__x64_sys_NAME(regs)`, one per syscall       | `do_syscall_64` filtered to those numbers |
+//! | syscall | all: `do_syscall_64(regs, nr)`                       | none |
+//! | deny    | held `do_syscall_64(regs, nr)` filtered to the denied numbers | none: an error |
+//!
+//! A hook missing from the profile disables only the events that need it, with a
+//! warning naming it. Lifecycle probes hold the vCPU (the task cannot vanish while it is
+//! read); syscall probes hold only where a deny rule applies (or
+//! [`WatchConfig::hold_syscalls`]).
+
+use crate::event::EventKind;
+use crate::kaslr::KernelLayout;
+use crate::profile::Profile;
+use ornament_engine::{Gva, ProbeId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// `which_id` of `proc_id_connector` for a user-id change (`PROC_EVENT_UID`).
+pub const PROC_EVENT_UID: u64 = 0x4;
+/// `which_id` of `proc_id_connector` for a group-id change (`PROC_EVENT_GID`).
+pub const PROC_EVENT_GID: u64 = 0x40;
+/// Largest errno a denied syscall may return (`MAX_ERRNO`).
+pub const MAX_ERRNO: i32 = 4095;
+
+/// Why a probe set could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
+pub enum ProbesError {
+    /// unknown syscall {name:?}: this kernel has no such x86-64 syscall
+    UnknownSyscall {
+        /// The name given.
+        name: String,
+    },
+    /// errno {errno} for syscall {syscall} is outside 1..=4095
+    BadErrno {
+        /// The syscall.
+        syscall: String,
+        /// The errno given.
+        errno: i32,
+    },
+    /// unknown errno {name:?}: give a number in 1..=4095 or a name such as EPERM
+    UnknownErrno {
+        /// The text given.
+        name: String,
+    },
+    /// unknown event {name:?} in the watch list: expected fork, exec, exit, setid, syscall or syscall=NAME,...
+    UnknownWatch {
+        /// The item given.
+        name: String,
+    },
+    /// cannot deny syscalls: the profile has no {symbol}
+    NoDenyHook {
+        /// The missing symbol.
+        symbol: &'static str,
+    },
+}
+
+/// Which syscalls to report.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SyscallWatch {
+    /// None.
+    #[default]
+    None,
+    /// Every syscall (one trap per syscall: costly).
+    All,
+    /// Only these (by name, e.g. `openat`); the others cost nothing.
+    Named(Vec<String>),
+}
+
+/// What to watch (plain data, validated by [`ProbeSet::new`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WatchConfig {
+    /// Fork/clone events.
+    pub fork: bool,
+    /// Exec events.
+    pub exec: bool,
+    /// Exit events.
+    pub exit: bool,
+    /// Setid events.
+    pub setid: bool,
+    /// Syscall-entry events.
+    pub syscalls: SyscallWatch,
+    /// Syscalls to refuse: (name, errno in 1..=4095).
+    pub deny: Vec<(String, i32)>,
+    /// Hold the vCPU at every syscall probe (an ornament may pause the guest before the
+    /// syscall runs); otherwise only probes covering a denied syscall hold.
+    pub hold_syscalls: bool,
+}
+
+/// Where a fork event is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ForkHook {
+    /// `proc_fork_connector(struct task_struct *child)`, end of `copy_process`.
+    ProcForkConnector,
+    /// `wake_up_new_task(struct task_struct *child)`, in `kernel_clone`.
+    WakeUpNewTask,
+}
+
+/// Where an exec event is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExecHook {
+    /// `proc_exec_connector(struct task_struct *task)`, after a successful exec.
+    ProcExecConnector,
+    /// `begin_new_exec(struct linux_binprm *bprm)`: exec's point of no return, the new
+    /// program's argv in `bprm->mm` at `bprm->p`.
+    BeginNewExec,
+}
+
+/// Where an exit event is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitHook {
+    /// `proc_exit_connector(struct task_struct *task)`, `task->exit_code` set.
+    ProcExitConnector,
+    /// `do_exit(long code)`, current is the exiting task.
+    DoExit,
+}
+
+/// Where a syscall event is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyscallHook {
+    /// `__x64_sys_NAME(const struct pt_regs *regs)`: one syscall.
+    Function {
+        /// Its number.
+        nr: u32,
+    },
+    /// `do_syscall_64(struct pt_regs *regs, int nr)`: every syscall (or those of
+    /// [`ArmSpec::syscall_filter`]).
+    DoSyscall64,
+}
+
+/// What a probe reports, and how its hit is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    /// Fork.
+    Fork(ForkHook),
+    /// Exec.
+    Exec(ExecHook),
+    /// Exit.
+    Exit(ExitHook),
+    /// `proc_id_connector(struct task_struct *task, int which_id)`.
+    Setid,
+    /// Syscall entry.
+    Syscall(SyscallHook),
+}
+
+impl ProbeKind {
+    /// The event kind the probe produces.
+    pub fn event(&self) -> EventKind {
+        match self {
+            ProbeKind::Fork(_) => EventKind::Fork,
+            ProbeKind::Exec(_) => EventKind::Exec,
+            ProbeKind::Exit(_) => EventKind::Exit,
+            ProbeKind::Setid => EventKind::Setid,
+            ProbeKind::Syscall(_) => EventKind::Syscall,
+        }
+    }
+}
+
+/// One probe to arm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArmSpec {
+    /// Its id (the index in [`ProbeSet::specs`]).
+    pub id: ProbeId,
+    /// Runtime (slid) address of the function's first instruction.
+    pub at: Gva,
+    /// The kernel symbol.
+    pub symbol: String,
+    /// What it reports.
+    pub kind: ProbeKind,
+    /// Hold the vCPU until the hit is answered.
+    pub hold: bool,
+    /// For `do_syscall_64`: report only hits whose `nr` (rsi) is one of these; `None`:
+    /// all. An engine that cannot filter delivers every hit and the monitor drops the
+    /// others (answering `Continue`).
+    pub syscall_filter: Option<Vec<u32>>,
+}
+
+/// A hook that was missing from the profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeWarning {
+    /// The event concerned.
+    pub event: EventKind,
+    /// The missing symbol.
+    pub symbol: String,
+    /// The symbol used instead, or `None` when the event is disabled.
+    pub fallback: Option<String>,
+}
+
+impl fmt::Display for ProbeWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.fallback {
+            Some(fb) => write!(
+                f,
+                "the profile has no {}: {} events come from {} instead",
+                self.symbol, self.event, fb
+            ),
+            None => write!(
+                f,
+                "the profile has no {}: {} events are disabled",
+                self.symbol, self.event
+            ),
+        }
+    }
+}
+
+/// Which syscall numbers are reported as events.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Reported {
+    /// None.
+    #[default]
+    None,
+    /// All.
+    All,
+    /// These.
+    Only(BTreeSet<u32>),
+}
+
+/// The probes to arm for a [`WatchConfig`] on one kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSet {
+    specs: Vec<ArmSpec>,
+    warnings: Vec<ProbeWarning>,
+    reported: Reported,
+    deny: BTreeMap<u32, i32>,
+}
+
+/// Resolve syscall names to numbers; unknown names are errors.
+pub fn syscall_numbers(profile: &Profile, names: &[String]) -> Result<Vec<u32>, ProbesError> {
+    names
+        .iter()
+        .map(|n| {
+            profile
+                .syscall_nr(n)
+                .ok_or_else(|| ProbesError::UnknownSyscall { name: n.clone() })
+        })
+        .collect()
+}
+
+/// Resolve and check deny rules: syscall number -> errno.
+pub fn deny_rules(
+    profile: &Profile,
+    deny: &[(String, i32)],
+) -> Result<BTreeMap<u32, i32>, ProbesError> {
+    let mut out = BTreeMap::new();
+    for (name, errno) in deny {
+        let nr = profile
+            .syscall_nr(name)
+            .ok_or_else(|| ProbesError::UnknownSyscall { name: name.clone() })?;
+        if !(1..=MAX_ERRNO).contains(errno) {
+            return Err(ProbesError::BadErrno {
+                syscall: name.clone(),
+                errno: *errno,
+            });
+        }
+        out.insert(nr, *errno);
+    }
+    Ok(out)
+}
+
+/// Linux errno names (x86-64; asm-generic numbering) accepted by [`parse_errno`].
+pub const ERRNO_NAMES: &[(&str, i32)] = &[
+    ("EPERM", 1),
+    ("ENOENT", 2),
+    ("ESRCH", 3),
+    ("EINTR", 4),
+    ("EIO", 5),
+    ("ENXIO", 6),
+    ("E2BIG", 7),
+    ("ENOEXEC", 8),
+    ("EBADF", 9),
+    ("ECHILD", 10),
+    ("EAGAIN", 11),
+    ("EWOULDBLOCK", 11),
+    ("ENOMEM", 12),
+    ("EACCES", 13),
+    ("EFAULT", 14),
+    ("ENOTBLK", 15),
+    ("EBUSY", 16),
+    ("EEXIST", 17),
+    ("EXDEV", 18),
+    ("ENODEV", 19),
+    ("ENOTDIR", 20),
+    ("EISDIR", 21),
+    ("EINVAL", 22),
+    ("ENFILE", 23),
+    ("EMFILE", 24),
+    ("ENOTTY", 25),
+    ("ETXTBSY", 26),
+    ("EFBIG", 27),
+    ("ENOSPC", 28),
+    ("ESPIPE", 29),
+    ("EROFS", 30),
+    ("EMLINK", 31),
+    ("EPIPE", 32),
+    ("EDOM", 33),
+    ("ERANGE", 34),
+    ("EDEADLK", 35),
+    ("ENAMETOOLONG", 36),
+    ("ENOLCK", 37),
+    ("ENOSYS", 38),
+    ("ENOTEMPTY", 39),
+    ("ELOOP", 40),
+    ("ENOMSG", 42),
+    ("ENODATA", 61),
+    ("ETIME", 62),
+    ("EPROTO", 71),
+    ("EOVERFLOW", 75),
+    ("EILSEQ", 84),
+    ("ENOTSOCK", 88),
+    ("EOPNOTSUPP", 95),
+    ("ENOTSUP", 95),
+    ("EAFNOSUPPORT", 97),
+    ("EADDRINUSE", 98),
+    ("EADDRNOTAVAIL", 99),
+    ("ENETDOWN", 100),
+    ("ENETUNREACH", 101),
+    ("ECONNABORTED", 103),
+    ("ECONNRESET", 104),
+    ("ETIMEDOUT", 110),
+    ("ECONNREFUSED", 111),
+    ("EHOSTUNREACH", 113),
+    ("EDQUOT", 122),
+    ("ECANCELED", 125),
+];
+
+/// An errno from a name (`EPERM`, case-insensitive) or a number, checked to be in
+/// 1..=4095.
+pub fn parse_errno(text: &str) -> Result<i32, ProbesError> {
+    let t = text.trim();
+    let n = match t.parse::<i32>() {
+        Ok(n) => n,
+        Err(_) => ERRNO_NAMES
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(t))
+            .map(|&(_, n)| n)
+            .ok_or_else(|| ProbesError::UnknownErrno { name: t.to_owned() })?,
+    };
+    if !(1..=MAX_ERRNO).contains(&n) {
+        return Err(ProbesError::UnknownErrno { name: t.to_owned() });
+    }
+    Ok(n)
+}
+
+/// A deny rule from `NAME[:ERRNO]` (errno by name or number; default `EPERM`). The
+/// syscall name is checked by [`ProbeSet::new`].
+pub fn parse_deny(spec: &str) -> Result<(String, i32), ProbesError> {
+    match spec.split_once(':') {
+        Some((name, errno)) => Ok((name.trim().to_owned(), parse_errno(errno)?)),
+        None => Ok((spec.trim().to_owned(), 1)),
+    }
+}
+
+impl WatchConfig {
+    /// Add the events of a watch list: `fork,exec,exit,setid,syscall` (all syscalls) or
+    /// `syscall=NAME,NAME...` (the names after `syscall=` run to the next event name).
+    /// Syscall names are checked by [`ProbeSet::new`]. Event names win over syscall
+    /// names after the first (`syscall=openat,exit` watches exit events): put a syscall
+    /// that shares an event's name first (`syscall=exit,openat`).
+    pub fn add_watch_list(&mut self, list: &str) -> Result<(), ProbesError> {
+        let mut in_syscalls = false;
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item {
+                "fork" => self.fork = true,
+                "exec" => self.exec = true,
+                "exit" => self.exit = true,
+                "setid" => self.setid = true,
+                "syscall" | "syscalls" => self.syscalls = SyscallWatch::All,
+                _ => {
+                    let name = match item.split_once('=') {
+                        Some(("syscall" | "syscalls", first)) => {
+                            in_syscalls = true;
+                            first
+                        }
+                        Some(_) => {
+                            return Err(ProbesError::UnknownWatch {
+                                name: item.to_owned(),
+                            })
+                        }
+                        None if in_syscalls => item,
+                        None => {
+                            return Err(ProbesError::UnknownWatch {
+                                name: item.to_owned(),
+                            })
+                        }
+                    };
+                    match &mut self.syscalls {
+                        SyscallWatch::All => {}
+                        SyscallWatch::Named(v) => v.push(name.to_owned()),
+                        none => *none = SyscallWatch::Named(vec![name.to_owned()]),
+                    }
+                    continue;
+                }
+            }
+            in_syscalls = false;
+        }
+        Ok(())
+    }
+}
+
+struct Builder<'a> {
+    profile: &'a Profile,
+    layout: KernelLayout,
+    specs: Vec<ArmSpec>,
+    warnings: Vec<ProbeWarning>,
+}
+
+impl Builder<'_> {
+    fn addr(&self, symbol: &str) -> Option<Gva> {
+        self.profile
+            .symbol(symbol)
+            .ok()
+            .or_else(|| self.profile.syscall_entry_points.get(symbol).copied())
+            .map(|a| self.layout.virt(a))
+    }
+
+    fn push(&mut self, at: Gva, symbol: &str, kind: ProbeKind, hold: bool, f: Option<Vec<u32>>) {
+        let id = ProbeId(u32::try_from(self.specs.len()).unwrap_or(u32::MAX));
+        self.specs.push(ArmSpec {
+            id,
+            at,
+            symbol: symbol.to_owned(),
+            kind,
+            hold,
+            syscall_filter: f,
+        });
+    }
+
+    fn warn(&mut self, event: EventKind, symbol: &str, fallback: Option<&str>) {
+        let w = ProbeWarning {
+            event,
+            symbol: symbol.to_owned(),
+            fallback: fallback.map(str::to_owned),
+        };
+        tracing::warn!("{w}");
+        self.warnings.push(w);
+    }
+
+    /// The first present of `hooks` (symbol, kind), warning for each missing one.
+    fn lifecycle(&mut self, event: EventKind, hooks: &[(&str, ProbeKind)]) {
+        for (i, (sym, kind)) in hooks.iter().enumerate() {
+            if let Some(at) = self.addr(sym) {
+                self.push(at, sym, *kind, true, None);
+                return;
+            }
+            self.warn(event, sym, hooks.get(i + 1).map(|h| h.0));
+        }
+    }
+}
+
+impl ProbeSet {
+    /// The probes for `cfg` on the kernel of `profile`, moved by `layout`. Unknown
+    /// syscall names and errno values outside 1..=4095 are errors; a missing hook only
+    /// disables its events (see [`ProbeSet::warnings`]).
+    pub fn new(
+        profile: &Profile,
+        layout: KernelLayout,
+        cfg: &WatchConfig,
+    ) -> Result<Self, ProbesError> {
+        let deny = deny_rules(profile, &cfg.deny)?;
+        let named = match &cfg.syscalls {
+            SyscallWatch::Named(names) => Some(syscall_numbers(profile, names)?),
+            _ => None,
+        };
+        let mut b = Builder {
+            profile,
+            layout,
+            specs: Vec::new(),
+            warnings: Vec::new(),
+        };
+        if cfg.fork {
+            b.lifecycle(
+                EventKind::Fork,
+                &[
+                    (
+                        "proc_fork_connector",
+                        ProbeKind::Fork(ForkHook::ProcForkConnector),
+                    ),
+                    ("wake_up_new_task", ProbeKind::Fork(ForkHook::WakeUpNewTask)),
+                ],
+            );
+        }
+        if cfg.exec {
+            b.lifecycle(
+                EventKind::Exec,
+                &[
+                    (
+                        "proc_exec_connector",
+                        ProbeKind::Exec(ExecHook::ProcExecConnector),
+                    ),
+                    ("begin_new_exec", ProbeKind::Exec(ExecHook::BeginNewExec)),
+                ],
+            );
+        }
+        if cfg.exit {
+            b.lifecycle(
+                EventKind::Exit,
+                &[
+                    (
+                        "proc_exit_connector",
+                        ProbeKind::Exit(ExitHook::ProcExitConnector),
+                    ),
+                    ("do_exit", ProbeKind::Exit(ExitHook::DoExit)),
+                ],
+            );
+        }
+        if cfg.setid {
+            b.lifecycle(EventKind::Setid, &[("proc_id_connector", ProbeKind::Setid)]);
+        }
+
+        const DO_SYSCALL_64: &str = "do_syscall_64";
+        let dispatcher = b.addr(DO_SYSCALL_64);
+        if !deny.is_empty() && dispatcher.is_none() {
+            return Err(ProbesError::NoDenyHook {
+                symbol: DO_SYSCALL_64,
+            });
+        }
+        let kind = ProbeKind::Syscall(SyscallHook::DoSyscall64);
+        let reported = match (&cfg.syscalls, named) {
+            (SyscallWatch::All, _) => match dispatcher {
+                Some(at) => {
+                    let hold = cfg.hold_syscalls || !deny.is_empty();
+                    b.push(at, DO_SYSCALL_64, kind, hold, None);
+                    Reported::All
+                }
+                None => {
+                    b.warn(EventKind::Syscall, DO_SYSCALL_64, None);
+                    Reported::None
+                }
+            },
+            (SyscallWatch::Named(_), Some(nrs)) => {
+                let mut reported = BTreeSet::new();
+                // Through do_syscall_64: the denied ones, and watched ones with no
+                // __x64_sys_ entry point.
+                let mut via_dispatcher: BTreeSet<u32> = deny.keys().copied().collect();
+                for nr in nrs {
+                    let name = profile.syscall_name(nr).unwrap_or_default().to_owned();
+                    let sym = format!("__x64_sys_{name}");
+                    if !reported.insert(nr) || deny.contains_key(&nr) {
+                        continue;
+                    }
+                    match b.addr(&sym) {
+                        Some(at) => b.push(
+                            at,
+                            &sym,
+                            ProbeKind::Syscall(SyscallHook::Function { nr }),
+                            cfg.hold_syscalls,
+                            None,
+                        ),
+                        None if dispatcher.is_some() => {
+                            b.warn(EventKind::Syscall, &sym, Some(DO_SYSCALL_64));
+                            via_dispatcher.insert(nr);
+                        }
+                        None => {
+                            b.warn(EventKind::Syscall, &sym, None);
+                            reported.remove(&nr);
+                        }
+                    }
+                }
+                if let (Some(at), false) = (dispatcher, via_dispatcher.is_empty()) {
+                    let hold = cfg.hold_syscalls || !deny.is_empty();
+                    b.push(
+                        at,
+                        DO_SYSCALL_64,
+                        kind,
+                        hold,
+                        Some(via_dispatcher.into_iter().collect()),
+                    );
+                }
+                Reported::Only(reported)
+            }
+            _ => {
+                if let (Some(at), false) = (dispatcher, deny.is_empty()) {
+                    b.push(
+                        at,
+                        DO_SYSCALL_64,
+                        kind,
+                        true,
+                        Some(deny.keys().copied().collect()),
+                    );
+                }
+                Reported::None
+            }
+        };
+        Ok(Self {
+            specs: b.specs,
+            warnings: b.warnings,
+            reported,
+            deny,
+        })
+    }
+
+    /// The probes to arm, in id order.
+    pub fn specs(&self) -> &[ArmSpec] {
+        &self.specs
+    }
+
+    /// The probe with id `id`.
+    pub fn get(&self, id: ProbeId) -> Option<&ArmSpec> {
+        self.specs
+            .get(usize::try_from(id.0).ok()?)
+            .filter(|s| s.id == id)
+    }
+
+    /// Hooks that were missing, with what was done instead.
+    pub fn warnings(&self) -> &[ProbeWarning] {
+        &self.warnings
+    }
+
+    /// The event kinds some probe reports.
+    pub fn events(&self) -> BTreeSet<EventKind> {
+        let mut k: BTreeSet<EventKind> = self.specs.iter().map(|s| s.kind.event()).collect();
+        if self.reported == Reported::None {
+            k.remove(&EventKind::Syscall);
+        }
+        k
+    }
+
+    /// Which syscalls are reported as events.
+    pub fn reported_syscalls(&self) -> &Reported {
+        &self.reported
+    }
+
+    /// True when syscall `nr` is reported as an event.
+    pub fn reports_syscall(&self, nr: u32) -> bool {
+        match &self.reported {
+            Reported::None => false,
+            Reported::All => true,
+            Reported::Only(s) => s.contains(&nr),
+        }
+    }
+
+    /// The deny rules: syscall number -> errno.
+    pub fn deny_rules(&self) -> &BTreeMap<u32, i32> {
+        &self.deny
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::committed_profiles;
+
+    const LAYOUT: KernelLayout = KernelLayout {
+        virt_slide: 0x1e00_0000,
+        phys_slide: 0x0200_0000,
+    };
+
+    fn lifecycle() -> WatchConfig {
+        WatchConfig {
+            fork: true,
+            exec: true,
+            exit: true,
+            setid: true,
+            ..WatchConfig::default()
+        }
+    }
+
+    #[test]
+    fn lifecycle_hooks_from_real_profiles() {
+        for p in committed_profiles() {
+            let set = ProbeSet::new(&p, LAYOUT, &lifecycle()).expect("set");
+            assert!(set.warnings().is_empty(), "{:?}", set.warnings());
+            let syms: Vec<_> = set.specs().iter().map(|s| s.symbol.as_str()).collect();
+            assert_eq!(
+                syms,
+                [
+                    "proc_fork_connector",
+                    "proc_exec_connector",
+                    "proc_exit_connector",
+                    "proc_id_connector"
+                ]
+            );
+            for (i, s) in set.specs().iter().enumerate() {
+                assert_eq!(s.id, ProbeId(u32::try_from(i).expect("few probes")));
+                assert!(s.hold);
+                assert_eq!(s.syscall_filter, None);
+                let link = p.symbol(&s.symbol).expect("sym");
+                assert_eq!(s.at, link.wrapping_add(LAYOUT.virt_slide));
+                assert_eq!(set.get(s.id), Some(s));
+            }
+            assert_eq!(set.get(ProbeId(99)), None);
+            assert!(!set.reports_syscall(0));
+            assert_eq!(set.events().len(), 4);
+        }
+    }
+
+    #[test]
+    fn missing_symbols_disable_only_their_events() {
+        let mut p = committed_profiles().remove(0);
+        p.symbols.remove("proc_fork_connector");
+        p.symbols.remove("proc_exec_connector");
+        p.symbols.remove("begin_new_exec");
+        p.symbols.remove("proc_id_connector");
+        let set = ProbeSet::new(&p, LAYOUT, &lifecycle()).expect("set");
+        let kinds: Vec<_> = set.specs().iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ProbeKind::Fork(ForkHook::WakeUpNewTask),
+                ProbeKind::Exit(ExitHook::ProcExitConnector)
+            ]
+        );
+        let w: Vec<String> = set.warnings().iter().map(|w| w.to_string()).collect();
+        assert_eq!(
+            w,
+            [
+                "the profile has no proc_fork_connector: fork events come from wake_up_new_task instead",
+                "the profile has no proc_exec_connector: exec events come from begin_new_exec instead",
+                "the profile has no begin_new_exec: exec events are disabled",
+                "the profile has no proc_id_connector: setid events are disabled",
+            ]
+        );
+        assert_eq!(
+            set.events().into_iter().collect::<Vec<_>>(),
+            [EventKind::Fork, EventKind::Exit]
+        );
+    }
+
+    #[test]
+    fn named_syscalls_and_deny() {
+        for p in committed_profiles() {
+            let cfg = WatchConfig {
+                syscalls: SyscallWatch::Named(vec!["openat".into(), "mkdirat".into()]),
+                deny: vec![("mkdirat".into(), 1), ("unlinkat".into(), 13)],
+                ..WatchConfig::default()
+            };
+            let set = ProbeSet::new(&p, LAYOUT, &cfg).expect("set");
+            let openat = p.syscall_nr("openat").expect("openat");
+            let mkdirat = p.syscall_nr("mkdirat").expect("mkdirat");
+            let unlinkat = p.syscall_nr("unlinkat").expect("unlinkat");
+            let specs = set.specs();
+            assert_eq!(specs.len(), 2, "{specs:?}");
+            assert_eq!(specs[0].symbol, "__x64_sys_openat");
+            assert_eq!(
+                specs[0].kind,
+                ProbeKind::Syscall(SyscallHook::Function { nr: openat })
+            );
+            assert!(!specs[0].hold);
+            assert_eq!(
+                specs[0].at,
+                LAYOUT.virt(p.syscall_entry_points["__x64_sys_openat"])
+            );
+            assert_eq!(specs[1].symbol, "do_syscall_64");
+            assert!(specs[1].hold);
+            let mut want = vec![mkdirat, unlinkat];
+            want.sort_unstable();
+            assert_eq!(specs[1].syscall_filter, Some(want));
+            assert!(set.reports_syscall(openat) && set.reports_syscall(mkdirat));
+            assert!(!set.reports_syscall(unlinkat));
+            assert_eq!(set.deny_rules()[&unlinkat], 13);
+        }
+    }
+
+    #[test]
+    fn all_syscalls_and_deny_only() {
+        let p = committed_profiles().remove(1);
+        let all = WatchConfig {
+            syscalls: SyscallWatch::All,
+            ..WatchConfig::default()
+        };
+        let set = ProbeSet::new(&p, LAYOUT, &all).expect("set");
+        assert_eq!(set.specs().len(), 1);
+        assert!(!set.specs()[0].hold && set.specs()[0].syscall_filter.is_none());
+        assert!(set.reports_syscall(0) && set.reports_syscall(300));
+        let deny_only = WatchConfig {
+            deny: vec![("mkdirat".into(), 1)],
+            ..WatchConfig::default()
+        };
+        let set = ProbeSet::new(&p, LAYOUT, &deny_only).expect("set");
+        assert_eq!(set.specs().len(), 1);
+        assert!(set.specs()[0].hold);
+        assert_eq!(set.specs()[0].syscall_filter, Some(vec![258]));
+        assert!(!set.reports_syscall(258));
+        assert!(set.events().is_empty());
+        // A named syscall with no entry point goes through do_syscall_64.
+        let mut q = p.clone();
+        q.syscall_entry_points.remove("__x64_sys_openat");
+        let named = WatchConfig {
+            syscalls: SyscallWatch::Named(vec!["openat".into()]),
+            ..WatchConfig::default()
+        };
+        let set = ProbeSet::new(&q, LAYOUT, &named).expect("set");
+        assert_eq!(set.specs().len(), 1);
+        assert_eq!(set.specs()[0].syscall_filter, Some(vec![257]));
+        assert!(!set.specs()[0].hold);
+        assert_eq!(set.warnings().len(), 1);
+        // Deny with no do_syscall_64 is refused, never silently dropped.
+        q.symbols.remove("do_syscall_64");
+        assert_eq!(
+            ProbeSet::new(&q, LAYOUT, &deny_only),
+            Err(ProbesError::NoDenyHook {
+                symbol: "do_syscall_64"
+            })
+        );
+    }
+
+    #[test]
+    fn parsing_watch_lists_and_errnos() {
+        let mut w = WatchConfig::default();
+        w.add_watch_list("fork,exec,syscall=openat,mkdirat,exit")
+            .expect("list");
+        assert!(w.fork && w.exec && w.exit && !w.setid);
+        assert_eq!(
+            w.syscalls,
+            SyscallWatch::Named(vec!["openat".into(), "mkdirat".into()])
+        );
+        w.add_watch_list("setid,syscall").expect("list");
+        assert!(w.setid);
+        assert_eq!(w.syscalls, SyscallWatch::All);
+        assert_eq!(
+            WatchConfig::default().add_watch_list("fork,openat"),
+            Err(ProbesError::UnknownWatch {
+                name: "openat".into()
+            })
+        );
+        assert_eq!(parse_deny("mkdirat:EPERM"), Ok(("mkdirat".into(), 1)));
+        assert_eq!(parse_deny("mkdirat:eacces"), Ok(("mkdirat".into(), 13)));
+        assert_eq!(parse_deny("mkdirat:38"), Ok(("mkdirat".into(), 38)));
+        assert_eq!(parse_deny("unlinkat"), Ok(("unlinkat".into(), 1)));
+        for bad in ["mkdirat:EWHAT", "mkdirat:0", "mkdirat:4096", "mkdirat:-1"] {
+            assert!(
+                matches!(parse_deny(bad), Err(ProbesError::UnknownErrno { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error() {
+        let p = committed_profiles().remove(0);
+        let cfg = WatchConfig {
+            syscalls: SyscallWatch::Named(vec!["openat".into(), "frobnicate".into()]),
+            ..WatchConfig::default()
+        };
+        let e = ProbeSet::new(&p, LAYOUT, &cfg).expect_err("unknown");
+        assert_eq!(
+            e,
+            ProbesError::UnknownSyscall {
+                name: "frobnicate".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "unknown syscall \"frobnicate\": this kernel has no such x86-64 syscall"
+        );
+        for errno in [0, -1, 4096] {
+            let cfg = WatchConfig {
+                deny: vec![("mkdirat".into(), errno)],
+                ..WatchConfig::default()
+            };
+            assert_eq!(
+                ProbeSet::new(&p, LAYOUT, &cfg),
+                Err(ProbesError::BadErrno {
+                    syscall: "mkdirat".into(),
+                    errno
+                })
+            );
+        }
+        let cfg = WatchConfig {
+            deny: vec![("nosuch".into(), 1)],
+            ..WatchConfig::default()
+        };
+        assert!(matches!(
+            ProbeSet::new(&p, LAYOUT, &cfg),
+            Err(ProbesError::UnknownSyscall { .. })
+        ));
+    }
+}
