@@ -14,7 +14,7 @@ use ornament_introspect::monitor::Monitor;
 use ornament_introspect::ornament::{
     self, Decision, DenySyscalls, EventWriter, Follow, Ornament, ProcessTree, TreeView,
 };
-use ornament_introspect::probes::{ProbeSet, SyscallWatch, WatchConfig};
+use ornament_introspect::probes::{ProbeKind, ProbeSet, SyscallWatch, WatchConfig};
 use ornament_introspect::profile::Profile;
 use ornament_qemu::machine::MachineError;
 use ornament_qemu::plugin_link::{DenyConfig, PluginLink, PluginLinkError};
@@ -453,6 +453,9 @@ impl Tracer {
                     cfg.entry_spec(&nrs, needed)
                 }
                 (_, hold, filter) => {
+                    // A syscall's arguments live in its pt_regs, which the task
+                    // overwrites at its next syscall: hold the vCPU while they are read.
+                    let hold = hold || matches!(spec.kind, ProbeKind::Syscall(_));
                     let mut ps = ProbeSpec::regs(needed);
                     if let Some(f) = filter {
                         let nrs: Vec<u64> = f.iter().map(|&n| u64::from(n)).collect();

@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -108,7 +109,7 @@ static void cmd_spin(long seconds)
 
 static void cmd_mkdir(const char *path)
 {
-    int rc = mkdir(path, 0755);
+    int rc = mkdirat(AT_FDCWD, path, 0755);
     int err = rc == 0 ? 0 : errno;
     struct stat st;
     int exists = stat(path, &st) == 0;

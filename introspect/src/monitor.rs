@@ -27,7 +27,7 @@ use crate::event::{
     TaskHeader, MAX_ARGV_ENTRIES, MAX_PATH_BYTES,
 };
 use crate::kaslr::KernelLayout;
-use crate::kernel::{is_kernel_address, Kernel};
+use crate::kernel::{is_kernel_address, Kernel, KernelError};
 use crate::ornament::Registry;
 use crate::paging::PageRoot;
 use crate::probes::{
@@ -251,7 +251,13 @@ impl Monitor {
             &*self.mem,
             PageRoot::kernel_from_cr3(hit.regs.cr3, hit.regs.cr4),
         );
-        let current = kernel.current_task_on(&hit.regs, hit.vcpu).ok();
+        // As Kernel::current_task_on, through the uncached `vm`.
+        let base = match kernel.percpu_base(&hit.regs) {
+            Ok(b) => Some(b),
+            Err(KernelError::NoPerCpuBase { .. }) => kernel.percpu_base_of_cpu(hit.vcpu).ok(),
+            Err(_) => None,
+        };
+        let current = base.and_then(|b| kernel.current_task_at(&vm, b).ok());
         let r = Reader {
             reader: &reader,
             vm: &vm,
