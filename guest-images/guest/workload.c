@@ -17,6 +17,8 @@
  *   ornament-workload tree             a three-level process tree
  *   ornament-workload syscall K        call getpriority(PRIO_USER, 4242) K times
  *   ornament-workload all              everything above, in order
+ *   ornament-workload bench-getppid N  time N getppid calls: "W bench getppid ns_per_call=X"
+ *   ornament-workload bench-forkexec N time N fork+exec+wait: "W bench forkexec ns_per_iter=X"
  *   ornament-workload true|exit CODE   exit 0 / exit CODE
  */
 #define _GNU_SOURCE
@@ -215,6 +217,39 @@ static void cmd_syscall(long k)
            (int)SYS_getpriority, PRIO_USER, k);
 }
 
+static double now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
+}
+
+static void cmd_bench_getppid(long n)
+{
+    double t0 = now_ns();
+    for (long i = 0; i < n; i++)
+        syscall(SYS_getppid);
+    double t1 = now_ns();
+    printf("W bench getppid n=%ld ns_per_call=%.1f\n", n, (t1 - t0) / (double)n);
+}
+
+static void cmd_bench_forkexec(long n)
+{
+    double t0 = now_ns();
+    for (long i = 0; i < n; i++) {
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) {
+            execl(self, "ornament-workload", "true", (char *)NULL);
+            _exit(127);
+        }
+        int st;
+        waitpid(pid, &st, 0);
+    }
+    double t1 = now_ns();
+    printf("W bench forkexec n=%ld ns_per_iter=%.1f\n", n, (t1 - t0) / (double)n);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -253,6 +288,10 @@ int main(int argc, char **argv)
         cmd_tree();
     else if (!strcmp(c, "syscall"))
         cmd_syscall(n);
+    else if (!strcmp(c, "bench-getppid"))
+        cmd_bench_getppid(n);
+    else if (!strcmp(c, "bench-forkexec"))
+        cmd_bench_forkexec(n);
     else if (!strcmp(c, "all")) {
         cmd_forkexit(3);
         cmd_threads(2);

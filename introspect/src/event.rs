@@ -108,9 +108,9 @@ impl EventMask {
         Self(self.0 | other.0)
     }
 
-    /// The set of `kinds`.
-    pub fn of(kinds: &[EventKind]) -> Self {
-        kinds.iter().fold(Self::NONE, |m, k| m.union(k.bit()))
+    /// The set of `kinds` (e.g. [`crate::probes::ProbeSet::events`]).
+    pub fn of(kinds: impl IntoIterator<Item = EventKind>) -> Self {
+        kinds.into_iter().fold(Self::NONE, |m, k| m.union(k.bit()))
     }
 }
 
@@ -559,7 +559,7 @@ mod tests {
     fn masks() {
         let m = EventMask::FORK | EventMask::EXIT;
         assert!(m.contains(EventKind::Fork) && !m.contains(EventKind::Exec));
-        assert_eq!(EventMask::of(&EventKind::ALL), EventMask::ALL);
+        assert_eq!(EventMask::of(EventKind::ALL), EventMask::ALL);
         assert_eq!(path_arg("openat"), Some(1));
         assert_eq!(path_arg("open"), Some(0));
         assert_eq!(path_arg("read"), None);

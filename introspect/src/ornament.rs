@@ -20,6 +20,26 @@
 //!   warning. Deny wins over pause in [`Decision::action`]; a pause requested alongside
 //!   a deny is kept in [`Decision::pause_requested`] for the caller to apply after
 //!   answering the hit.
+//!
+//! Built-in ornaments are registered in one line each:
+//!
+//! ```
+//! use ornament_introspect::event::EventMask;
+//! use ornament_introspect::ornament::*;
+//!
+//! let mut reg = Registry::new();
+//! reg.attach(Box::new(DenySyscalls::new([(258, 1)].into()))); // mkdirat -> EPERM
+//! let tree = ProcessTree::new();
+//! let view = tree.view(); // render() at the end
+//! reg.attach(Box::new(Follow::new(42, Box::new(tree)))); // pid 42 and descendants
+//! let out = Box::new(std::io::stdout());
+//! reg.attach(Box::new(EventWriter::new(out, Format::Json).with_mask(EventMask::LIFECYCLE)));
+//! let counter = Counter::new();
+//! let counts = counter.counts();
+//! reg.attach(Box::new(counter));
+//! assert_eq!(reg.names(), ["deny-syscalls", "process-tree (follow 42)", "event-writer", "counter"]);
+//! # let _ = (view, counts);
+//! ```
 
 use crate::event::{
     Event, EventKind, EventMask, ExecEvent, ExitEvent, ForkEvent, SetidEvent, SyscallEvent,

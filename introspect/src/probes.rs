@@ -176,8 +176,8 @@ pub struct ArmSpec {
     pub kind: ProbeKind,
     /// Hold the vCPU until the hit is answered.
     pub hold: bool,
-    /// For `do_syscall_64`: report only hits whose `nr` (rsi) is one of these; `None`:
-    /// all. An engine that cannot filter delivers every hit and the monitor drops the
+    /// For `do_syscall_64`: report only hits whose `nr` (the low 32 bits of rsi at the
+    /// probe) is one of these (sorted); `None`: all. An engine that cannot filter delivers every hit and the monitor drops the
     /// others (answering `Continue`).
     pub syscall_filter: Option<Vec<u32>>,
 }

@@ -492,3 +492,35 @@ fn the_monitor_can_move_to_an_engine_thread() {
     send::<crate::ornament::Registry>();
     send::<crate::ornament::RegistryQueue>();
 }
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Junk in the tasks and junk hook arguments never make a hit panic, and every
+        /// hit of a lifecycle probe still gives its event.
+        #[test]
+        fn junk_never_panics(
+            junk in proptest::collection::vec(any::<u8>(), 1..1024),
+            at in 0u64..0x1800,
+            rdi in prop_oneof![any::<u64>(), Just(0xffff_8880_0000_0000u64)],
+            rsi in any::<u64>(),
+            which in 0usize..8,
+        ) {
+            let w = world(committed_profiles().remove(0));
+            w.g.write(w.child.wrapping_add(at), &junk).expect("w");
+            w.g.write(w.parent.wrapping_add(at), &junk).expect("w");
+            let mut m = monitor(&w, &everything());
+            let specs = m.probes().specs().to_vec();
+            let s = &specs[which % specs.len()];
+            for arg in [rdi, w.child.raw()] {
+                let out = m.on_hit(&hit(&w, s, arg, rsi));
+                if matches!(s.kind, ProbeKind::Fork(_) | ProbeKind::Exec(_) | ProbeKind::Exit(_)) {
+                    prop_assert_eq!(out.events.len(), 1);
+                }
+            }
+        }
+    }
+}
