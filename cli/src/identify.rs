@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 /// How long the kernel may take to unpack itself and set up its page tables.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// File name of the generated profile inside an image directory.
-pub const PROFILE_FILE: &str = "profile.json";
+/// File name of the generated profile inside an image directory; the number
+/// changes whenever the generator records more, so older caches are regenerated.
+pub const PROFILE_FILE: &str = "profile-r2.json";
 
 /// The profile for an image directory: `profile.json` there, generated from the
 /// image's System.map and vmlinux on first use.

@@ -16,6 +16,7 @@ use ornament_introspect::ornament::{
 };
 use ornament_introspect::probes::{ProbeKind, ProbeSet, SyscallWatch, WatchConfig};
 use ornament_introspect::profile::Profile;
+use ornament_qemu::gdb::{GdbError, StopReply};
 use ornament_qemu::machine::MachineError;
 use ornament_qemu::plugin_link::{DenyConfig, PluginLink, PluginLinkError};
 use ornament_qemu::{QemuInfo, QemuMachine};
@@ -278,13 +279,28 @@ pub fn find_plugin() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A prepared tracing session: trap backend chosen, link listening.
+/// A prepared tracing session: trap backend chosen (and, for the plugin, its
+/// socket listening).
 pub struct Tracer {
     plan: WatchPlan,
-    plugin_so: PathBuf,
-    link: PluginLink,
-    _dir: tempfile::TempDir,
+    backend: Backend,
 }
+
+/// How hits reach us.
+enum Backend {
+    /// ornament's TCG plugin over its socket.
+    Plugin {
+        so: PathBuf,
+        link: PluginLink,
+        _dir: tempfile::TempDir,
+    },
+    /// QEMU's gdbstub breakpoints, resumed past the 5-byte fentry NOP.
+    Gdbstub,
+}
+
+/// The fentry NOP every traceable kernel function starts with once the kernel
+/// has patched its `call __fentry__` sites.
+const FENTRY_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 
 impl std::fmt::Debug for Tracer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -315,46 +331,65 @@ impl Tracer {
             }
         }
         let api = qemu.plugin_api.unwrap_or(0);
-        let so = find_plugin();
-        match plan.trap {
-            TrapChoice::Gdbstub => bail!(
-                "--trap gdbstub is not wired into `ornament run` yet; use --trap plugin (QEMU >= 10.0)"
-            ),
-            TrapChoice::Plugin | TrapChoice::Auto if api < 4 => bail!(
-                "{} has TCG plugin API v{api}; ornament's plugin needs v4 (QEMU >= 10.0; on Debian 12: apt-get install -t bookworm-backports qemu-system-x86)",
+        let so = find_plugin().filter(|p| p.is_file());
+        let backend = match (plan.trap, api >= 4, so) {
+            (TrapChoice::Gdbstub, _, _) => {
+                eprintln!("ornament: trap gdbstub (forced): every hit stops the guest and flushes QEMU's translation cache (milliseconds each)");
+                Backend::Gdbstub
+            }
+            (TrapChoice::Plugin, false, _) => bail!(
+                "--trap plugin: {} has TCG plugin API v{api}; ornament's plugin needs v4 (QEMU >= 10.0; on Debian 12: apt-get install -t bookworm-backports qemu-system-x86)",
                 qemu.binary.display()
             ),
-            _ => {}
-        }
-        let Some(so) = so else {
-            bail!("ornament's TCG plugin (libornament_tcg_plugin.so) was not found beside the ornament binary; build it with `cargo build -p ornament-tcg-plugin` or set ORNAMENT_TCG_PLUGIN")
+            (TrapChoice::Plugin, true, None) => bail!(
+                "--trap plugin: ornament's TCG plugin (libornament_tcg_plugin.so) was not found beside the ornament binary; build it with `cargo build -p ornament-tcg-plugin` or set ORNAMENT_TCG_PLUGIN"
+            ),
+            (TrapChoice::Auto, false, _) => {
+                eprintln!("ornament: trap gdbstub: QEMU's plugin API is v{api} (the plugin needs v4, QEMU >= 10.0); every hit stops the guest (milliseconds each)");
+                Backend::Gdbstub
+            }
+            (TrapChoice::Auto, true, None) => {
+                eprintln!("ornament: trap gdbstub: libornament_tcg_plugin.so not found (cargo build -p ornament-tcg-plugin); every hit stops the guest (milliseconds each)");
+                Backend::Gdbstub
+            }
+            (_, true, Some(so)) => {
+                eprintln!(
+                    "ornament: trap plugin ({}): QEMU {} offers plugin API v{api}; hits never stop the guest",
+                    so.display(),
+                    qemu.version_line
+                );
+                let dir = crate::cmd::run::private_dir()?;
+                let link = PluginLink::listen(&dir.path().join("plugin.sock"))?;
+                Backend::Plugin {
+                    so,
+                    link,
+                    _dir: dir,
+                }
+            }
         };
-        if !so.is_file() {
-            bail!("TCG plugin {}: no such file", so.display());
+        if matches!(backend, Backend::Gdbstub) && !plan.deny.is_empty() {
+            bail!("--deny-syscall needs the plugin trap backend (QEMU >= 10.0); the gdbstub backend cannot skip a syscall");
         }
-        eprintln!(
-            "ornament: trap plugin ({}): QEMU {} offers plugin API v{api}; hits never stop the guest",
-            so.display(),
-            qemu.version_line
-        );
-        let dir = crate::cmd::run::private_dir()?;
-        let link = PluginLink::listen(&dir.path().join("plugin.sock"))?;
         Ok(Self {
             plan: plan.clone(),
-            plugin_so: so,
-            link,
-            _dir: dir,
+            backend,
         })
     }
 
     /// The plugin to load into QEMU.
     pub fn plugin_so(&self) -> Option<(PathBuf, Vec<String>)> {
-        Some((self.plugin_so.clone(), Vec::new()))
+        match &self.backend {
+            Backend::Plugin { so, .. } => Some((so.clone(), Vec::new())),
+            Backend::Gdbstub => None,
+        }
     }
 
     /// The link QEMU's plugin connects to.
     pub fn link_mut(&mut self) -> Option<&mut PluginLink> {
-        Some(&mut self.link)
+        match &mut self.backend {
+            Backend::Plugin { link, .. } => Some(link),
+            Backend::Gdbstub => None,
+        }
     }
 
     /// Arm the probes (the guest is stopped after identification), run the guest,
@@ -367,7 +402,11 @@ impl Tracer {
         timeout: Option<Duration>,
     ) -> Result<()> {
         let mut session = Session::new(&self.plan, view)?;
-        self.arm(&session, view)?;
+        let link = match &mut self.backend {
+            Backend::Plugin { link, .. } => link,
+            Backend::Gdbstub => return run_gdbstub(&mut session, machine, view, stop, timeout),
+        };
+        arm_plugin(link, &session, view)?;
         machine.resume()?;
         let begin = Instant::now();
         let result = loop {
@@ -381,11 +420,11 @@ impl Tracer {
                     break Err(MachineError::Timeout(t));
                 }
             }
-            match self.link.next_hit(Duration::from_millis(20)) {
+            match link.next_hit(Duration::from_millis(20)) {
                 Ok(Some(hit)) => {
                     let action = session.deliver(&hit.hit);
                     if hit.hit.held {
-                        if let Err(e) = self.link.answer(&hit, action) {
+                        if let Err(e) = link.answer(&hit, action) {
                             tracing::warn!(error = %e, "answering a held hit failed");
                         }
                     }
@@ -398,7 +437,7 @@ impl Tracer {
             match machine.poll_exit(Duration::from_millis(1)) {
                 Ok(true) => {
                     // Deliver what the plugin sent before QEMU went away.
-                    while let Ok(Some(hit)) = self.link.next_hit(Duration::from_millis(50)) {
+                    while let Ok(Some(hit)) = link.next_hit(Duration::from_millis(50)) {
                         session.deliver(&hit.hit);
                     }
                     break Ok(());
@@ -410,66 +449,164 @@ impl Tracer {
         session.finish();
         Ok(result?)
     }
+}
 
-    fn arm(&mut self, session: &Session, view: &GuestView) -> Result<()> {
-        let p = &view.profile;
-        let needed = RegMask::of(&[
-            Reg::Rip,
-            Reg::Rdi,
-            Reg::Rsi,
-            Reg::Rdx,
-            Reg::Rsp,
-            Reg::Cs,
-            Reg::Cr3,
-            Reg::Cr4,
-            Reg::GsBase,
-            Reg::KernelGsBase,
-        ]);
-        let deny = if session.probes.deny_rules().is_empty() {
-            None
-        } else {
-            let per_cpu = &p.percpu_current_task;
-            let cfg = DenyConfig {
-                syscall_exit: view.layout.virt(p.symbol("syscall_exit_to_user_mode")?),
-                current_task_offset: per_cpu.symbol_offset + per_cpu.field_offset,
-                syscall_work_offset: p.offset("task_struct", "thread_info.syscall_work")?,
-                syscall_emu_bit: SYSCALL_WORK_BIT_SYSCALL_EMU,
-                pt_regs_ax_offset: p.offset("pt_regs", "ax")?,
-            };
-            let ram = view.ram_for_writes.clone().context(
-                "this guest memory cannot be written atomically; --deny-syscall needs it",
-            )?;
-            self.link.enable_deny(cfg, ram)?;
-            Some(cfg)
-        };
-        for spec in session.probes.specs() {
-            let probe = match (&deny, spec.hold, &spec.syscall_filter) {
-                // A held do_syscall_64 probe: the deny path needs its own spec.
-                (Some(cfg), true, filter) if spec.symbol == "do_syscall_64" => {
-                    let nrs: Vec<u64> = match filter {
-                        Some(f) => f.iter().map(|&n| u64::from(n)).collect(),
-                        None => (0..512).collect(),
-                    };
-                    cfg.entry_spec(&nrs, needed)
-                }
-                (_, hold, filter) => {
-                    // A syscall's arguments live in its pt_regs, which the task
-                    // overwrites at its next syscall: hold the vCPU while they are read.
-                    let hold = hold || matches!(spec.kind, ProbeKind::Syscall(_));
-                    let mut ps = ProbeSpec::regs(needed);
-                    if let Some(f) = filter {
-                        let nrs: Vec<u64> = f.iter().map(|&n| u64::from(n)).collect();
-                        ps = ps.with_filter(Reg::Rsi, &nrs);
-                    }
-                    ps.hold = hold;
-                    ps
-                }
-            };
-            self.link.arm(spec.id, spec.at, probe)?;
-            tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = spec.hold, "armed");
+/// The gdbstub backend: a breakpoint per probe; each hit stops the guest, is
+/// delivered, and the vCPU resumes past the site's 5-byte fentry NOP (measured
+/// exact; a step-over re-inserting the breakpoint overcounts).
+fn run_gdbstub(
+    session: &mut Session,
+    machine: &mut QemuMachine,
+    view: &GuestView,
+    stop: &AtomicBool,
+    timeout: Option<Duration>,
+) -> Result<()> {
+    let mut by_addr = std::collections::HashMap::new();
+    for spec in session.probes.specs() {
+        let gpa = ornament_qemu::plugin_link::translate(
+            view.ram.as_ref(),
+            view.regs.cr3,
+            view.regs.cr4 & (1 << 12) != 0,
+            spec.at,
+        )
+        .with_context(|| format!("probe {} at {}: not mapped", spec.symbol, spec.at))?;
+        let mut bytes = [0u8; 5];
+        view.ram
+            .read_phys(gpa, &mut bytes)
+            .with_context(|| format!("probe {} at {}", spec.symbol, spec.at))?;
+        // Before ftrace has run at boot the site still holds `call __fentry__`,
+        // which is as safe to skip: __fentry__ only returns.
+        let calls_fentry = bytes[0] == 0xe8
+            && view.profile.symbol("__fentry__").ok().is_some_and(|f| {
+                let rel = i32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+                let target = spec
+                    .at
+                    .raw()
+                    .wrapping_add(5)
+                    .wrapping_add_signed(i64::from(rel));
+                target == view.layout.virt(f).raw()
+            });
+        if bytes != FENTRY_NOP && !calls_fentry {
+            bail!(
+                "probe {} at {}: the gdbstub backend resumes past a 5-byte fentry site (NOP or call __fentry__), but the site holds {:02x?} (every-syscall and deny probes need the plugin backend)",
+                spec.symbol,
+                spec.at,
+                bytes
+            );
         }
-        Ok(())
+        machine.gdb().breakpoint(spec.at.raw(), true)?;
+        by_addr.insert(spec.at.raw(), spec.id);
     }
+    let begin = Instant::now();
+    let mut seq = 0u64;
+    let mut resume_at: Option<u64> = None;
+    let result = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Err(MachineError::Interrupted.into());
+        }
+        if let Some(t) = timeout {
+            if begin.elapsed() > t {
+                break Err(MachineError::Timeout(t).into());
+            }
+        }
+        if !machine.gdb().is_running() {
+            machine.gdb().cont(resume_at.take())?;
+        }
+        match machine.gdb().wait_stop(Duration::from_millis(100)) {
+            Ok(None) => {}
+            Ok(Some(StopReply::Exited(_) | StopReply::Terminated(_))) | Err(GdbError::Closed) => {
+                break Ok(())
+            }
+            Ok(Some(StopReply::Signal { vcpu, .. })) => {
+                let vcpu = vcpu.unwrap_or(0);
+                let regs = machine.gdb().registers(vcpu)?;
+                match by_addr.get(&regs.rip) {
+                    Some(&probe) => {
+                        seq += 1;
+                        let hit = ornament_engine::ProbeHit {
+                            probe,
+                            vcpu,
+                            seq,
+                            time_ns: u64::try_from(machine.elapsed().as_nanos())
+                                .unwrap_or(u64::MAX),
+                            regs,
+                            held: true,
+                        };
+                        let action = session.deliver(&hit);
+                        if action != ornament_engine::Action::Continue {
+                            tracing::warn!(?action, "the gdbstub backend can only continue");
+                        }
+                        resume_at = Some(regs.rip + FENTRY_NOP.len() as u64);
+                    }
+                    None => tracing::debug!(rip = regs.rip, "stop outside a probe; resuming"),
+                }
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    session.finish();
+    result
+}
+
+fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Result<()> {
+    let p = &view.profile;
+    let needed = RegMask::of(&[
+        Reg::Rip,
+        Reg::Rdi,
+        Reg::Rsi,
+        Reg::Rdx,
+        Reg::Rsp,
+        Reg::Cs,
+        Reg::Cr3,
+        Reg::Cr4,
+        Reg::GsBase,
+        Reg::KernelGsBase,
+    ]);
+    let deny = if session.probes.deny_rules().is_empty() {
+        None
+    } else {
+        let per_cpu = &p.percpu_current_task;
+        let cfg = DenyConfig {
+            syscall_exit: view.layout.virt(p.symbol("syscall_exit_to_user_mode")?),
+            current_task_offset: per_cpu.symbol_offset + per_cpu.field_offset,
+            syscall_work_offset: p.offset("task_struct", "thread_info.syscall_work")?,
+            syscall_emu_bit: SYSCALL_WORK_BIT_SYSCALL_EMU,
+            pt_regs_ax_offset: p.offset("pt_regs", "ax")?,
+        };
+        let ram = view
+            .ram_for_writes
+            .clone()
+            .context("this guest memory cannot be written atomically; --deny-syscall needs it")?;
+        link.enable_deny(cfg, ram)?;
+        Some(cfg)
+    };
+    for spec in session.probes.specs() {
+        let probe = match (&deny, spec.hold, &spec.syscall_filter) {
+            // A held do_syscall_64 probe: the deny path needs its own spec.
+            (Some(cfg), true, filter) if spec.symbol == "do_syscall_64" => {
+                let nrs: Vec<u64> = match filter {
+                    Some(f) => f.iter().map(|&n| u64::from(n)).collect(),
+                    None => (0..512).collect(),
+                };
+                cfg.entry_spec(&nrs, needed)
+            }
+            (_, hold, filter) => {
+                // A syscall's arguments live in its pt_regs, which the task
+                // overwrites at its next syscall: hold the vCPU while they are read.
+                let hold = hold || matches!(spec.kind, ProbeKind::Syscall(_));
+                let mut ps = ProbeSpec::regs(needed);
+                if let Some(f) = filter {
+                    let nrs: Vec<u64> = f.iter().map(|&n| u64::from(n)).collect();
+                    ps = ps.with_filter(Reg::Rsi, &nrs);
+                }
+                ps.hold = hold;
+                ps
+            }
+        };
+        link.arm(spec.id, spec.at, probe)?;
+        tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = spec.hold, "armed");
+    }
+    Ok(())
 }
 
 /// `SYSCALL_WORK_BIT_SYSCALL_EMU` of `enum syscall_work_bit` (include/linux/thread_info.h,

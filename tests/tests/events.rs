@@ -281,3 +281,95 @@ fn unknown_syscall_and_bad_errno_are_refused() {
     assert_eq!(r.code, Some(125), "{}", r.stderr);
     assert!(r.stderr.contains("bogus"), "{}", r.stderr);
 }
+
+/// The workload's events, with pids relative to its root and host times dropped.
+fn tree_events(evs: &[Value], root: i64) -> Vec<Value> {
+    let rel = |v: &Value| {
+        v.as_i64()
+            .map(|p| Value::from(p - root))
+            .unwrap_or(Value::Null)
+    };
+    evs.iter()
+        .filter(|e| e["tgid"].as_i64().is_some_and(|t| t >= root))
+        .filter(|e| e["comm"] != "sync" && e["argv"][0] != "poweroff")
+        .map(|e| {
+            let mut e = e.clone();
+            let o = e.as_object_mut().expect("object");
+            o.remove("time_ns");
+            o.remove("vcpu");
+            for k in ["pid", "tgid", "ppid", "child_pid", "child_tgid"] {
+                if let Some(v) = o.get(k).cloned() {
+                    if k == "ppid" && v.as_i64().is_some_and(|p| p < root) {
+                        continue;
+                    }
+                    o.insert(k.to_owned(), rel(&v));
+                }
+            }
+            e
+        })
+        .collect()
+}
+
+#[test]
+fn gdbstub_and_plugin_backends_give_identical_events() {
+    gate!();
+    let mut runs = Vec::new();
+    for trap in ["plugin", "gdbstub"] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("events.json");
+        let (r, rt) = ornament(&[
+            "run",
+            "--trap",
+            trap,
+            "--timeout",
+            "600",
+            "--watch",
+            "fork,exec,exit,syscall=getpriority",
+            "--format",
+            "json",
+            "--output",
+            out.to_str().expect("utf8"),
+            "--",
+            "sh",
+            "-c",
+            "/ornament/bin/ornament-workload forkexit 3; /ornament/bin/ornament-workload syscall 2",
+        ]);
+        assert_eq!(r.code, Some(0), "{trap}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("ornament: trap {trap}")),
+            "{}",
+            r.stderr
+        );
+        assert_nothing_left(&r, rt.path());
+        let f = facts(&r.stderr);
+        let evs = events(&out);
+        // The shell that runs both workloads is the root of the tree.
+        let root = evs
+            .iter()
+            .find(|e| e["event"] == "exec" && e["argv"][0] == "sh" && e["argv"][1] == "-c")
+            .map(|e| i(e, "pid"))
+            .expect("exec of the shell");
+        let tree = tree_events(&evs, root);
+        let forks = tree.iter().filter(|e| e["event"] == "fork").count();
+        // sh forks the first workload and execs the last command itself.
+        assert_eq!(
+            forks,
+            1 + 3,
+            "{trap}: one fork by sh, three by forkexit: {tree:#?}"
+        );
+        let codes: Vec<i64> = tree
+            .iter()
+            .filter(|e| e["event"] == "exit")
+            .map(|e| i(e, "exit_code"))
+            .collect();
+        assert_eq!(codes, vec![10, 11, 12, 0, 0], "{trap}: exit codes in order");
+        let calls = tree
+            .iter()
+            .filter(|e| e["event"] == "syscall" && e["args"][1] == 4242)
+            .count();
+        assert_eq!(calls, 2, "{trap}: getpriority calls");
+        assert!(f.root >= root, "the workloads run in the shell's tree");
+        runs.push(tree);
+    }
+    assert_eq!(runs[0], runs[1], "the two backends disagree");
+}

@@ -36,6 +36,7 @@ pub const REQUIRED_SYMBOLS: &[&str] = &[
 
 /// Symbols recorded when present.
 const OPTIONAL_SYMBOLS: &[&str] = &[
+    "__fentry__",
     "x64_sys_call",
     "sys_call_table",
     "_stext",
@@ -114,7 +115,7 @@ const STRUCT_FIELDS: &[(&str, &[&str], &[&str])] = &[
     ("dentry", &["d_name", "d_parent"], &["d_iname"]),
     ("qstr", &["name", "len"], &["hash"]),
     ("list_head", &["next", "prev"], &[]),
-    ("signal_struct", &[], &["thread_head", "nr_threads"]),
+    ("signal_struct", &[], &["thread_head", "nr_threads", "live"]),
     ("pid", &[], &["numbers"]),
     ("upid", &[], &["nr"]),
 ];
