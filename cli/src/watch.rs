@@ -291,7 +291,7 @@ enum Backend {
     /// ornament's TCG plugin over its socket.
     Plugin {
         so: PathBuf,
-        link: PluginLink,
+        link: Box<PluginLink>,
         _dir: tempfile::TempDir,
     },
     /// QEMU's gdbstub breakpoints, resumed past the 5-byte fentry NOP.
@@ -362,7 +362,7 @@ impl Tracer {
                 let link = PluginLink::listen(&dir.path().join("plugin.sock"))?;
                 Backend::Plugin {
                     so,
-                    link,
+                    link: Box::new(link),
                     _dir: dir,
                 }
             }
