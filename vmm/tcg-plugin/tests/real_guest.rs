@@ -630,7 +630,10 @@ fn exact_counts_two_vcpus() {
 }
 
 /// Arming a new address (not a candidate: needs retranslation) and disarming it while held at
-/// a marker take effect exactly: only the middle loop is seen.
+/// a marker take effect: hits come only from the middle loop. Disarming is exact (a flag);
+/// arming a new address waits for QEMU's asynchronous `qemu_plugin_reset`, which runs once
+/// every vCPU is outside guest code, so the first calls of the middle loop may run before
+/// it (on a loaded 2-core host it took longer than a 200-call loop once).
 #[test]
 fn arm_new_address_and_disarm_while_running() {
     let e = require!(env());
@@ -639,7 +642,7 @@ fn arm_new_address_and_disarm_while_running() {
         &e,
         "armnew",
         2,
-        "getppid 100 mark getppid 200 mark getppid 300",
+        "getppid 100 mark getppid 20000 mark getppid 300",
         |l, _| {
             l.arm(P_MARK, e.sym("__x64_sys_getpid"), held(RegMask::NONE))
                 .expect("arm");
@@ -662,7 +665,12 @@ fn arm_new_address_and_disarm_while_running() {
         },
     );
     let n = o.hits.iter().filter(|h| h.hit.probe == P_GETPPID).count();
-    assert_eq!(n, 200);
+    assert!(n > 0, "arming at run time never took effect");
+    assert!(
+        n <= 20000,
+        "{n} hits: some came from outside the middle loop"
+    );
+    eprintln!("armed at run time: {n} of the middle loop's 20000 calls seen");
 }
 
 /// A held hit on one vCPU: the workload on the other vCPU keeps running (and keeps hitting).
