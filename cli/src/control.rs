@@ -47,7 +47,7 @@
 //! The guest is not stopped: tasks may fork, exit and change under the reader. A field
 //! that cannot be read (a pointer into nowhere, a page not present) is `null`; the
 //! reader never trusts guest data further than its caps (task budget, string and
-//! argument caps, a total argument budget per `ps`).
+//! argument caps, a total budget of string bytes per `ps`).
 
 use crate::guest::GuestView;
 use anyhow::Context;
@@ -75,13 +75,24 @@ pub const MAX_CLIENTS: usize = 16;
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 /// Most processes one `ps` lists (the default `pid_max` of small guests).
 pub const PS_TASK_BUDGET: usize = 32_768;
-/// Most bytes of one process's command line read by `ps`.
-pub const PS_MAX_ARGV_BYTES: u64 = 4096;
-/// Once one `ps` has read this many bytes of command lines, the rest are read with
-/// [`PS_SHORT_ARGV_BYTES`] each (and marked `args_truncated` when cut).
-pub const PS_TOTAL_ARGV_BYTES: u64 = 8 << 20;
-/// Per-process command-line cap after [`PS_TOTAL_ARGV_BYTES`] is spent.
-pub const PS_SHORT_ARGV_BYTES: u64 = 256;
+/// What `ps` reads of each process: at most 4 KiB of its command line, and the
+/// default caps of its executable's path.
+pub const PS_LIMITS: Limits = Limits {
+    max_argv_bytes: 4096,
+    max_path_depth: 64,
+    max_name_bytes: 255,
+};
+/// Once one `ps` has read this many bytes of command lines and paths, the rest of the
+/// processes are read with [`PS_SHORT_LIMITS`], so that a response stays bounded (some
+/// tens of MiB) whatever the guest holds.
+pub const PS_TOTAL_STRING_BYTES: u64 = 8 << 20;
+/// Caps after [`PS_TOTAL_STRING_BYTES`] is spent (a cut command line is marked
+/// `args_truncated`; a longer path is null).
+pub const PS_SHORT_LIMITS: Limits = Limits {
+    max_argv_bytes: 256,
+    max_path_depth: 8,
+    max_name_bytes: 32,
+};
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 /// A client that does not read its responses for this long is dropped.
@@ -503,23 +514,28 @@ fn kernel_vm<'k>(kernel: &'k Kernel<'k>, view: &GuestView) -> VirtMem<'k> {
 
 /// The guest's process list, read from guest memory now.
 pub fn process_list(view: &GuestView) -> anyhow::Result<ProcessList> {
+    process_list_bounded(view, PS_TASK_BUDGET, PS_TOTAL_STRING_BYTES)
+}
+
+/// [`process_list`] with other budgets.
+fn process_list_bounded(
+    view: &GuestView,
+    task_budget: usize,
+    total_string_bytes: u64,
+) -> anyhow::Result<ProcessList> {
     let kernel = Kernel::new(&*view.ram, &view.profile, view.layout);
     let vm = kernel_vm(&kernel, view);
-    let limits = |max_argv_bytes| Limits {
-        max_argv_bytes,
-        ..Limits::default()
-    };
     let reader = TaskReader::new(&kernel).context("cannot read tasks with this profile")?;
     let flags_off = reader.offsets().flags;
-    let full = reader.with_limits(limits(PS_MAX_ARGV_BYTES));
-    let short = TaskReader::new(&kernel)?.with_limits(limits(PS_SHORT_ARGV_BYTES));
+    let full = reader.with_limits(PS_LIMITS);
+    let short = TaskReader::new(&kernel)?.with_limits(PS_SHORT_LIMITS);
     let walk = full
-        .processes(&vm, PS_TASK_BUDGET)
+        .processes(&vm, task_budget)
         .context("cannot walk the task list")?;
-    let mut argv_bytes = 0u64;
+    let mut string_bytes = 0u64;
     let mut processes = Vec::with_capacity(walk.tasks.len());
     for &task in &walk.tasks {
-        let r = if argv_bytes < PS_TOTAL_ARGV_BYTES {
+        let r = if string_bytes < total_string_bytes {
             &full
         } else {
             &short
@@ -535,9 +551,11 @@ pub fn process_list(view: &GuestView) -> anyhow::Result<ProcessList> {
             Ok(None) => (Some(Vec::new()), false),
             Err(_) => (None, false),
         };
-        argv_bytes += args
+        let exe = info.exe_path.ok().flatten();
+        string_bytes += args
             .iter()
             .flatten()
+            .chain(&exe)
             .map(|a| a.len() as u64 + 1)
             .sum::<u64>();
         processes.push(Process {
@@ -551,7 +569,7 @@ pub fn process_list(view: &GuestView) -> anyhow::Result<ProcessList> {
             comm: info.comm.ok(),
             args,
             args_truncated,
-            exe: info.exe_path.ok().flatten(),
+            exe,
             kernel_thread: kthread,
             task: hex(task),
         });
@@ -739,6 +757,31 @@ mod tests {
         assert_eq!((sleeper.uid, sleeper.gid, sleeper.euid), (None, None, None));
         assert_eq!(sleeper.pid, Some(81));
         assert_eq!(list.processes[3].comm.as_deref(), Some("AAAAAAAAAAAAAAAA"));
+    }
+
+    #[test]
+    fn budgets_bound_the_answer() {
+        let mut w = world(PROFILES[0]);
+        let long = "x".repeat(1000);
+        let spec = TaskSpec::user(90, "long", "/bin/long", &["long", &long]);
+        let t = w.g.add_task(&spec).expect("task");
+        let mut want = process(t, &spec, 0);
+        w.expected.push(want.clone());
+        let view = view_of(w.g);
+        let all = process_list_bounded(&view, 100, 1 << 20).expect("ps");
+        assert_eq!(all.processes, w.expected);
+        let three = process_list_bounded(&view, 3, 1 << 20).expect("ps");
+        assert_eq!(three.walk, "budget_exhausted");
+        assert_eq!(three.processes, w.expected[..3]);
+        // Past the string budget, command lines are cut short (and say so).
+        let short = process_list_bounded(&view, 100, 10).expect("ps");
+        assert_eq!(short.walk, "complete");
+        assert_eq!(short.processes[..5], w.expected[..5]);
+        let cut =
+            usize::try_from(PS_SHORT_LIMITS.max_argv_bytes).expect("small") - "long".len() - 1;
+        want.args = Some(vec!["long".into(), "x".repeat(cut)]);
+        want.args_truncated = true;
+        assert_eq!(short.processes[5], want);
     }
 
     #[test]

@@ -647,7 +647,8 @@ impl Session {
             probes.clone(),
         )?;
         let out: Box<dyn std::io::Write + Send> = match &plan.output {
-            Some(path) => Box::new(std::io::BufWriter::new(
+            // Line-buffered: a file being followed (tail -f) sees each event as it comes.
+            Some(path) => Box::new(std::io::LineWriter::new(
                 std::fs::File::create(path)
                     .with_context(|| format!("--output {}", path.display()))?,
             )),

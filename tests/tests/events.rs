@@ -373,3 +373,84 @@ fn gdbstub_and_plugin_backends_give_identical_events() {
     }
     assert_eq!(runs[0], runs[1], "the two backends disagree");
 }
+
+#[test]
+fn qemu_killed_mid_run_keeps_the_events_and_fails() {
+    gate!();
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("events.json");
+    let rt = tempfile::tempdir().expect("runtime dir");
+    let mut child = std::process::Command::new(ornament_tests::ornament_bin())
+        .args([
+            "run",
+            "--timeout",
+            "300",
+            "--watch",
+            "fork,exec,exit",
+            "--format",
+            "json",
+        ])
+        .arg("--output")
+        .arg(&out)
+        .args(["--", "sh", "-c", "echo started; exec sleep 600"])
+        .env("XDG_RUNTIME_DIR", rt.path())
+        .env("TMPDIR", rt.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ornament");
+    let pid = child.id();
+    // Wait until the guest command runs (the sleep's exec event is in the file).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.contains("\"sleep\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never ran sleep"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Kill QEMU, ornament's child.
+    let qemu = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .find(|p| {
+            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1));
+            let exe = std::fs::read_link(p.path().join("exe")).unwrap_or_default();
+            ppid == Some(&pid.to_string()) && exe.to_string_lossy().contains("qemu-system")
+        })
+        .expect("QEMU child of ornament");
+    let qpid = qemu.file_name().to_string_lossy().into_owned();
+    let st = std::process::Command::new("kill")
+        .args(["-9", &qpid])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let o = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("without reporting the command's exit status"),
+        "{stderr}"
+    );
+    let evs = events(&out);
+    assert!(
+        evs.iter()
+            .any(|e| e["event"] == "exec" && e["argv"][0] == "sleep"),
+        "events before the kill are kept"
+    );
+    let left: Vec<_> = std::fs::read_dir(rt.path())
+        .expect("rt")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

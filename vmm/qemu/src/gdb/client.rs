@@ -181,10 +181,14 @@ impl GdbClient {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err(GdbError::Closed),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                // A signal (Ctrl-C, SIGTERM) interrupts a read with a timeout even under
+                // SA_RESTART: go round again, the caller checks its stop flag.
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                     return Err(GdbError::Closed)
