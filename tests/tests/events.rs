@@ -380,7 +380,7 @@ fn qemu_killed_mid_run_keeps_the_events_and_fails() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("events.json");
     let rt = tempfile::tempdir().expect("runtime dir");
-    let mut child = std::process::Command::new(ornament_tests::ornament_bin())
+    let child = std::process::Command::new(ornament_tests::ornament_bin())
         .args([
             "run",
             "--timeout",
