@@ -331,6 +331,14 @@ impl Tracer {
             }
         }
         let api = qemu.plugin_api.unwrap_or(0);
+        if let Some(p) = std::env::var_os("ORNAMENT_TCG_PLUGIN") {
+            if !std::path::Path::new(&p).is_file() {
+                bail!(
+                    "ORNAMENT_TCG_PLUGIN={}: no such file",
+                    PathBuf::from(p).display()
+                );
+            }
+        }
         let so = find_plugin().filter(|p| p.is_file());
         let backend = match (plan.trap, api >= 4, so) {
             (TrapChoice::Gdbstub, _, _) => {

@@ -128,3 +128,40 @@ fn unknown_image() {
         &["unknown image debian-0.1", "debian-6.1-cloud"],
     );
 }
+
+#[test]
+fn plugin_library_missing() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let (r, rt) = ornament_env(
+        &["run", "--trap", "plugin", "--watch", "exit", "--", "true"],
+        &[(
+            "ORNAMENT_TCG_PLUGIN",
+            "/nonexistent/libornament_tcg_plugin.so",
+        )],
+    );
+    expect_failure(
+        &r,
+        rt.path(),
+        &["/nonexistent/libornament_tcg_plugin.so", "no such file"],
+    );
+}
+
+#[test]
+fn plugin_library_that_is_not_a_qemu_plugin() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    // Any shared library without qemu_plugin_install / qemu_plugin_version.
+    let not_a_plugin = [
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("libz is part of every Debian system");
+    let (r, rt) = ornament_env(
+        &["run", "--trap", "plugin", "--watch", "exit", "--", "true"],
+        &[("ORNAMENT_TCG_PLUGIN", not_a_plugin)],
+    );
+    expect_failure(&r, rt.path(), &["Could not load plugin", not_a_plugin]);
+}

@@ -277,7 +277,29 @@ impl QemuMachine {
         let mut guard = ChildGuard(Some(child));
         if let Some(link) = plugin {
             // QEMU installs plugins before it opens the gdbstub, and ours waits for us.
-            if let Err(e) = link.accept(Duration::from_secs(30)) {
+            // Poll, so that a QEMU that could not load the plugin is reported at once.
+            let accepted = loop {
+                match link.accept(Duration::from_millis(200)) {
+                    Err(crate::plugin_link::PluginLinkError::AcceptTimeout(_))
+                        if started.elapsed() < Duration::from_secs(30) =>
+                    {
+                        let exited = guard
+                            .0
+                            .as_mut()
+                            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                        if exited {
+                            if let Some(t) = err_thread {
+                                let _ = t.join();
+                            }
+                            return Err(MachineError::EarlyExit {
+                                stderr: tail(&stderr),
+                            });
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            if let Err(e) = accepted {
                 if let Some(c) = guard.0.as_mut() {
                     let _ = c.kill();
                     let _ = c.wait();
