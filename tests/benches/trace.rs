@@ -109,8 +109,18 @@ fn main() {
             (v - base) / 1000.0
         );
     }
+    // The gdbstub backend stops the guest at every hit: fewer calls.
+    let v = run(
+        "gdbstub",
+        &s(&["--trap", "gdbstub", "--watch", "syscall=getppid"]),
+        &[w, "bench-getppid", "500"],
+        "ns_per_call",
+    );
     println!(
-        "gdbstub backend: not wired into `ornament run` (FIELD-NOTES: 1.6-3.7 ms per syscall hit)"
+        "{:<40} {v:>10.1} ns  {:.2}x  (+{:.2} us per call; 500 calls)",
+        "gdbstub: getppid reported",
+        v / base,
+        (v - base) / 1000.0
     );
 
     println!("== fork+exec+wait loop, {n_fork} iterations (us per iteration) ==");
@@ -149,4 +159,17 @@ fn main() {
             (v - base) / 1000.0
         );
     }
+    let v = run(
+        "gdbstub",
+        &s(&["--trap", "gdbstub", "--watch", "fork,exec,exit"]),
+        &[w, "bench-forkexec", "20"],
+        "ns_per_iter",
+    );
+    println!(
+        "{:<40} {:>10.1} us  {:.2}x  (+{:.1} us per iteration; 20 iterations)",
+        "gdbstub: fork,exec,exit",
+        v / 1000.0,
+        v / base,
+        (v - base) / 1000.0
+    );
 }
