@@ -25,7 +25,7 @@
 //!      {"pid":2,"tgid":2,"ppid":0,...,"comm":"kthreadd","args":[],"exe":null,
 //!       "kernel_thread":true,...}, ...]}
 //! -> {"cmd":"reboot"}
-//! <- {"ok":false,"error":"unknown command \"reboot\" (known: info, ps)"}
+//! <- {"ok":false,"error":"unknown command \"reboot\" (known: info, ps, pause, resume, status)"}
 //! -> not json
 //! <- {"ok":false,"error":"bad request: expected value at line 1 column 1"}
 //! ```
@@ -33,6 +33,8 @@
 //! - `info`: `release` and `banner` (null when the profile has none) of the profile the
 //!   running kernel was checked against, the KASLR `layout` (`virt_slide`, `phys_slide`:
 //!   hex strings, since the physical slide is arithmetic modulo 2^64), and `vcpus`.
+//! - `pause`: stop every vCPU (as an ornament's pause does); `resume`: let a paused
+//!   guest run again (`resumed` says whether it was paused); `status`: `paused`.
 //! - `ps`: every process (thread-group leader) on the kernel's task list, in list order
 //!   (creation order), as `ps -e` sees them: `init_task` (pid 0) is not listed, so pid 1
 //!   and the kernel threads show ppid 0. Per process: `pid`, `tgid`, `ppid` (the real
@@ -398,7 +400,25 @@ pub fn handle_request(view: &GuestView, line: &[u8]) -> Map<String, Value> {
             Ok(list) => ok_response(list, id),
             Err(e) => error_response(format!("{e:#}"), id),
         },
-        other => error_response(format!("unknown command {other:?} (known: info, ps)"), id),
+        "pause" => {
+            view.control.pause_requested.store(true, Ordering::SeqCst);
+            ok_response(serde_json::json!({ "pausing": true }), id)
+        }
+        "resume" => {
+            let paused = view.control.paused.load(Ordering::SeqCst);
+            if paused {
+                view.control.resume_requested.store(true, Ordering::SeqCst);
+            }
+            ok_response(serde_json::json!({ "resumed": paused }), id)
+        }
+        "status" => ok_response(
+            serde_json::json!({ "paused": view.control.paused.load(Ordering::SeqCst) }),
+            id,
+        ),
+        other => error_response(
+            format!("unknown command {other:?} (known: info, ps, pause, resume, status)"),
+            id,
+        ),
     }
 }
 
@@ -672,6 +692,7 @@ mod tests {
         GuestView {
             ram: Arc::new(g.phys.mem),
             ram_for_writes: None,
+            control: Arc::default(),
             profile: Arc::new(g.profile),
             layout: g.layout,
             vcpus: 2,
@@ -801,7 +822,7 @@ mod tests {
         for (line, error) in [
             (
                 r#"{"cmd":"reboot"}"#,
-                "unknown command \"reboot\" (known: info, ps)",
+                "unknown command \"reboot\" (known: info, ps, pause, resume, status)",
             ),
             (r#"{"cmd":1}"#, "bad request: `cmd` must be a string"),
             (r#"{"id":3}"#, "bad request: no `cmd`"),

@@ -7,6 +7,17 @@ use ornament_introspect::kaslr::KernelLayout;
 use ornament_introspect::profile::Profile;
 use std::sync::Arc;
 
+/// Requests between the control socket and the run loop.
+#[derive(Debug, Default)]
+pub struct RunControl {
+    /// The guest is stopped by an ornament's (or the socket's) pause.
+    pub paused: std::sync::atomic::AtomicBool,
+    /// Someone asked to pause the guest (control socket `pause`).
+    pub pause_requested: std::sync::atomic::AtomicBool,
+    /// Someone asked to resume a paused guest (control socket `resume`).
+    pub resume_requested: std::sync::atomic::AtomicBool,
+}
+
 /// A running guest, seen from outside.
 #[derive(Clone)]
 pub struct GuestView {
@@ -21,6 +32,8 @@ pub struct GuestView {
     pub layout: KernelLayout,
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// Pause and resume requests (shared with the control socket).
+    pub control: Arc<RunControl>,
     /// Registers of vCPU 0 taken when the kernel was identified (kernel mode);
     /// their `cr3`/`cr4` give the kernel's page tables.
     pub regs: Regs,

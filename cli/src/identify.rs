@@ -86,6 +86,7 @@ pub fn identify(
                     return Ok(GuestView {
                         ram: ram.clone(),
                         ram_for_writes: Some(ram.clone()),
+                        control: Arc::default(),
                         profile,
                         layout,
                         vcpus: machine.vcpus(),

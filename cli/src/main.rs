@@ -38,6 +38,8 @@ enum Command {
     Doctor(cmd::doctor::DoctorArgs),
     /// List a running guest's processes from outside (via `run --control SOCKET`).
     Ps(cmd::ps::PsArgs),
+    /// Let a guest paused by an ornament (or the control socket) run again.
+    Resume(cmd::resume::ResumeArgs),
     /// Generate kernel profiles (symbols and struct offsets).
     #[command(subcommand)]
     Profile(cmd::profile::ProfileCmd),
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Image(c) => cmd::image::run(c).map(|()| 0),
         Command::Doctor(a) => cmd::doctor::run(a).map(|()| 0),
         Command::Ps(a) => cmd::ps::run(a).map(|()| 0),
+        Command::Resume(a) => cmd::resume::run(a).map(|()| 0),
         Command::Profile(c) => cmd::profile::run(c).map(|()| 0),
     };
     match result {

@@ -74,6 +74,10 @@ pub struct WatchArgs {
     /// Trap backend for probes under QEMU.
     #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
     trap: TrapChoice,
+    /// Stop the whole guest when a process execs PATH (until `ornament resume
+    /// --control SOCKET`; needs --control).
+    #[arg(long, value_name = "PATH", requires = "control")]
+    pause_on_exec: Option<String>,
 }
 
 /// Which syscalls to report.
@@ -114,6 +118,8 @@ pub struct WatchPlan {
     pub trap: TrapChoice,
     /// The events the user asked to see (the tree and --follow may trap more).
     pub shown: EventMask,
+    /// Pause the guest when a process execs this path.
+    pub pause_on_exec: Option<String>,
 }
 
 /// errno names ornament knows (`--deny-syscall NAME:ENAME`).
@@ -206,7 +212,11 @@ pub fn parse_watch(spec: &str) -> Result<(bool, bool, bool, bool, Syscalls)> {
 impl WatchArgs {
     /// The plan, or `None` when no event option was given.
     pub fn plan(&self) -> Result<Option<WatchPlan>> {
-        if self.watch.is_none() && self.deny.is_empty() && !self.tree {
+        if self.watch.is_none()
+            && self.deny.is_empty()
+            && !self.tree
+            && self.pause_on_exec.is_none()
+        {
             return Ok(None);
         }
         let (mut fork, mut exec, mut exit, setid, syscalls) = match &self.watch {
@@ -225,6 +235,7 @@ impl WatchArgs {
                 shown = shown | m;
             }
         }
+        exec |= self.pause_on_exec.is_some();
         if self.tree || self.follow {
             // The tree and the follow filter are built from lifecycle events.
             fork = true;
@@ -261,6 +272,7 @@ impl WatchArgs {
             tree: self.tree,
             trap: self.trap,
             shown,
+            pause_on_exec: self.pause_on_exec.clone(),
         }))
     }
 }
@@ -428,13 +440,21 @@ impl Tracer {
                     break Err(MachineError::Timeout(t));
                 }
             }
+            let control = &view.control;
+            if control.pause_requested.swap(false, Ordering::SeqCst) {
+                pause_guest(machine, link, &mut session, control, stop)?;
+            }
             match link.next_hit(Duration::from_millis(20)) {
                 Ok(Some(hit)) => {
-                    let action = session.deliver(&hit.hit);
+                    let (action, pause) = session.deliver_full(&hit.hit);
                     if hit.hit.held {
                         if let Err(e) = link.answer(&hit, action) {
                             tracing::warn!(error = %e, "answering a held hit failed");
                         }
+                    }
+                    if pause {
+                        eprintln!("ornament: an ornament paused the guest; resume it with `ornament resume --control SOCKET`");
+                        pause_guest(machine, link, &mut session, control, stop)?;
                     }
                     continue;
                 }
@@ -457,6 +477,44 @@ impl Tracer {
         session.finish();
         Ok(result?)
     }
+}
+
+/// Stop every vCPU until the control socket says resume (or the run is stopped).
+/// Hits that arrive while QEMU stops the vCPUs are still delivered and answered:
+/// a held vCPU must be answered before QEMU can stop it.
+fn pause_guest(
+    machine: &mut QemuMachine,
+    link: &mut PluginLink,
+    session: &mut Session,
+    control: &crate::guest::RunControl,
+    stop: &AtomicBool,
+) -> Result<()> {
+    machine.gdb().request_stop()?;
+    loop {
+        while let Ok(Some(hit)) = link.next_hit(Duration::from_millis(1)) {
+            let (action, _) = session.deliver_full(&hit.hit);
+            if hit.hit.held {
+                let _ = link.answer(&hit, action);
+            }
+        }
+        match machine.gdb().wait_stop(Duration::from_millis(20))? {
+            Some(StopReply::Exited(_) | StopReply::Terminated(_)) => return Ok(()),
+            Some(_) => break,
+            None => {}
+        }
+    }
+    control.paused.store(true, Ordering::SeqCst);
+    tracing::info!("guest paused");
+    while !control.resume_requested.swap(false, Ordering::SeqCst) {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    control.paused.store(false, Ordering::SeqCst);
+    tracing::info!("guest resumed");
+    machine.resume()?;
+    Ok(())
 }
 
 /// The gdbstub backend: a breakpoint per probe; each hit stops the guest, is
@@ -678,6 +736,9 @@ impl Session {
         if !probes.deny_rules().is_empty() {
             reg.attach(Box::new(DenySyscalls::new(probes.deny_rules().clone())));
         }
+        if let Some(path) = &plan.pause_on_exec {
+            reg.attach(Box::new(PauseOnExec { path: path.clone() }));
+        }
         let tree = plan.tree.then(|| {
             let t = ProcessTree::new();
             let v = t.view();
@@ -693,7 +754,19 @@ impl Session {
     }
 
     fn deliver(&mut self, hit: &ornament_engine::ProbeHit) -> ornament_engine::Action {
-        self.monitor.on_hit(hit).action
+        self.deliver_full(hit).0
+    }
+
+    /// The action and whether an ornament asked to pause the guest.
+    fn deliver_full(&mut self, hit: &ornament_engine::ProbeHit) -> (ornament_engine::Action, bool) {
+        let out = self.monitor.on_hit(hit);
+        let pause = out.pause || out.action == ornament_engine::Action::PauseGuest;
+        let action = match out.action {
+            // The pause is applied to the whole guest below; this vCPU just goes on.
+            ornament_engine::Action::PauseGuest => ornament_engine::Action::Continue,
+            a => a,
+        };
+        (action, pause)
     }
 
     fn finish(&mut self) {
@@ -712,6 +785,29 @@ impl Session {
         }
         let s = self.monitor.stats();
         tracing::info!(?s, "monitor");
+    }
+}
+
+/// Asks to pause the guest when a process execs a given path (`--pause-on-exec`).
+struct PauseOnExec {
+    path: String,
+}
+
+impl Ornament for PauseOnExec {
+    fn name(&self) -> &str {
+        "pause-on-exec"
+    }
+
+    fn mask(&self) -> EventMask {
+        EventMask::EXEC
+    }
+
+    fn on_event(&mut self, ev: &Event, d: &mut Decision) {
+        if let Event::Exec(x) = ev {
+            if x.filename.as_deref() == Some(self.path.as_str()) {
+                d.pause();
+            }
+        }
     }
 }
 

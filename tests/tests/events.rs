@@ -454,3 +454,57 @@ fn qemu_killed_mid_run_keeps_the_events_and_fails() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+#[test]
+fn an_ornament_pauses_the_guest_until_resumed() {
+    gate!();
+    let rt = tempfile::tempdir().expect("runtime dir");
+    let sock = rt.path().join("ctl.sock");
+    let child = std::process::Command::new(ornament_tests::ornament_bin())
+        .args(["run", "--timeout", "300", "--control"])
+        .arg(&sock)
+        .args(["--pause-on-exec", "/ornament/bin/ornament-workload"])
+        .args(["--", "/ornament/bin/ornament-workload", "syscall", "1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ornament");
+    let ctl = |cmd: &str| -> String {
+        let o = std::process::Command::new(ornament_tests::ornament_bin())
+            .args([cmd, "--control"])
+            .arg(&sock)
+            .output()
+            .expect("ornament client");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // Wait until the workload has exec'd and the guest is paused.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    loop {
+        if sock.exists() && ctl("ps").contains("/ornament/bin/ornament-workload syscall 1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workload never exec'd"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Paused: the exec'd workload makes no progress for two seconds.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let before = ctl("ps");
+    assert!(before.contains("ornament-workload syscall 1"), "{before}");
+    assert_eq!(ctl("resume").trim(), "resumed");
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let paused_at = err
+        .find("an ornament paused the guest")
+        .expect("pause announced");
+    let started = err.find("W start").expect("the workload ran after resume");
+    assert!(
+        paused_at < started,
+        "the workload printed before the pause: {err}"
+    );
+    assert!(err.contains("W done"), "{err}");
+}

@@ -4,4 +4,5 @@ pub mod doctor;
 pub mod image;
 pub mod profile;
 pub mod ps;
+pub mod resume;
 pub mod run;

@@ -406,6 +406,15 @@ impl GdbClient {
         }
     }
 
+    /// Ask a running guest to stop (the `\x03` interrupt) without waiting; the
+    /// stop reply comes through `wait_stop`.
+    pub fn request_stop(&mut self) -> Result<(), GdbError> {
+        if self.running {
+            self.write_all(&[0x03])?;
+        }
+        Ok(())
+    }
+
     /// Stop a running guest and wait for the stop reply.
     pub fn interrupt(&mut self) -> Result<StopReply, GdbError> {
         if !self.running {
