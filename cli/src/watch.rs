@@ -14,7 +14,9 @@ use ornament_introspect::monitor::Monitor;
 use ornament_introspect::ornament::{
     self, Decision, DenySyscalls, EventWriter, Follow, Ornament, ProcessTree, TreeView,
 };
-use ornament_introspect::probes::{ProbeKind, ProbeSet, SyscallWatch, WatchConfig};
+use ornament_introspect::probes::{
+    deny_rules, parse_deny, syscall_numbers, ProbeKind, ProbeSet, SyscallWatch, WatchConfig,
+};
 use ornament_introspect::profile::Profile;
 use ornament_qemu::gdb::{GdbError, StopReply};
 use ornament_qemu::machine::MachineError;
@@ -80,32 +82,11 @@ pub struct WatchArgs {
     pause_on_exec: Option<String>,
 }
 
-/// Which syscalls to report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Syscalls {
-    /// None.
-    None,
-    /// Every syscall.
-    All,
-    /// Only these.
-    Named(Vec<String>),
-}
-
 /// The parsed event options.
 #[derive(Debug, Clone)]
 pub struct WatchPlan {
-    /// fork events.
-    pub fork: bool,
-    /// exec events.
-    pub exec: bool,
-    /// exit events.
-    pub exit: bool,
-    /// uid/gid change events.
-    pub setid: bool,
-    /// syscall events.
-    pub syscalls: Syscalls,
-    /// (syscall name, errno) to deny.
-    pub deny: Vec<(String, i32)>,
+    /// What to trap (events, syscalls, deny rules), as introspect reads it.
+    pub cfg: WatchConfig,
     /// Output format.
     pub format: Format,
     /// Output file.
@@ -122,93 +103,6 @@ pub struct WatchPlan {
     pub pause_on_exec: Option<String>,
 }
 
-/// errno names ornament knows (`--deny-syscall NAME:ENAME`).
-pub const ERRNO_NAMES: &[(&str, i32)] = &[
-    ("EPERM", 1),
-    ("ENOENT", 2),
-    ("EINTR", 4),
-    ("EIO", 5),
-    ("EBADF", 9),
-    ("EAGAIN", 11),
-    ("ENOMEM", 12),
-    ("EACCES", 13),
-    ("EFAULT", 14),
-    ("EBUSY", 16),
-    ("EEXIST", 17),
-    ("ENOTDIR", 20),
-    ("EISDIR", 21),
-    ("EINVAL", 22),
-    ("EMFILE", 24),
-    ("ENOSPC", 28),
-    ("EROFS", 30),
-    ("ENAMETOOLONG", 36),
-    ("ENOSYS", 38),
-    ("ENOTEMPTY", 39),
-    ("EOPNOTSUPP", 95),
-    ("ETIMEDOUT", 110),
-    ("ECONNREFUSED", 111),
-];
-
-/// Parse `EPERM`, `eperm` or `1` (1..=4095).
-pub fn parse_errno(s: &str) -> Result<i32> {
-    if let Some((_, v)) = ERRNO_NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)) {
-        return Ok(*v);
-    }
-    match s.parse::<i32>() {
-        Ok(v) if (1..=4095).contains(&v) => Ok(v),
-        Ok(v) => bail!("errno {v} is out of range (1..=4095)"),
-        Err(_) => bail!(
-            "unknown errno {s:?} (use a number 1..=4095 or one of: {})",
-            ERRNO_NAMES
-                .iter()
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
-/// Parse the --watch list.
-pub fn parse_watch(spec: &str) -> Result<(bool, bool, bool, bool, Syscalls)> {
-    let (mut fork, mut exec, mut exit, mut setid) = (false, false, false, false);
-    let mut syscalls = Syscalls::None;
-    let mut in_syscall_list = false;
-    for tok in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        match tok {
-            "fork" => fork = true,
-            "exec" => exec = true,
-            "exit" => exit = true,
-            "setid" => setid = true,
-            "syscall" => syscalls = Syscalls::All,
-            _ if tok.starts_with("syscall=") => {
-                let name = &tok["syscall=".len()..];
-                if name.is_empty() {
-                    bail!("--watch {spec}: syscall= needs a syscall name");
-                }
-                let mut names = match std::mem::replace(&mut syscalls, Syscalls::None) {
-                    Syscalls::Named(n) => n,
-                    _ => Vec::new(),
-                };
-                names.push(name.to_owned());
-                syscalls = Syscalls::Named(names);
-                in_syscall_list = true;
-                continue;
-            }
-            _ if in_syscall_list => {
-                if let Syscalls::Named(n) = &mut syscalls {
-                    n.push(tok.to_owned());
-                }
-                continue;
-            }
-            _ => bail!(
-                "--watch {spec}: unknown event {tok:?} (events: fork, exec, exit, setid, syscall, syscall=NAME,...)"
-            ),
-        }
-        in_syscall_list = false;
-    }
-    Ok((fork, exec, exit, setid, syscalls))
-}
-
 impl WatchArgs {
     /// The plan, or `None` when no event option was given.
     pub fn plan(&self) -> Result<Option<WatchPlan>> {
@@ -219,53 +113,36 @@ impl WatchArgs {
         {
             return Ok(None);
         }
-        let (mut fork, mut exec, mut exit, setid, syscalls) = match &self.watch {
-            Some(w) => parse_watch(w)?,
-            None => (false, false, false, false, Syscalls::None),
-        };
+        let mut cfg = WatchConfig::default();
+        if let Some(w) = &self.watch {
+            cfg.add_watch_list(w)
+                .with_context(|| format!("--watch {w}"))?;
+        }
         let mut shown = EventMask::NONE;
         for (on, m) in [
-            (fork, EventMask::FORK),
-            (exec, EventMask::EXEC),
-            (exit, EventMask::EXIT),
-            (setid, EventMask::SETID),
-            (syscalls != Syscalls::None, EventMask::SYSCALL),
+            (cfg.fork, EventMask::FORK),
+            (cfg.exec, EventMask::EXEC),
+            (cfg.exit, EventMask::EXIT),
+            (cfg.setid, EventMask::SETID),
+            (cfg.syscalls != SyscallWatch::None, EventMask::SYSCALL),
         ] {
             if on {
                 shown = shown | m;
             }
         }
-        exec |= self.pause_on_exec.is_some();
+        cfg.exec |= self.pause_on_exec.is_some();
         if self.tree || self.follow {
             // The tree and the follow filter are built from lifecycle events.
-            fork = true;
-            exec |= self.tree;
-            exit = true;
+            cfg.fork = true;
+            cfg.exec |= self.tree;
+            cfg.exit = true;
         }
-        let deny = self
-            .deny
-            .iter()
-            .map(|d| {
-                let (name, errno) = match d.split_once(':') {
-                    Some((n, e)) => (
-                        n,
-                        parse_errno(e).with_context(|| format!("--deny-syscall {d}"))?,
-                    ),
-                    None => (d.as_str(), 1),
-                };
-                if name.is_empty() {
-                    bail!("--deny-syscall {d}: no syscall name");
-                }
-                Ok((name.to_owned(), errno))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        for d in &self.deny {
+            cfg.deny
+                .push(parse_deny(d).with_context(|| format!("--deny-syscall {d}"))?);
+        }
         Ok(Some(WatchPlan {
-            fork,
-            exec,
-            exit,
-            setid,
-            syscalls,
-            deny,
+            cfg,
             format: self.format,
             output: self.output.clone(),
             pid: self.pid.map(|p| (p, self.follow)),
@@ -324,23 +201,12 @@ impl Tracer {
     /// Choose the trap backend (and say which), check names against the profile,
     /// and open the plugin's socket.
     pub fn prepare(plan: &WatchPlan, profile: &Profile, qemu: &QemuInfo) -> Result<Self> {
-        for (name, _) in &plan.deny {
-            if profile.syscall_nr(name).is_none() {
-                bail!(
-                    "--deny-syscall {name}: no such syscall in kernel {}",
-                    profile.kernel.release
-                );
-            }
-        }
-        if let Syscalls::Named(names) = &plan.syscalls {
-            for n in names {
-                if profile.syscall_nr(n).is_none() {
-                    bail!(
-                        "--watch syscall={n}: no such syscall in kernel {}",
-                        profile.kernel.release
-                    );
-                }
-            }
+        // Unknown syscall names and errnos are refused before the guest starts.
+        deny_rules(profile, &plan.cfg.deny)
+            .with_context(|| format!("kernel {}", profile.kernel.release))?;
+        if let SyscallWatch::Named(names) = &plan.cfg.syscalls {
+            syscall_numbers(profile, names)
+                .with_context(|| format!("--watch: kernel {}", profile.kernel.release))?;
         }
         let api = qemu.plugin_api.unwrap_or(0);
         if let Some(p) = std::env::var_os("ORNAMENT_TCG_PLUGIN") {
@@ -387,7 +253,7 @@ impl Tracer {
                 }
             }
         };
-        if matches!(backend, Backend::Gdbstub) && !plan.deny.is_empty() {
+        if matches!(backend, Backend::Gdbstub) && !plan.cfg.deny.is_empty() {
             bail!("--deny-syscall needs the plugin trap backend (QEMU >= 10.0); the gdbstub backend cannot skip a syscall");
         }
         Ok(Self {
@@ -689,20 +555,7 @@ struct Session {
 
 impl Session {
     fn new(plan: &WatchPlan, view: &GuestView) -> Result<Self> {
-        let cfg = WatchConfig {
-            fork: plan.fork,
-            exec: plan.exec,
-            exit: plan.exit,
-            setid: plan.setid,
-            syscalls: match &plan.syscalls {
-                Syscalls::None => SyscallWatch::None,
-                Syscalls::All => SyscallWatch::All,
-                Syscalls::Named(n) => SyscallWatch::Named(n.clone()),
-            },
-            deny: plan.deny.clone(),
-            hold_syscalls: false,
-        };
-        let probes = ProbeSet::new(&view.profile, view.layout, &cfg)?;
+        let probes = ProbeSet::new(&view.profile, view.layout, &plan.cfg)?;
         for w in probes.warnings() {
             eprintln!("ornament: warning: {w}");
         }
