@@ -57,6 +57,7 @@ pub fn identify(
     let mut last_err: Option<String> = None;
     // QEMU starts stopped (-S): let the kernel unpack itself.
     machine.resume()?;
+    let mut rounds = 0u32;
     while begin.elapsed() < IDENTIFY_TIMEOUT {
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted while waiting for the kernel");
@@ -64,9 +65,23 @@ pub fn identify(
         if machine.poll_exit(Duration::from_millis(15))? {
             bail!("the guest ended before its kernel could be identified");
         }
-        match banner::check(ram.as_ref(), anchors, false) {
+        // Look for a banner elsewhere about once a second: another kernel's banner
+        // means the profile is the wrong one, and the guest must not run on unobserved.
+        rounds += 1;
+        match banner::check(ram.as_ref(), anchors, rounds.is_multiple_of(60)) {
             Verdict::Match(_) => {}
-            _ => continue,
+            Verdict::Mismatch(running) => {
+                let want = format!("Linux version {} ", profile.kernel.release);
+                if !running.starts_with(&want) {
+                    machine.kill();
+                    bail!(
+                        "the profile of kernel {} does not belong to the running kernel ({running})",
+                        profile.kernel.release
+                    );
+                }
+                continue;
+            }
+            Verdict::NotYet => continue,
         }
         // The image is unpacked; is the kernel running on its own page tables?
         machine.gdb().interrupt()?;

@@ -165,3 +165,38 @@ fn plugin_library_that_is_not_a_qemu_plugin() {
     );
     expect_failure(&r, rt.path(), &["Could not load plugin", not_a_plugin]);
 }
+
+#[test]
+fn profile_of_the_other_kernel_is_refused() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let k61 = image_dir("debian-6.1-cloud");
+    let other = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../profiles/6.12.117+deb12-cloud-amd64.json");
+    let (r, rt) = ornament(&[
+        "run",
+        "--timeout",
+        "300",
+        "--kernel",
+        k61.join("vmlinuz").to_str().expect("utf8"),
+        "--profile",
+        other.to_str().expect("utf8"),
+        "--watch",
+        "exit",
+        "--",
+        "true",
+    ]);
+    expect_failure(
+        &r,
+        rt.path(),
+        &[
+            "profile of kernel 6.12.117+deb12-cloud-amd64 does not belong to the running kernel",
+            "Linux version 6.1.0-50-cloud-amd64",
+        ],
+    );
+    assert!(
+        !r.stderr.contains("Power down"),
+        "the guest ran on unobserved: {}",
+        r.stderr
+    );
+}
