@@ -8,14 +8,15 @@
 
 use crate::guest::GuestView;
 use anyhow::{bail, Context, Result};
-use ornament_engine::wire::{ProbeSpec, Reg, RegMask};
+use ornament_engine::wire::{MemRead, ProbeSpec, Reg, RegMask};
 use ornament_introspect::event::{Event, EventMask};
 use ornament_introspect::monitor::Monitor;
 use ornament_introspect::ornament::{
     self, Decision, DenySyscalls, EventWriter, Follow, Ornament, ProcessTree, TreeView,
 };
 use ornament_introspect::probes::{
-    deny_rules, parse_deny, syscall_numbers, ProbeKind, ProbeSet, SyscallWatch, WatchConfig,
+    deny_rules, parse_deny, syscall_numbers, ProbeKind, ProbeSet, SyscallHook, SyscallWatch,
+    WatchConfig, MEM_CURRENT_TASK, MEM_SYSCALL_ARGS, SYSCALL_ARG_FIELDS,
 };
 use ornament_introspect::profile::Profile;
 use ornament_qemu::gdb::{GdbError, StopReply};
@@ -463,6 +464,7 @@ fn run_gdbstub(
                                 .unwrap_or(u64::MAX),
                             regs,
                             held: true,
+                            mem: [None; ornament_engine::wire::MAX_MEM_READS],
                         };
                         let action = session.deliver(&hit);
                         if action != ornament_engine::Action::Continue {
@@ -494,13 +496,14 @@ fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Res
         Reg::GsBase,
         Reg::KernelGsBase,
     ]);
+    let current_task_offset =
+        p.percpu_current_task.symbol_offset + p.percpu_current_task.field_offset;
     let deny = if session.probes.deny_rules().is_empty() {
         None
     } else {
-        let per_cpu = &p.percpu_current_task;
         let cfg = DenyConfig {
             syscall_exit: view.layout.virt(p.symbol("syscall_exit_to_user_mode")?),
-            current_task_offset: per_cpu.symbol_offset + per_cpu.field_offset,
+            current_task_offset,
             syscall_work_offset: p.offset("task_struct", "thread_info.syscall_work")?,
             syscall_emu_bit: SYSCALL_WORK_BIT_SYSCALL_EMU,
             pt_regs_ax_offset: p.offset("pt_regs", "ax")?,
@@ -523,10 +526,25 @@ fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Res
                 cfg.entry_spec(&nrs, needed)
             }
             (_, hold, filter) => {
-                // A syscall's arguments live in its pt_regs, which the task
-                // overwrites at its next syscall: hold the vCPU while they are read.
-                let hold = hold || matches!(spec.kind, ProbeKind::Syscall(_));
                 let mut ps = ProbeSpec::regs(needed);
+                let mut hold = hold;
+                if let ProbeKind::Syscall(hook) = spec.kind {
+                    // The arguments live in pt_regs, which the task overwrites at its
+                    // next syscall: the plugin reads them (and the current task) in
+                    // its callback, so the vCPU need not wait for us.
+                    for (i, f) in SYSCALL_ARG_FIELDS.iter().enumerate() {
+                        ps.mem[MEM_SYSCALL_ARGS.start + i] =
+                            MemRead::at_reg(Reg::Rdi, p.offset("pt_regs", f)?, 8);
+                    }
+                    ps.mem[MEM_CURRENT_TASK] = MemRead::at_reg(Reg::GsBase, current_task_offset, 8);
+                    // exit and exit_group end the task: hold so that it is read
+                    // before it can be reaped.
+                    if let SyscallHook::Function { nr } = hook {
+                        hold |= ["exit", "exit_group"]
+                            .iter()
+                            .any(|n| p.syscall_nr(n) == Some(nr));
+                    }
+                }
                 if let Some(f) = filter {
                     let nrs: Vec<u64> = f.iter().map(|&n| u64::from(n)).collect();
                     ps = ps.with_filter(Reg::Rsi, &nrs);

@@ -31,7 +31,8 @@ use crate::kernel::{is_kernel_address, Kernel, KernelError};
 use crate::ornament::Registry;
 use crate::paging::PageRoot;
 use crate::probes::{
-    ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, PROC_EVENT_GID, PROC_EVENT_UID,
+    ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CURRENT_TASK,
+    MEM_SYSCALL_ARGS, PROC_EVENT_GID, PROC_EVENT_UID,
 };
 use crate::profile::{Profile, ProfileError};
 use crate::task::{Limits, TaskError, TaskOffsets, TaskReader};
@@ -257,7 +258,15 @@ impl Monitor {
             Err(KernelError::NoPerCpuBase { .. }) => kernel.percpu_base_of_cpu(hit.vcpu).ok(),
             Err(_) => None,
         };
-        let current = base.and_then(|b| kernel.current_task_at(&vm, b).ok());
+        // The task the engine read at the hit, else the one current now.
+        let current = hit
+            .mem
+            .get(MEM_CURRENT_TASK)
+            .copied()
+            .flatten()
+            .map(Gva)
+            .filter(|t| crate::kernel::is_kernel_address(*t))
+            .or_else(|| base.and_then(|b| kernel.current_task_at(&vm, b).ok()));
         let r = Reader {
             reader: &reader,
             vm: &vm,
@@ -353,10 +362,17 @@ impl Monitor {
                         nr
                     }
                 };
-                let args = arg(hit.regs.rdi)
-                    .and_then(|p| reader.regs_at(&vm, p).ok())
-                    .or_else(|| current.and_then(|c| reader.user_regs(&vm, c).ok()))
-                    .map(|u| u.syscall_args())
+                // Arguments read at the hit (exact even when the vCPU ran on), else
+                // from pt_regs now (exact when the vCPU is held).
+                let at_hit: Option<Vec<u64>> = hit.mem[MEM_SYSCALL_ARGS].iter().copied().collect();
+                let args = at_hit
+                    .and_then(|v| <[u64; 6]>::try_from(v).ok())
+                    .or_else(|| {
+                        arg(hit.regs.rdi)
+                            .and_then(|p| reader.regs_at(&vm, p).ok())
+                            .or_else(|| current.and_then(|c| reader.user_regs(&vm, c).ok()))
+                            .map(|u| u.syscall_args())
+                    })
                     .unwrap_or_default();
                 let known = usize::try_from(nr)
                     .ok()

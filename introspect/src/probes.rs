@@ -62,6 +62,15 @@ pub enum ProbesError {
     },
 }
 
+/// Where an engine that reads guest memory at the hit (the TCG plugin) puts what a
+/// syscall probe needs, so that the vCPU need not be held: `ProbeHit::mem[0..6]` are the
+/// six arguments (`pt_regs` `di, si, dx, r10, r8, r9`, at the `pt_regs` in `rdi`) ...
+pub const MEM_SYSCALL_ARGS: std::ops::Range<usize> = 0..6;
+/// ... and `ProbeHit::mem[6]` is the current task (the per-CPU `current_task` at GS base).
+pub const MEM_CURRENT_TASK: usize = 6;
+/// The `pt_regs` fields of the six syscall arguments, in order.
+pub const SYSCALL_ARG_FIELDS: [&str; 6] = ["di", "si", "dx", "r10", "r8", "r9"];
+
 /// Which syscalls to report.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum SyscallWatch {

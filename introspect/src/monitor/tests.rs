@@ -103,6 +103,7 @@ fn hit(w: &World, s: &ArmSpec, rdi: u64, rsi: u64) -> ProbeHit {
         time_ns: 123,
         regs,
         held: s.hold,
+        mem: [None; ornament_engine::wire::MAX_MEM_READS],
     }
 }
 

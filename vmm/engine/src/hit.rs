@@ -25,4 +25,7 @@ pub struct ProbeHit {
     pub regs: Regs,
     /// True when the vCPU is held until the hit is answered.
     pub held: bool,
+    /// Values of the memory reads the probe asked for, read at the hit (the
+    /// TCG plugin does them in its callback; `None` where not asked or not readable).
+    pub mem: [Option<u64>; crate::wire::MAX_MEM_READS],
 }

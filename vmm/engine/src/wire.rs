@@ -24,13 +24,13 @@
 use crate::regs::Regs;
 
 /// Version of this format; the plugin sends it in [`Hello`] and the host checks it.
-pub const WIRE_VERSION: u32 = 1;
+pub const WIRE_VERSION: u32 = 2;
 /// Size of the common record header.
 pub const HEADER_LEN: usize = 8;
 /// Largest record: a hit with every register and every memory read.
 pub const MAX_RECORD_LEN: usize = HIT_HEAD_LEN + 8 * (Reg::COUNT + MAX_MEM_READS);
 /// Memory reads a probe may ask for.
-pub const MAX_MEM_READS: usize = 4;
+pub const MAX_MEM_READS: usize = 8;
 /// Largest single memory read, in bytes (it is returned as one little-endian `u64`).
 pub const MAX_MEM_READ_LEN: u8 = 8;
 /// Number of values the syscall-style filter bitmap covers (`0..FILTER_BITS`).
@@ -38,7 +38,7 @@ pub const FILTER_BITS: usize = 512;
 /// Fixed part of a hit record (header included).
 pub const HIT_HEAD_LEN: usize = 40;
 /// Length of an [`ArmRecord`].
-pub const ARM_LEN: usize = 168;
+pub const ARM_LEN: usize = HEADER_LEN + 24 + 16 * MAX_MEM_READS + 8 + FILTER_BITS / 8;
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
@@ -1002,7 +1002,7 @@ mod tests {
                 (Reg::Rip, 0xffff_ffff_810b_0de0),
                 (Reg::FsBase, 3),
             ]),
-            mem_values: [0xffff_8880_0123_4000, 0, 0, 0],
+            mem_values: [0xffff_8880_0123_4000, 0, 0, 0, 0, 0, 0, 0],
         }));
         round_trip(Msg::Hit(HitRecord {
             flags: 0,
@@ -1083,7 +1083,7 @@ mod tests {
                 (Reg::Cr3, 0x1000),
                 (Reg::KernelGsBase, 0xffff_8880_1fc0_0000),
             ]),
-            mem_values: [0, 11, 22, 0],
+            mem_values: [0, 11, 22, 0, 0, 0, 0, 0],
         };
         let r = h.to_regs();
         assert_eq!(

@@ -308,6 +308,7 @@ fn on_vcpu_event(
             time_ns,
             regs: r,
             held: hold,
+            mem: [None; ornament_engine::wire::MAX_MEM_READS],
         }));
         if tx.send(event).is_err() {
             return false;

@@ -624,6 +624,7 @@ impl PluginLink {
                 time_ns,
                 regs: h.to_regs(),
                 held: h.held(),
+                mem,
             },
             mem,
             vcpu_seq: h.seq,
