@@ -9,6 +9,7 @@ mod cmd;
 mod control;
 mod guest;
 mod identify;
+mod kvm_run;
 mod select;
 mod watch;
 

@@ -57,18 +57,23 @@ pub enum Selected {
     QemuTcg,
     /// QEMU with KVM acceleration.
     QemuKvm,
+    /// ornament's own KVM VMM; `pvm_compat` on PVM hosts (`--force`).
+    Kvm {
+        /// PVM compatibility mode.
+        pvm_compat: bool,
+    },
 }
 
 /// Why an engine cannot be used.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum SelectError {
-    /// --engine kvm: this host's KVM is PVM (kvm_pvm module, no VT-x/AMD-V), which runs an unmodified kernel's kernel mode through an instruction emulator and takes minutes to boot; use --engine qemu (or --engine auto)
+    /// --engine kvm: this host's KVM is PVM (kvm_pvm module, no VT-x/AMD-V), which runs an unmodified kernel's kernel mode through an instruction emulator and takes minutes to boot; use --engine qemu (or --engine auto), or add --force to boot it anyway in PVM compatibility mode
     KvmIsPvm,
     /// --engine kvm: /dev/kvm is missing; use --engine qemu (software emulation)
     NoKvm,
     /// --engine kvm: /dev/kvm cannot be opened (permission?); add yourself to the kvm group or use --engine qemu
     KvmInaccessible,
-    /// --engine kvm: ornament's own KVM VMM cannot boot a Linux guest yet; use --engine qemu (with --force on a hardware-KVM host it would still refuse)
+    /// --engine kvm: this KVM is neither hardware virtualization nor PVM; use --engine qemu
     KvmEngineNotReady,
 }
 
@@ -93,9 +98,17 @@ pub fn select(choice: EngineChoice, force: bool) -> Result<(Selected, String), S
         }),
         EngineChoice::Kvm => match kind {
             KvmKind::Pvm if !force => Err(SelectError::KvmIsPvm),
+            KvmKind::Pvm => Ok((
+                Selected::Kvm { pvm_compat: true },
+                "engine kvm, PVM compatibility mode (--force): this KVM emulates the guest kernel's kernel mode, so the boot takes minutes (about 7 to /init); known limit: user space's console output does not reach the host yet, so the command's status is not reported; events are not wired through this engine".to_owned(),
+            )),
             KvmKind::Absent => Err(SelectError::NoKvm),
             KvmKind::Inaccessible => Err(SelectError::KvmInaccessible),
-            _ => Err(SelectError::KvmEngineNotReady),
+            KvmKind::Hardware => Ok((
+                Selected::Kvm { pvm_compat: false },
+                "engine kvm (ornament's own VMM on hardware KVM; not yet tested on such a host)".to_owned(),
+            )),
+            KvmKind::Unknown => Err(SelectError::KvmEngineNotReady),
         },
     }
 }

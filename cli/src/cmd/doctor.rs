@@ -126,6 +126,13 @@ pub fn run(a: DoctorArgs) -> Result<()> {
             (false, None) => println!("kvm trap {name}: fails"),
         }
     }
+    if let Some(p) = &k.pvm_compat {
+        match (p.works, &p.reason) {
+            (true, _) => println!("kvm pvm compatibility mode: works (self-test: int3, fwait, clac/stac, syscall entry completed by the VMM; user-space console not working yet)"),
+            (false, Some(why)) => println!("kvm pvm compatibility mode: fails ({why})"),
+            (false, None) => println!("kvm pvm compatibility mode: fails"),
+        }
+    }
     if let Some(ns) = k.exit_round_trip_ns {
         println!("kvm exit round trip: {:.1} us", ns / 1000.0);
     }

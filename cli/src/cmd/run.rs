@@ -152,9 +152,6 @@ pub fn run(a: RunArgs) -> Result<u8> {
     }
     let (selected, why) = select::select(a.engine, a.force)?;
     eprintln!("ornament: {why}");
-    let qemu = ornament_qemu::qemu_binary(a.qemu.as_deref());
-    let qemu_info = ornament_qemu::probe(&qemu)?;
-    tracing::info!(version = %qemu_info.version_line, "QEMU");
 
     let boot = resolve(&a)?;
     let kind = kernel_file::inspect(&boot.kernel)?;
@@ -193,16 +190,63 @@ pub fn run(a: RunArgs) -> Result<u8> {
     } else {
         None
     };
+    if let Selected::Kvm { pvm_compat } = selected {
+        if needs_view {
+            bail!("--watch, --deny-syscall and --control are not wired through --engine kvm yet; use --engine qemu");
+        }
+        // Our VMM boots the ELF vmlinux directly (the bzImage decompressor alone
+        // takes minutes in emulated kernel mode).
+        let kernel = match (&boot.image_dir, &kind) {
+            (Some(dir), _) => dir.join(files::VMLINUX),
+            (None, kernel_file::KernelKind::Elf) => boot.kernel.clone(),
+            (None, _) => {
+                eprintln!("ornament: warning: {} is a bzImage; under PVM its decompressor alone takes minutes (an ELF vmlinux boots directly)", boot.kernel.display());
+                boot.kernel.clone()
+            }
+        };
+        let dir = private_dir()?;
+        let initrd = dir.path().join("initramfs");
+        RunOverlay {
+            command: a.command.clone(),
+            add: add.clone(),
+        }
+        .write_combined(&boot.initrd, &initrd)?;
+        let mut cmdline = BASE_CMDLINE.to_owned();
+        if let Some(extra) = &a.append {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
+        }
+        return crate::kvm_run::run(
+            crate::kvm_run::KvmBoot {
+                kernel,
+                initrd,
+                system_map: boot.system_map.clone(),
+                cmdline,
+                vcpus: a.vcpus,
+                mem_size_mib: a.memory,
+                pvm_compat,
+            },
+            &stop,
+            a.timeout.map(Duration::from_secs),
+        );
+    }
+
+    let qemu = ornament_qemu::qemu_binary(a.qemu.as_deref());
+    let qemu_info = ornament_qemu::probe(&qemu)?;
+    tracing::info!(version = %qemu_info.version_line, "QEMU");
     let mut tracer = match (&watch, &profile) {
         (Some(plan), Some(p)) => Some(crate::watch::Tracer::prepare(plan, p, &qemu_info)?),
         _ => None,
     };
-
     let paths = RunPaths::new()?;
     let initrd = paths.dir.path().join("initramfs");
     RunOverlay {
         command: a.command.clone(),
-        add,
+        add: add.clone(),
     }
     .write_combined(&boot.initrd, &initrd)?;
     let mut cmdline = BASE_CMDLINE.to_owned();

@@ -2,7 +2,7 @@
 //!
 //! `cargo run -p ornament-kvm --example boot -- KERNEL [SECONDS] [VCPUS] [CMDLINE...]`
 //! runs until the guest stops by itself or SECONDS (default 120) pass, then prints how
-//! each vCPU ended.
+//! each vCPU ended. `ORNAMENT_INITRD=PATH` adds an initrd.
 
 use ornament_kvm::builder::{build, ConsoleOutput, MachineConfig};
 use ornament_kvm::machine::RunControl;
@@ -11,6 +11,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    // ORNAMENT_SAMPLE_MS=N: kick the vCPUs every N ms (with RUST_LOG=debug the run loop
+    // logs each vCPU's RIP at the kick: a poor man's profiler).
+    let sample_ms: Option<u64> = std::env::var("ORNAMENT_SAMPLE_MS")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(kernel) = args.first() else {
         eprintln!("usage: boot KERNEL [SECONDS] [VCPUS] [CMDLINE...]");
@@ -27,11 +36,12 @@ fn main() -> ExitCode {
     };
     let cfg = MachineConfig {
         kernel: kernel.into(),
-        initrd: None,
+        initrd: std::env::var_os("ORNAMENT_INITRD").map(Into::into),
         cmdline,
         vcpu_count: vcpus,
         mem_size_mib: 512,
         console: ConsoleOutput::CaptureAndStdout,
+        pvm_compat: std::env::var_os("ORNAMENT_PVM_COMPAT").is_some(),
     };
     let mut m = match build(&cfg) {
         Ok(m) => m,
@@ -50,7 +60,10 @@ fn main() -> ExitCode {
                     control.request_stop();
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(sample_ms.unwrap_or(100)));
+                if sample_ms.is_some() {
+                    control.kick();
+                }
             }
         });
         let out = m.run(None, &|_, _| false, &control);

@@ -4,8 +4,8 @@
 //! Steps, in order: memory, kernel (bzImage or ELF vmlinux via linux-loader), initrd,
 //! command line, zero page (boot_params + e820), ACPI (RSDP/XSDT/FADT/DSDT/MADT, one
 //! local APIC per vCPU), boot GDT and identity page tables,
-//! VM (memory slots, TSS, irqchip + PIT), devices (COM1 on IRQ 4 through an irqfd,
-//! i8042), vCPUs (CPUID from KVM_GET_SUPPORTED_CPUID with fixups, MSRs, FPU, LAPIC
+//! VM (memory slots, TSS, irqchip + PIT), devices (COM1 on IRQ 4 and COM2 on IRQ 3
+//! through irqfds, i8042), vCPUs (CPUID from KVM_GET_SUPPORTED_CPUID with fixups, MSRs, FPU, LAPIC
 //! LINT pins, long-mode registers on the BSP).
 //! vCPUs other than 0 wait (in KVM's in-kernel LAPIC) for the kernel's INIT/SIPI.
 
@@ -19,10 +19,11 @@ use crate::devices::{DevicesError, PioBus, Serial, SharedBuffer, I8042};
 use crate::layout::{
     initrd_placement, BOOT_STACK_POINTER, CMDLINE_MAX_SIZE, CMDLINE_START, I8042 as I8042_PORTS,
     INITRD_DEFAULT_ADDR_MAX, KVM_TSS_ADDRESS, MAX_MEM_SIZE, MIB, PAGE_SIZE, RSDP_START,
-    SERIAL_COM1, SERIAL_COM1_IRQ, ZERO_PAGE_START,
+    SERIAL_COM1, SERIAL_COM1_IRQ, SERIAL_COM2, SERIAL_COM2_IRQ, ZERO_PAGE_START,
 };
 use crate::machine::Machine;
 use crate::memory::{KvmMemory, MemoryError};
+use crate::pvm::{HookArmingConsole, PvmShared};
 use crate::support::{kvm_kind, KvmKind};
 use crate::vm::{open_kvm, KvmVm, VmError};
 use kvm_bindings::{kvm_fpu, kvm_pit_config, kvm_regs, Msrs, KVM_PIT_SPEAKER_DUMMY};
@@ -65,6 +66,10 @@ pub struct MachineConfig {
     pub mem_size_mib: u32,
     /// Console destination.
     pub console: ConsoleOutput,
+    /// PVM compatibility mode ([`crate::pvm`]): CMPXCHG16B hidden and the user-mode
+    /// `syscall` entry completed by the VMM. The caller adds
+    /// [`crate::pvm::COMPAT_CMDLINE`] to the command line (see [`crate::linux`]).
+    pub pvm_compat: bool,
 }
 
 /// Which build step failed.
@@ -203,10 +208,11 @@ fn open(path: &Path) -> Result<File, BuildError> {
     })
 }
 
-/// A writer into the capture buffer and, optionally, stdout.
+/// A writer into the capture buffer and, optionally, stdout and a caller's writer.
 struct Console {
     buf: SharedBuffer,
     stdout: bool,
+    tee: Option<Box<dyn Write + Send>>,
 }
 
 impl Write for Console {
@@ -215,11 +221,21 @@ impl Write for Console {
         if self.stdout {
             std::io::stdout().write_all(b)?;
         }
+        if let Some(t) = &mut self.tee {
+            // The caller's writer failing must not stop the guest's console.
+            if let Err(e) = t.write_all(b) {
+                tracing::warn!("console tee: {e}");
+                self.tee = None;
+            }
+        }
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         if self.stdout {
             std::io::stdout().flush()?;
+        }
+        if let Some(t) = &mut self.tee {
+            t.flush()?;
         }
         Ok(())
     }
@@ -320,11 +336,21 @@ fn step_initrd(
 
 /// Build the machine `cfg` describes, paused before the kernel's first instruction.
 pub fn build(cfg: &MachineConfig) -> Result<Machine, BuildError> {
+    build_with_console(cfg, None, None)
+}
+
+/// [`build`], with the console (COM1) also copied to `tee` and ttyS1 (COM2) to `tee2`;
+/// both writers run on the vCPU thread that writes the UART.
+pub fn build_with_console(
+    cfg: &MachineConfig,
+    tee: Option<Box<dyn Write + Send>>,
+    tee2: Option<Box<dyn Write + Send>>,
+) -> Result<Machine, BuildError> {
     let kvm = open_kvm().map_err(BuildError::Kvm)?;
     let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
     drop(kvm);
     cfg.validate(max_vcpus)?;
-    let hide_cx16 = kvm_kind() == KvmKind::Pvm;
+    let hide_cx16 = cfg.pvm_compat || kvm_kind() == KvmKind::Pvm;
 
     tracing::debug!(step = ?BuildStep::Memory, "build");
     let mem =
@@ -389,11 +415,35 @@ pub fn build(cfg: &MachineConfig) -> Result<Machine, BuildError> {
     let console = Console {
         buf: serial_buf.clone(),
         stdout: cfg.console == ConsoleOutput::CaptureAndStdout,
+        tee,
+    };
+    let pvm = cfg.pvm_compat.then(|| Arc::new(PvmShared::default()));
+    let console: Box<dyn Write + Send> = match &pvm {
+        Some(shared) => Box::new(HookArmingConsole::new(Box::new(console), shared.clone())),
+        None => Box::new(console),
     };
     let mut bus = PioBus::new();
     bus.insert(
         SERIAL_COM1,
-        Arc::new(Mutex::new(Serial::new(Box::new(console), Some(irq)))),
+        Arc::new(Mutex::new(Serial::new(console, Some(irq)))),
+    )
+    .map_err(|e| BuildError::Devices(BuildStep::Devices, e))?;
+    let serial2 = SharedBuffer::default();
+    let irq2 =
+        EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::EventFd(BuildStep::Devices, e))?;
+    vm.fd()
+        .register_irqfd(&irq2, SERIAL_COM2_IRQ)
+        .map_err(ioctl(BuildStep::Devices))?;
+    bus.insert(
+        SERIAL_COM2,
+        Arc::new(Mutex::new(Serial::new(
+            Box::new(Console {
+                buf: serial2.clone(),
+                stdout: false,
+                tee: tee2,
+            }),
+            Some(irq2),
+        ))),
     )
     .map_err(|e| BuildError::Devices(BuildStep::Devices, e))?;
     bus.insert(I8042_PORTS, Arc::new(Mutex::new(I8042::new())))
@@ -451,6 +501,8 @@ pub fn build(cfg: &MachineConfig) -> Result<Machine, BuildError> {
         serial: serial_buf,
         stop_all_on_exit: true,
         complete_instructions: true,
+        pvm,
+        serial2,
     })
 }
 
@@ -466,6 +518,7 @@ mod tests {
             vcpu_count: 1,
             mem_size_mib: 128,
             console: ConsoleOutput::Capture,
+            pvm_compat: false,
         }
     }
 

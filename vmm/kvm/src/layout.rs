@@ -198,6 +198,13 @@ pub const SERIAL_COM1: PortRange = PortRange {
 };
 /// COM1's interrupt line (ISA IRQ 4).
 pub const SERIAL_COM1_IRQ: u32 = 4;
+/// COM2 (the guest's ttyS1): ornament's /init reports `ornament-exit N` here.
+pub const SERIAL_COM2: PortRange = PortRange {
+    base: 0x2f8,
+    len: 8,
+};
+/// COM2's interrupt line (ISA IRQ 3).
+pub const SERIAL_COM2_IRQ: u32 = 3;
 
 /// A named guest-physical range, for the overlap test and for documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,7 +315,7 @@ pub const fn test_memory_map() -> [Region; 5] {
 }
 
 /// Every port we give meaning to, in port order.
-pub const fn port_map() -> [(&'static str, PortRange); 5] {
+pub const fn port_map() -> [(&'static str, PortRange); 6] {
     [
         ("i8042", I8042),
         (
@@ -332,6 +339,7 @@ pub const fn port_map() -> [(&'static str, PortRange); 5] {
                 len: 1,
             },
         ),
+        ("serial COM2", SERIAL_COM2),
         ("serial COM1", SERIAL_COM1),
     ]
 }
@@ -381,6 +389,7 @@ mod tests {
         }
         const { assert!(PROBE_PORT <= 0xff, "the probe port must fit `out imm8, al`") };
         assert_eq!(SERIAL_COM1.base, 0x3f8);
+        assert_eq!(SERIAL_COM2.base, 0x2f8);
         assert_eq!(I8042.base, 0x60);
         assert_eq!(I8042_COMMAND_PORT, 0x64);
         assert!(SERIAL_COM1.contains(0x3ff) && !SERIAL_COM1.contains(0x400));

@@ -32,7 +32,31 @@ pub struct VcpuOutcome {
 pub struct RunControl {
     stop: Arc<AtomicBool>,
     /// The pthread of each running vCPU thread; cleared (under the lock) before it ends.
-    threads: Mutex<Vec<Option<libc::pthread_t>>>,
+    threads: Arc<Mutex<Vec<Option<libc::pthread_t>>>>,
+}
+
+/// Interrupts every running vCPU's `KVM_RUN` once (a handle vCPU threads can keep).
+#[derive(Debug, Clone)]
+pub struct Kicker(Arc<Mutex<Vec<Option<libc::pthread_t>>>>);
+
+impl Kicker {
+    /// Interrupt every vCPU thread's `KVM_RUN` once.
+    pub fn kick(&self) {
+        kick_threads(&self.0);
+    }
+}
+
+fn kick_threads(threads: &Mutex<Vec<Option<libc::pthread_t>>>) {
+    let threads = threads.lock().unwrap_or_else(|p| p.into_inner());
+    for t in threads.iter().flatten() {
+        // SAFETY: `t` is the pthread of a vCPU thread that is still running: each
+        // thread clears its entry under this same lock before it returns, so the
+        // handle cannot be stale; the signal has a no-op handler (installed by
+        // `install_kick_handler`), so it only interrupts the ioctl with EINTR.
+        unsafe {
+            libc::pthread_kill(*t, kick_signal());
+        }
+    }
 }
 
 impl RunControl {
@@ -50,16 +74,12 @@ impl RunControl {
 
     /// Interrupt every vCPU thread's `KVM_RUN` once.
     pub fn kick(&self) {
-        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        for t in threads.iter().flatten() {
-            // SAFETY: `t` is the pthread of a vCPU thread that is still running: each
-            // thread clears its entry under this same lock before it returns, so the
-            // handle cannot be stale; the signal has a no-op handler (installed by
-            // `install_kick_handler`), so it only interrupts the ioctl with EINTR.
-            unsafe {
-                libc::pthread_kill(*t, kick_signal());
-            }
-        }
+        kick_threads(&self.threads);
+    }
+
+    /// A handle that kicks the same threads.
+    pub fn kicker(&self) -> Kicker {
+        Kicker(self.threads.clone())
     }
 
     /// True once a stop was requested.
@@ -102,6 +122,10 @@ pub struct Machine {
     /// Finish instructions KVM fails to emulate (kernel-mode `int3` on PVM) instead
     /// of stopping with an error; see `vcpu::complete`.
     pub complete_instructions: bool,
+    /// PVM compatibility (the syscall-entry completion); `None`: off.
+    pub pvm: Option<Arc<crate::pvm::PvmShared>>,
+    /// Everything the guest wrote to COM2 (ttyS1), where ornament's /init reports.
+    pub serial2: SharedBuffer,
 }
 
 impl Machine {
@@ -128,6 +152,7 @@ impl Machine {
         let bus = &self.bus;
         let stop_all = self.stop_all_on_exit;
         let memory = self.complete_instructions.then(|| self.vm.memory().clone());
+        let pvm = self.pvm.clone();
         let n = self.vcpus.len();
         *control.threads.lock().unwrap_or_else(|p| p.into_inner()) = vec![None; n];
         std::thread::scope(|s| {
@@ -139,6 +164,7 @@ impl Machine {
                     let traps = traps.clone();
                     let gate = gate.clone();
                     let memory = memory.clone();
+                    let pvm = pvm.clone();
                     s.spawn(move || {
                         {
                             let mut t = control.threads.lock().unwrap_or_else(|p| p.into_inner());
@@ -149,6 +175,8 @@ impl Machine {
                         ctx.stop = Some(control.stop.clone());
                         ctx.gate = gate;
                         ctx.memory = memory;
+                        ctx.pvm = pvm;
+                        ctx.kicker = Some(control.kicker());
                         let result = vcpu.run(&mut ctx, &mut |i, ev| on_event(i, ev));
                         control.threads.lock().unwrap_or_else(|p| p.into_inner())[slot] = None;
                         let ends_machine = match &result {

@@ -115,6 +115,36 @@ pub struct HostSupport {
     pub exit_round_trip_ns: Option<f64>,
     /// Why the VM tests could not run at all, if they could not.
     pub problem: Option<String>,
+    /// PVM compatibility mode's self-test ([`crate::pvm::pvm_compat_self_test`]), on
+    /// PVM hosts: can an unmodified kernel be booted here (slowly)?
+    pub pvm_compat: Option<PvmCompatSupport>,
+}
+
+/// The PVM compatibility self-test's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PvmCompatSupport {
+    /// True when every completion worked (int3, fwait, clac/stac, syscall entry).
+    pub works: bool,
+    /// Why not.
+    pub reason: Option<String>,
+    /// What it saw when it worked.
+    pub report: Option<crate::pvm::SelfTestReport>,
+}
+
+/// Run the PVM compatibility self-test.
+pub fn pvm_compat_support() -> PvmCompatSupport {
+    match crate::pvm::pvm_compat_self_test() {
+        Ok(r) => PvmCompatSupport {
+            works: true,
+            reason: None,
+            report: Some(r),
+        },
+        Err(e) => PvmCompatSupport {
+            works: false,
+            reason: Some(error_chain(&e)),
+            report: None,
+        },
+    }
 }
 
 impl HostSupport {
@@ -159,6 +189,7 @@ pub fn host_support() -> HostSupport {
         traps: Vec::new(),
         exit_round_trip_ns: None,
         problem: None,
+        pvm_compat: None,
     };
     let kvm = match open_kvm() {
         Ok(k) => k,
@@ -198,6 +229,9 @@ pub fn host_support() -> HostSupport {
         }),
         trap_support(TrapKind::Int3, || self_test_int3().map(|()| None)),
     ];
+    if s.kind == KvmKind::Pvm {
+        s.pvm_compat = Some(pvm_compat_support());
+    }
     match measure_exit_round_trip_ns(ROUND_TRIP_EXITS) {
         Ok(ns) => s.exit_round_trip_ns = Some(ns),
         Err(e) => s.problem = Some(error_chain(&e)),

@@ -112,6 +112,8 @@ impl TestGuest {
             serial,
             stop_all_on_exit: false,
             complete_instructions: false,
+            pvm: None,
+            serial2: SharedBuffer::default(),
         })
     }
 }

@@ -62,6 +62,7 @@ fn config(kernel: PathBuf) -> MachineConfig {
         vcpu_count: 1,
         mem_size_mib: 512,
         console: ConsoleOutput::Capture,
+        pvm_compat: false,
     }
 }
 

@@ -14,6 +14,8 @@ pub const HEADER_LEN: usize = 36;
 pub const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
 /// FADT flags: power and sleep buttons are control-method devices (none).
 pub const FADT_PWR_SLP_BUTTON: u32 = (1 << 4) | (1 << 5);
+/// ISA IRQs given identity overrides in the MADT: COM2 (3) and COM1 (4).
+pub const ISA_IRQS_MAPPED: [u8; 2] = [3, 4];
 /// MADT flag: the machine also has dual 8259 PICs.
 pub const MADT_PCAT_COMPAT: u32 = 1;
 
@@ -101,6 +103,14 @@ pub fn madt(vcpus: u32) -> Result<Vec<u8>, AcpiError> {
     t.extend_from_slice(&[2, 10, 0, 0]); // type 2: override, ISA bus, IRQ 0
     t.extend_from_slice(&2u32.to_le_bytes()); // -> GSI 2
     t.extend_from_slice(&0u16.to_le_bytes()); // flags: bus defaults
+                                              // Identity entries for the UARTs' ISA IRQs: with a hardware-reduced FADT Linux has
+                                              // no legacy PIC and maps no ISA IRQ by default, so without these `request_irq(4)`
+                                              // fails and the tty on ttyS0 (user space's console) cannot be opened.
+    for irq in ISA_IRQS_MAPPED {
+        t.extend_from_slice(&[2, 10, 0, irq]); // type 2: override, ISA bus, IRQ n
+        t.extend_from_slice(&u32::from(irq).to_le_bytes()); // -> GSI n
+        t.extend_from_slice(&0u16.to_le_bytes()); // flags: bus defaults (edge, high)
+    }
     Ok(finish(t))
 }
 
@@ -187,8 +197,10 @@ mod tests {
     #[test]
     fn madt_entries() {
         let m = madt(2).expect("madt");
-        // header, LAPIC address + flags, 2 x 8, 12, 10.
-        assert_eq!(m.len(), 36 + 8 + 16 + 12 + 10);
+        // header, LAPIC address + flags, 2 x 8, 12, 10 (IRQ 0), 2 x 10 (IRQs 3, 4).
+        assert_eq!(m.len(), 36 + 8 + 16 + 12 + 10 + 20);
+        assert_eq!(&m[82..86], &[2, 10, 0, 3]);
+        assert_eq!(&m[92..96], &[2, 10, 0, 4]);
         assert_eq!(&m[44..52], &[0, 8, 0, 0, 1, 0, 0, 0]);
         assert_eq!(&m[52..60], &[0, 8, 1, 1, 1, 0, 0, 0]);
         assert_eq!(&m[60..64], &[1, 12, 2, 0]);

@@ -7,11 +7,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// The serial interrupt: an eventfd registered as an irqfd, or nothing (test guests).
 #[derive(Debug)]
-pub struct SerialIrq(Option<EventFd>);
+pub struct SerialIrq(Option<EventFd>, std::sync::atomic::AtomicU64);
 
 impl vm_superio::Trigger for SerialIrq {
     type E = std::io::Error;
     fn trigger(&self) -> Result<(), Self::E> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &self.0 {
             Some(evt) => evt.write(1),
             None => Ok(()),
@@ -34,18 +35,36 @@ impl std::fmt::Debug for Serial {
 impl Serial {
     /// A UART writing to `out`, raising `irq` (if any) when it wants attention.
     pub fn new(out: SerialOut, irq: Option<EventFd>) -> Self {
-        Self(vm_superio::Serial::new(SerialIrq(irq), out))
+        Self(vm_superio::Serial::new(
+            SerialIrq(irq, std::sync::atomic::AtomicU64::new(0)),
+            out,
+        ))
     }
 }
 
 impl PioDevice for Serial {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         let v = u8::try_from(offset).map_or(0, |o| self.0.read(o));
+        if offset == 2 {
+            tracing::trace!(iir = v, "serial IIR read");
+        }
         data.fill(v);
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) -> Result<PioEffect, DevicesError> {
         if let (Ok(o), Some(&v)) = (u8::try_from(offset), data.first()) {
+            if o != 0 {
+                tracing::trace!(
+                    offset = o,
+                    value = v,
+                    interrupts = self
+                        .0
+                        .interrupt_evt()
+                        .1
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    "serial register write"
+                );
+            }
             self.0.write(o, v).map_err(|e| match e {
                 vm_superio::serial::Error::Trigger(e) | vm_superio::serial::Error::IOError(e) => {
                     DevicesError::Serial(e)

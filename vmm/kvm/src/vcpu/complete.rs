@@ -68,13 +68,23 @@ pub fn decide(insn: &[u8], regs: &kvm_regs, sregs: &kvm_sregs) -> Option<Complet
 /// Read up to [`MAX_INSN`] instruction bytes at RIP through the guest's page tables
 /// (identity when paging is off), stopping at a page boundary.
 pub fn fetch(mem: &dyn PhysMemory, regs: &kvm_regs, sregs: &kvm_sregs) -> Option<Vec<u8>> {
+    fetch_n(mem, regs, sregs, MAX_INSN)
+}
+
+/// Read up to `n` bytes at RIP, as [`fetch`] does (for error messages).
+pub fn fetch_n(
+    mem: &dyn PhysMemory,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    n: usize,
+) -> Option<Vec<u8>> {
     let gpa = if sregs.cr0 & crate::boot::CR0_PG != 0 {
         translate(mem, sregs.cr3, Gva(regs.rip))?
     } else {
         ornament_engine::Gpa(regs.rip)
     };
     let to_page_end = 0x1000 - (gpa.raw() & 0xfff);
-    let len = usize::try_from(to_page_end).map_or(MAX_INSN, |n| n.min(MAX_INSN));
+    let len = usize::try_from(to_page_end).map_or(n, |p| p.min(n));
     let mut b = vec![0u8; len];
     mem.read_phys(gpa, &mut b).ok()?;
     Some(b)

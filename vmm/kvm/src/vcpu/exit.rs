@@ -34,6 +34,9 @@ pub enum ExitAction {
     StepDone,
     /// A test guest reported a value on [`TEST_REPORT_PORT`].
     Report(u32),
+    /// The guest's #PF handler was entered (PVM compatibility's breakpoint): look at
+    /// the frame, complete a stuck `syscall` entry or pass the fault on.
+    PageFaultHook,
     /// The run ended.
     Stop(StopReason),
 }
@@ -69,8 +72,18 @@ pub struct ExitStats {
     pub stale_probe_exits: u64,
     /// Port accesses with no device behind them.
     pub unclaimed_pio: u64,
-    /// Instructions the VMM finished for KVM (kernel-mode `int3` on PVM).
+    /// Instructions the VMM finished for KVM (all kinds below together).
     pub completed: u64,
+    /// Of those: kernel-mode `int3` delivered as an injected #BP.
+    pub completed_int3: u64,
+    /// Of those: `fwait` skipped.
+    pub completed_fwait: u64,
+    /// Of those: `clac` / `stac` done on RFLAGS.AC.
+    pub completed_clac_stac: u64,
+    /// User-mode `syscall` entries completed by the VMM (PVM compatibility).
+    pub syscall_entries: u64,
+    /// Hits of the #PF handler breakpoint that were real page faults, passed on.
+    pub page_faults_passed: u64,
 }
 
 /// What `handle_exit` may look at and change: no fd, only data.
@@ -93,6 +106,12 @@ pub struct ExitCtx {
     /// Guest memory, for finishing instructions KVM failed to emulate
     /// (`vcpu::complete`); `None` leaves such failures as errors.
     pub memory: Option<Arc<crate::memory::KvmMemory>>,
+    /// PVM compatibility state shared by the machine's vCPUs (`None`: off).
+    pub pvm: Option<Arc<crate::pvm::PvmShared>>,
+    /// This vCPU's #PF handler breakpoint, once armed.
+    pub pf_hook: Option<crate::pvm::PfHook>,
+    /// Interrupts every vCPU's `KVM_RUN` (to make them all arm the hook).
+    pub kicker: Option<crate::machine::Kicker>,
 }
 
 impl ExitCtx {
@@ -107,6 +126,9 @@ impl ExitCtx {
             stop: None,
             gate: None,
             memory: None,
+            pvm: None,
+            pf_hook: None,
+            kicker: None,
         }
     }
 
@@ -162,6 +184,11 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitCtx) -> Result<ExitAction, 
         VcpuExit::Debug(arch) => {
             if ctx.stepping && dr6_single_step(arch.dr6) {
                 return Ok(ExitAction::StepDone);
+            }
+            if let Some(h) = ctx.pf_hook {
+                if arch.dr6 & (1 << h.slot) != 0 && arch.pc == h.handler {
+                    return Ok(ExitAction::PageFaultHook);
+                }
             }
             match ctx.recognise(TrapExit::Debug {
                 dr6: arch.dr6,
@@ -343,6 +370,32 @@ mod tests {
                 dr6: 0xffff_0ff4
             }
         ));
+    }
+
+    #[test]
+    fn pf_handler_breakpoint_is_the_hook_not_a_probe() {
+        let (mut ctx, _) = ctx_with(None);
+        ctx.pf_hook = Some(crate::pvm::PfHook {
+            handler: 0xffff_ffff_81c0_0be0,
+            skip: 3,
+            slot: 3,
+            msrs: crate::pvm::SyscallMsrs::default(),
+        });
+        let arch = |dr6, pc| kvm_debug_exit_arch {
+            exception: 1,
+            pad: 0,
+            pc,
+            dr6,
+            dr7: 0x7c0,
+        };
+        let a = handle_exit(
+            VcpuExit::Debug(arch(0xffff_0ff8, 0xffff_ffff_81c0_0be0)),
+            &mut ctx,
+        )
+        .expect("hook");
+        assert_eq!(a, ExitAction::PageFaultHook);
+        // Another slot at another address is no hook (and no probe is armed).
+        assert!(handle_exit(VcpuExit::Debug(arch(0xffff_0ff1, 0x1000)), &mut ctx).is_err());
     }
 
     #[test]

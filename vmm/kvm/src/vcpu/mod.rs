@@ -30,6 +30,21 @@ pub enum VcpuError {
     SetGuestDebug(u32, #[source] kvm_ioctls::Error),
     /// cannot read or write the registers of vCPU {0}
     Registers(u32, #[source] kvm_ioctls::Error),
+    /// vCPU {vcpu}: KVM could not emulate the instruction at rip {rip:#x} (cs {cs:#x}), bytes {bytes}, and the VMM cannot complete it
+    Uncompleted {
+        /// The vCPU.
+        vcpu: u32,
+        /// RIP at the exit.
+        rip: u64,
+        /// CS selector (RPL 3: user mode).
+        cs: u16,
+        /// The instruction bytes at RIP, hex (empty when unreadable).
+        bytes: String,
+    },
+    /// vCPU {0}: PVM compatibility cannot find the guest's #PF handler (IDT gate 14) or a free debug register
+    PfHook(u32),
+    /// vCPU {0}: cannot read the #PF frame at rsp {1:#x}
+    PfFrame(u32, u64),
 }
 
 /// What the run loop tells its caller about, between entering the guest.
@@ -62,8 +77,9 @@ pub trait PauseGate: Send + Sync + std::fmt::Debug {
 pub struct KvmVcpu {
     fd: VcpuFd,
     index: u32,
-    /// The trap generation whose guest-debug setting is loaded.
-    debug_generation: Option<u64>,
+    /// What the loaded guest-debug setting was made from: the trap generation and
+    /// the #PF hook; `None` forces a reload.
+    debug_generation: Option<(Option<u64>, Option<u64>)>,
 }
 
 impl KvmVcpu {
@@ -94,16 +110,160 @@ impl KvmVcpu {
             .map_err(|e| VcpuError::SetGuestDebug(self.index, e))
     }
 
+    /// The guest-debug setting: the trap backend's, plus the #PF hook's slot.
+    fn wanted_debug(&self, ctx: &ExitCtx) -> GuestDebug {
+        let base = ctx
+            .traps
+            .as_ref()
+            .map(|t| t.guest_debug())
+            .unwrap_or_default();
+        match ctx.pf_hook {
+            Some(h) => crate::pvm::with_hook(base, &h),
+            None => base,
+        }
+    }
+
+    /// Load the guest-debug setting when the traps or the #PF hook changed; arm the
+    /// hook when PVM compatibility asks for it.
+    fn sync_guest_debug(&mut self, ctx: &mut ExitCtx) -> Result<(), VcpuError> {
+        if ctx.pf_hook.is_none() && ctx.pvm.as_ref().is_some_and(|p| p.hook_wanted()) {
+            self.arm_pf_hook(ctx)?;
+        }
+        let key = (
+            ctx.traps.as_ref().map(|t| t.generation()),
+            ctx.pf_hook.map(|h| h.handler),
+        );
+        if key == (None, None) && self.debug_generation.is_none() {
+            // Nothing of ours to load: leave any setting made from outside alone.
+            return Ok(());
+        }
+        if self.debug_generation != Some(key) {
+            let debug = self.wanted_debug(ctx);
+            self.set_guest_debug(debug)?;
+            self.debug_generation = Some(key);
+        }
+        Ok(())
+    }
+
+    /// Find the #PF handler through the guest's IDT, read the syscall MSRs, pick a
+    /// free debug-register slot; then kick the other vCPUs so they arm theirs.
+    fn arm_pf_hook(&mut self, ctx: &mut ExitCtx) -> Result<(), VcpuError> {
+        let Some(mem) = ctx.memory.clone() else {
+            return Ok(());
+        };
+        let e = |e| VcpuError::Registers(self.index, e);
+        // The ioctl, not SYNC_REGS: before the first KVM_RUN those are not filled in.
+        let sregs = self.fd.get_sregs().map_err(e)?;
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[
+            kvm_bindings::kvm_msr_entry {
+                index: crate::pvm::MSR_STAR,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_msr_entry {
+                index: crate::pvm::MSR_LSTAR,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_msr_entry {
+                index: crate::pvm::MSR_SFMASK,
+                ..Default::default()
+            },
+        ])
+        .expect("three MSRs fit");
+        let n = self.fd.get_msrs(&mut msrs).map_err(e)?;
+        let m = msrs.as_slice();
+        let base = ctx
+            .traps
+            .as_ref()
+            .map(|t| t.guest_debug())
+            .unwrap_or_default();
+        let hook = (n == 3)
+            .then(|| crate::pvm::SyscallMsrs {
+                star: m[0].data,
+                lstar: m[1].data,
+                sfmask: m[2].data,
+            })
+            .and_then(|msrs| crate::pvm::locate_pf_hook(mem.as_ref(), &sregs, msrs, &base));
+        match hook {
+            Some(h) => {
+                tracing::info!(
+                    vcpu = self.index,
+                    handler = format_args!("{:#x}", h.handler),
+                    lstar = format_args!("{:#x}", h.msrs.lstar),
+                    slot = h.slot,
+                    skip = h.skip,
+                    "PVM: #PF handler breakpoint armed"
+                );
+                ctx.pf_hook = Some(h);
+                if let Some(k) = &ctx.kicker {
+                    k.kick();
+                }
+            }
+            None => {
+                return Err(VcpuError::PfHook(self.index));
+            }
+        }
+        Ok(())
+    }
+
+    /// At the #PF handler breakpoint: complete a stuck `syscall` entry, or let the
+    /// handler run.
+    fn on_pf_hook(&mut self, ctx: &mut ExitCtx) -> Result<(), VcpuError> {
+        let (Some(hook), Some(mem)) = (ctx.pf_hook, ctx.memory.clone()) else {
+            return Ok(());
+        };
+        let sync = self.fd.sync_regs();
+        let (regs, mut sregs) = (sync.regs, sync.sregs);
+        let frame = crate::pvm::read_pf_frame(mem.as_ref(), sregs.cr3, regs.rsp)
+            .ok_or(VcpuError::PfFrame(self.index, regs.rsp))?;
+        match crate::pvm::decide_pf(&frame, &hook) {
+            crate::pvm::PfDecision::SyscallEntry => {
+                let (r, cs, ss) = crate::pvm::complete_syscall_entry(&regs, &frame, &hook.msrs);
+                if ctx.stats.syscall_entries == 0 {
+                    tracing::info!(
+                        vcpu = self.index,
+                        rcx = format_args!("{:#x}", regs.rcx),
+                        r11 = format_args!("{:#x}", regs.r11),
+                        rax = regs.rax,
+                        user_rsp = format_args!("{:#x}", frame.rsp),
+                        after_syscall =
+                            crate::pvm::follows_syscall(mem.as_ref(), sregs.cr3, regs.rcx),
+                        "PVM: first user syscall entry completed"
+                    );
+                }
+                sregs.cs = cs;
+                sregs.ss = ss;
+                let sync = self.fd.sync_regs_mut();
+                sync.regs = r;
+                sync.sregs = sregs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+                ctx.stats.syscall_entries += 1;
+            }
+            crate::pvm::PfDecision::PassThrough {
+                resume_rip: Some(rip),
+            } => {
+                self.fd.sync_regs_mut().regs.rip = rip;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+                ctx.stats.page_faults_passed += 1;
+            }
+            crate::pvm::PfDecision::PassThrough { resume_rip: None } => {
+                let mut step = self.wanted_debug(ctx);
+                step.debugreg[7] = crate::trap::debugreg::dr7_disable(step.debugreg[7], hook.slot);
+                step.control |= kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+                self.set_guest_debug(step)?;
+                ctx.stepping = true;
+                self.debug_generation = None;
+                ctx.stats.page_faults_passed += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Enter the guest once and classify the exit.
     pub fn run_once(&mut self, ctx: &mut ExitCtx) -> Result<ExitAction, VcpuError> {
         let index = self.index;
-        if let Some(traps) = &ctx.traps {
-            let generation = traps.generation();
-            if self.debug_generation != Some(generation) && !ctx.stepping {
-                let debug = traps.guest_debug();
-                self.set_guest_debug(debug)?;
-                self.debug_generation = Some(generation);
-            }
+        if !ctx.stepping {
+            self.sync_guest_debug(ctx)?;
         }
         let res = match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -117,6 +277,12 @@ impl KvmVcpu {
             }
             Ok(exit) => handle_exit(exit, ctx),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Only kicks interrupt KVM_RUN: a cheap sample of where the guest is.
+                tracing::debug!(
+                    vcpu = index,
+                    rip = format_args!("{:#x}", self.fd.sync_regs().regs.rip),
+                    "kicked"
+                );
                 Ok(ExitAction::Continue)
             }
             Err(e) => return Err(VcpuError::Run(index, e)),
@@ -135,6 +301,28 @@ impl KvmVcpu {
                 })
             }
             Err(e) => Err(VcpuError::Exit(index, e)),
+        }
+    }
+
+    /// The error for an emulation failure nobody can complete, with the bytes at RIP.
+    fn uncompleted(&self, ctx: &ExitCtx, rip: u64) -> VcpuError {
+        let sync = self.fd.sync_regs();
+        let bytes = ctx
+            .memory
+            .as_ref()
+            .and_then(|m| complete::fetch_n(m.as_ref(), &sync.regs, &sync.sregs, 15))
+            .map(|b| {
+                b.iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        VcpuError::Uncompleted {
+            vcpu: self.index,
+            rip,
+            cs: sync.sregs.cs.selector,
+            bytes,
         }
     }
 
@@ -162,9 +350,15 @@ impl KvmVcpu {
                 self.fd.sync_regs_mut().regs = regs;
                 self.fd.set_sync_dirty_reg(SyncReg::Register);
                 ctx.stats.completed += 1;
+                ctx.stats.completed_int3 += 1;
                 Ok(true)
             }
             Some(complete::Completion::Skip { resume_rip, rflags }) => {
+                if insn.first() == Some(&complete::FWAIT) {
+                    ctx.stats.completed_fwait += 1;
+                } else {
+                    ctx.stats.completed_clac_stac += 1;
+                }
                 regs.rip = resume_rip;
                 regs.rflags = rflags;
                 self.fd.sync_regs_mut().regs = regs;
@@ -198,6 +392,11 @@ impl KvmVcpu {
                     suberror: complete::SUBERROR_EMULATION,
                     ..
                 }) if self.try_complete(ctx)? => continue,
+                Err(VcpuError::InternalError {
+                    suberror: complete::SUBERROR_EMULATION,
+                    rip,
+                    ..
+                }) if ctx.memory.is_some() => return Err(self.uncompleted(ctx, rip)),
                 other => other?,
             };
             match action {
@@ -234,6 +433,7 @@ impl KvmVcpu {
                 ExitAction::StepDone => {
                     ctx.stepping = false;
                 }
+                ExitAction::PageFaultHook => self.on_pf_hook(ctx)?,
                 ExitAction::Stop(reason) => return Ok(reason),
             }
         }

@@ -1,0 +1,333 @@
+//! The real-kernel test: the default image's unmodified Debian 6.1 kernel (ELF vmlinux)
+//! booted by our VMM (`linux::run_linux`) to ornament's /init, running
+//! `ornament-workload forkexit 3`; it checks the W lines and `ornament-exit 0` exactly,
+//! and, from the workload's `W start` line to /init's report, probes on
+//! `proc_fork_connector`, `proc_exec_connector`, `proc_exit_connector` (and, with
+//! patched sites, `__x64_sys_exit_group`) counting exactly its forks, execs and exits.
+//!
+//! On PVM hosts (this project's machines) it runs in PVM compatibility mode and takes
+//! minutes (kernel mode emulated: ~7 minutes to `Run /init` on a quiet machine); it is
+//! the one test allowed to. It is `#[ignore]`d until user space's console works under
+//! PVM compat (see below and PVM.md); run it with `ORNAMENT_TEST_REAL_KERNEL=1` and
+//! `--ignored`. `ORNAMENT_TEST_TRAP=debug-regs`
+//! picks the debug-register backend (default: patched sites), `ORNAMENT_TEST_VCPUS`
+//! the vCPU count (default 1). `debian_kernel_costs` (`ORNAMENT_TEST_BENCH=1`) measures
+//! getppid, fork and the per-hit cost on `__x64_sys_getppid`.
+
+use ornament_kvm::linux::{
+    run_linux, symbol_address, LinuxProbe, LinuxRunConfig, LinuxRunOutcome, LinuxStop,
+};
+use ornament_kvm::require_kvm;
+use ornament_kvm::support::{kvm_kind, KvmKind};
+use ornament_kvm::trap::TrapKind;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn enabled() -> bool {
+    std::env::var("ORNAMENT_TEST_REAL_KERNEL").as_deref() == Ok("1")
+}
+
+fn time_box() -> Duration {
+    Duration::from_secs(
+        std::env::var("ORNAMENT_TEST_BOOT_TIMEOUT_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1200),
+    )
+}
+
+/// The line being written, and the completed lines with their times.
+type Lines = (Vec<u8>, Vec<(Duration, String)>);
+
+/// A console writer that stamps each completed line with the time since the start.
+#[derive(Clone)]
+struct Stamped(Arc<Mutex<Lines>>, Instant);
+
+impl Write for Stamped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.0.lock().expect("console lock");
+        for &c in b {
+            if c == b'\n' {
+                let line = String::from_utf8_lossy(&g.0).trim_end().to_owned();
+                g.0.clear();
+                let t = self.1.elapsed();
+                g.1.push((t, line));
+            } else {
+                g.0.push(c);
+            }
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Image {
+    vmlinux: PathBuf,
+    map: PathBuf,
+    initramfs_gz: PathBuf,
+}
+
+fn image() -> Option<Image> {
+    match ornament_images::build_image(
+        ornament_images::DEFAULT_IMAGE,
+        &ornament_images::BuildOptions::default(),
+    ) {
+        Ok(img) => Some(Image {
+            vmlinux: img.path(ornament_images::image::files::VMLINUX),
+            map: img.path(ornament_images::image::files::SYSTEM_MAP),
+            initramfs_gz: img.path(ornament_images::image::files::INITRAMFS),
+        }),
+        Err(e) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("CI=true and the default image cannot be built: {e}");
+            }
+            eprintln!("SKIPPED: the default image cannot be built: {e}");
+            None
+        }
+    }
+}
+
+const PROBES: [&str; 4] = [
+    "proc_fork_connector",
+    "proc_exec_connector",
+    "proc_exit_connector",
+    "__x64_sys_exit_group",
+];
+
+/// Boot the default image running `command`, probes armed at `arm_after`; the
+/// outcome and the console lines with their times.
+fn boot(
+    trap: TrapKind,
+    vcpus: u32,
+    command: &[&str],
+    arm_after: &str,
+    probe_names: &[&str],
+) -> Option<(LinuxRunOutcome, Vec<(Duration, String)>)> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let img = image()?;
+    let dir = std::env::temp_dir().join(format!("ornament-kvm-linux-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let initrd = dir.join("initramfs.cpio");
+    ornament_images::RunOverlay {
+        command: command.iter().copied().map(String::from).collect(),
+        add: Vec::new(),
+    }
+    .write_combined(&img.initramfs_gz, &initrd)
+    .expect("overlay");
+    let map = std::fs::read_to_string(&img.map).expect("System.map");
+    let probes: Vec<LinuxProbe> = probe_names
+        .iter()
+        .map(|n| LinuxProbe {
+            name: (*n).to_owned(),
+            gva: symbol_address(&map, n).unwrap_or_else(|| panic!("{n} in System.map")),
+        })
+        .collect();
+    let probes = if trap == TrapKind::DebugRegs {
+        // Three slots for probes: the fourth watches the #PF handler on PVM.
+        probes[..3].to_vec()
+    } else {
+        probes
+    };
+    let start = Instant::now();
+    let console = Stamped(Arc::default(), start);
+    let cfg = LinuxRunConfig {
+        kernel: img.vmlinux.clone(),
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0 panic=-1".into(),
+        vcpus,
+        mem_size_mib: 512,
+        console: Box::new(console.clone()),
+        pvm_compat: kvm_kind() == KvmKind::Pvm,
+        system_map: Some(img.map.clone()),
+        probes,
+        trap,
+        arm_probes_after: Some(arm_after.into()),
+    };
+    let stop = AtomicBool::new(false);
+    let out = run_linux(cfg, &stop, time_box());
+    std::fs::remove_dir_all(&dir).expect("clean up");
+    let lines = console.0.lock().expect("console").1.clone();
+    let text: Vec<String> = lines
+        .iter()
+        .map(|(t, l)| format!("{:8.1}s {l}", t.as_secs_f64()))
+        .collect();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => panic!(
+            "run_linux: {}\n{}",
+            ornament_kvm::support::error_chain(&e),
+            text.join("\n")
+        ),
+    };
+    eprintln!("{}", text.join("\n"));
+    eprintln!("outcome ({trap:?}, {vcpus} vCPUs): {out:#?}");
+    Some((out, lines))
+}
+
+fn run_workload(trap: TrapKind, vcpus: u32, args: &[&str]) {
+    let command: Vec<&str> = std::iter::once("/ornament/bin/ornament-workload")
+        .chain(args.iter().copied())
+        .collect();
+    // Count from the workload's first line to /init's report: exactly its events.
+    let Some((out, lines)) = boot(trap, vcpus, &command, "W start pid=", &PROBES) else {
+        return;
+    };
+    assert_eq!(out.stop, LinuxStop::Reported, "{out:?}");
+    assert_eq!(out.guest_status, Some(0));
+    assert!(out.fixups.syscall_entries > 0 || kvm_kind() != KvmKind::Pvm);
+    let w: Vec<&str> = lines
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .filter(|l| l.starts_with("W "))
+        .collect();
+    assert_workload_lines(args, &w);
+    let hits = |name: &str| {
+        out.probe_hits
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, h)| *h)
+    };
+    if args == ["forkexit", "3"] {
+        // From `W start` to /init's report: 3 forks, no exec, 4 exits (3 children, then
+        // the workload itself), 4 exit_group calls (children `_exit`, main returns).
+        let expect = [
+            ("proc_fork_connector", 3),
+            ("proc_exec_connector", 0),
+            ("proc_exit_connector", 4),
+            ("__x64_sys_exit_group", 4),
+        ];
+        for (name, n) in expect {
+            if let Some(got) = hits(name) {
+                assert_eq!(got, n, "{name}: {:?}", out.probe_hits);
+            }
+        }
+    }
+}
+
+fn assert_workload_lines(args: &[&str], w: &[&str]) {
+    if args == ["forkexit", "3"] {
+        assert_eq!(w.len(), 8, "{w:#?}");
+        let pid: u32 = w[0]
+            .strip_prefix("W start pid=")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{w:#?}"));
+        for i in 0..3 {
+            let child: u32 = w[1 + 2 * i]
+                .strip_prefix(&format!("W fork parent={pid} child="))
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("{w:#?}"));
+            assert_eq!(
+                w[2 + 2 * i],
+                format!("W exit pid={child} code={}", 10 + i),
+                "{w:#?}"
+            );
+        }
+        assert_eq!(w[7], format!("W done pid={pid}"), "{w:#?}");
+    }
+}
+
+fn trap_from_env() -> TrapKind {
+    match std::env::var("ORNAMENT_TEST_TRAP").as_deref() {
+        Ok("debug-regs") => TrapKind::DebugRegs,
+        _ => TrapKind::PatchedSite,
+    }
+}
+
+fn vcpus_from_env() -> u32 {
+    std::env::var("ORNAMENT_TEST_VCPUS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+/// Not yet passing (issue #8): the kernel reaches /init and the workload runs to
+/// poweroff, but user space's console output never arrives (the 8250 driver's
+/// request_irq(4) appears to fail under our hardware-reduced FADT; see PVM.md), so
+/// neither the W lines nor /init's report come back. Run it with
+/// `ORNAMENT_TEST_REAL_KERNEL=1 cargo test -p ornament-kvm --test linux -- --ignored`.
+#[test]
+#[ignore = "PVM compat: user-space console output does not reach the host yet (issue #8, vmm/kvm/PVM.md); takes ~8 minutes"]
+fn debian_kernel_runs_the_workload_with_probes_counting_its_forks() {
+    require_kvm!();
+    if !enabled() {
+        eprintln!("SKIPPED: set ORNAMENT_TEST_REAL_KERNEL=1 for the minutes-long real-kernel boot");
+        return;
+    }
+    let t = Instant::now();
+    run_workload(trap_from_env(), vcpus_from_env(), &["forkexit", "3"]);
+    eprintln!("real-kernel test wall time: {:?}", t.elapsed());
+}
+
+#[test]
+fn pvm_compat_self_test_completes_everything_it_needs() {
+    require_kvm!();
+    let r = ornament_kvm::pvm::pvm_compat_self_test()
+        .unwrap_or_else(|e| panic!("{}", ornament_kvm::support::error_chain(&e)));
+    eprintln!("{r:?}");
+    if kvm_kind() == KvmKind::Pvm {
+        // fwait, clac, stac, int3; and the syscall.
+        assert_eq!((r.completed, r.syscall_entries), (4, 1), "{r:?}");
+    }
+}
+
+/// Seconds from the first line starting with `a` to the first after it starting with `b`.
+fn between(lines: &[(Duration, String)], from: usize, a: &str, b: &str) -> Option<(f64, usize)> {
+    let i = from + lines[from..].iter().position(|(_, l)| l.starts_with(a))?;
+    let j = i + lines[i..].iter().position(|(_, l)| l.starts_with(b))?;
+    Some(((lines[j].0 - lines[i].0).as_secs_f64(), j))
+}
+
+/// The numbers for the README: getppid and fork+exit+wait in the guest, and the cost
+/// of one probe hit on `__x64_sys_getppid` (N calls unprobed, then N probed, in one
+/// boot). `ORNAMENT_TEST_BENCH=1`; `ORNAMENT_TEST_TRAP` picks the backend.
+#[test]
+#[ignore = "needs the PVM user-space console (issue #8); run with ORNAMENT_TEST_BENCH=1 and --ignored"]
+fn debian_kernel_costs() {
+    require_kvm!();
+    if std::env::var("ORNAMENT_TEST_BENCH").as_deref() != Ok("1") {
+        eprintln!("SKIPPED: set ORNAMENT_TEST_BENCH=1 to measure on the real kernel");
+        return;
+    }
+    const N: u32 = 300;
+    let script = format!(
+        "w=/ornament/bin/ornament-workload; $w getppid {N}; echo ornament-arm; \
+         $w getppid {N}; $w forkexit 3"
+    );
+    let trap = trap_from_env();
+    let t = Instant::now();
+    let Some((out, lines)) = boot(
+        trap,
+        1,
+        &["/bin/sh", "-c", &script],
+        "ornament-arm",
+        &["__x64_sys_getppid", "proc_fork_connector"],
+    ) else {
+        return;
+    };
+    eprintln!("wall {:?}", t.elapsed());
+    assert_eq!(out.guest_status, Some(0));
+    let (plain, j) = between(&lines, 0, "W start", "W getppid").expect("first getppid run");
+    let (probed, j) = between(&lines, j, "W start", "W getppid").expect("second getppid run");
+    let (forks, _) = between(&lines, j, "W fork", "W done").expect("forkexit run");
+    let hits = out.probe_hits[0].1;
+    eprintln!(
+        "boot to /init {:?}; getppid {:.0} us/call; probed ({trap:?}) {:.0} us/call; \
+         hit cost {:.1} us ({hits} hits); fork+exit+wait {:.0} ms; fixups {:?}",
+        out.boot_to_init,
+        plain * 1e6 / f64::from(N),
+        probed * 1e6 / f64::from(N),
+        (probed - plain) * 1e6 / f64::from(N),
+        forks * 1e3 / 3.0,
+        out.fixups
+    );
+    assert_eq!(hits, u64::from(N));
+}
