@@ -83,6 +83,38 @@ pub struct RunArgs {
 #[error("interrupted")]
 pub struct Interrupted;
 
+/// The guest's kernel command line: ours, then `--append`.
+fn kernel_cmdline(append: Option<&str>) -> String {
+    match append {
+        Some(extra) => format!("{BASE_CMDLINE} {extra}"),
+        None => BASE_CMDLINE.to_owned(),
+    }
+}
+
+/// The image's initramfs with this run's command and `--add` files laid over it.
+fn write_initrd(
+    a: &RunArgs,
+    add: &[(PathBuf, String)],
+    base: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<()> {
+    RunOverlay {
+        command: a.command.clone(),
+        add: add.to_vec(),
+    }
+    .write_combined(base, out)?;
+    Ok(())
+}
+
+/// A flag that SIGINT and SIGTERM set; the run loops check it and stop the guest.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
+    }
+    Ok(stop)
+}
+
 /// A private (0700) temporary directory for sockets of this run.
 pub fn private_dir() -> Result<tempfile::TempDir> {
     Ok(ornament_qemu::machine::run_dir()?)
@@ -206,20 +238,9 @@ pub fn run(a: RunArgs) -> Result<u8> {
         };
         let dir = private_dir()?;
         let initrd = dir.path().join("initramfs");
-        RunOverlay {
-            command: a.command.clone(),
-            add: add.clone(),
-        }
-        .write_combined(&boot.initrd, &initrd)?;
-        let mut cmdline = BASE_CMDLINE.to_owned();
-        if let Some(extra) = &a.append {
-            cmdline.push(' ');
-            cmdline.push_str(extra);
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
-        }
+        write_initrd(&a, &add, &boot.initrd, &initrd)?;
+        let cmdline = kernel_cmdline(a.append.as_deref());
+        let stop = stop_flag()?;
         return crate::kvm_run::run(
             crate::kvm_run::KvmBoot {
                 kernel,
@@ -244,16 +265,8 @@ pub fn run(a: RunArgs) -> Result<u8> {
     };
     let paths = RunPaths::new()?;
     let initrd = paths.dir.path().join("initramfs");
-    RunOverlay {
-        command: a.command.clone(),
-        add: add.clone(),
-    }
-    .write_combined(&boot.initrd, &initrd)?;
-    let mut cmdline = BASE_CMDLINE.to_owned();
-    if let Some(extra) = &a.append {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
-    }
+    write_initrd(&a, &add, &boot.initrd, &initrd)?;
+    let cmdline = kernel_cmdline(a.append.as_deref());
     let cfg = QemuConfig {
         binary: qemu,
         kernel: boot.kernel.clone(),
@@ -273,10 +286,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
         plugin: tracer.as_ref().and_then(|t| t.plugin_so()),
     };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
-    }
+    let stop = stop_flag()?;
     let mut machine = QemuMachine::start(
         cfg,
         paths,
