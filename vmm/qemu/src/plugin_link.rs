@@ -257,21 +257,10 @@ impl PluginLink {
         let _ = std::fs::remove_file(path);
         let listener =
             UnixListener::bind(path).map_err(|e| PluginLinkError::Bind(path.to_owned(), e))?;
-        Ok(PluginLink {
-            path: path.to_owned(),
-            listener: Some(listener),
-            writer: None,
-            rx: None,
-            armed: HashMap::new(),
-            deny: None,
-            start: Instant::now(),
-            clock: None,
-            seq: 0,
-            inbox: VecDeque::new(),
-            closed: false,
-            stats: LinkStats::default(),
-            errors: Vec::new(),
-        })
+        let mut l = PluginLink::listen_none();
+        l.path = path.to_owned();
+        l.listener = Some(listener);
+        Ok(l)
     }
 
     /// Wrap an already connected stream (the plugin end of a socketpair in tests, or a
