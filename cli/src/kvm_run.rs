@@ -1,13 +1,29 @@
 //! `ornament run --engine kvm`: the guest on ornament's own VMM (`ornament-kvm`).
 //! On a PVM host (`--force`) in PVM compatibility mode: the ELF vmlinux booted
 //! directly, an uncompressed initramfs, and the VMM completing what PVM's
-//! kernel-mode emulator refuses. Events are not wired through this engine yet.
+//! kernel-mode emulator refuses.
+//!
+//! Events (`--watch`, `--tree`, `--pid`): the probes of introspect's probe set are
+//! armed as patched fentry sites once user space starts, and every hit (held: the
+//! vCPU waits) goes through the same monitor and ornaments as under QEMU
+//! ([`KvmWatch`]). The kernel runs with `nokaslr` here, so the layout is known
+//! without reading registers. Not wired yet: `--deny-syscall`, `--pause-on-exec`,
+//! `--control`, and every-syscall watching (`do_syscall_64` has no fentry site to
+//! patch).
 
+use crate::guest::{GuestView, RunControl};
+use crate::watch::{Session, WatchPlan};
 use anyhow::{bail, Context, Result};
-use ornament_kvm::linux::{run_linux, LinuxRunConfig};
+use ornament_engine::{Action, ProbeHit};
+use ornament_introspect::kaslr::KernelLayout;
+use ornament_introspect::probes::ProbeSet;
+use ornament_introspect::profile::Profile;
+use ornament_kvm::linux::{run_linux, HitObserver, LinuxProbe, LinuxRunConfig};
+use ornament_kvm::memory::KvmMemory;
 use ornament_kvm::trap::TrapKind;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// What to boot on our VMM.
@@ -27,6 +43,105 @@ pub struct KvmBoot {
     pub mem_size_mib: u32,
     /// PVM compatibility mode.
     pub pvm_compat: bool,
+    /// Events to report, with the kernel's profile.
+    pub watch: Option<(WatchPlan, Arc<Profile>)>,
+}
+
+/// The monitor and ornaments of a `--watch` run on our VMM: built when guest memory
+/// exists, fed every held hit.
+pub struct KvmWatch {
+    plan: WatchPlan,
+    profile: Arc<Profile>,
+    vcpus: u32,
+    probes: Vec<LinuxProbe>,
+    session: Mutex<Option<Session>>,
+    error: Mutex<Option<anyhow::Error>>,
+}
+
+impl KvmWatch {
+    /// Check that this engine can do what `plan` asks, and resolve its probes.
+    pub fn new(plan: WatchPlan, profile: Arc<Profile>, vcpus: u32) -> Result<Self> {
+        if !plan.cfg.deny.is_empty() {
+            bail!("--deny-syscall is not wired through --engine kvm yet; use --engine qemu");
+        }
+        if plan.pause_on_exec.is_some() {
+            bail!("--pause-on-exec is not wired through --engine kvm yet; use --engine qemu");
+        }
+        let set = ProbeSet::new(&profile, KernelLayout::NONE, &plan.cfg)?;
+        let mut probes = Vec::new();
+        for spec in set.specs() {
+            if spec.symbol == "do_syscall_64" {
+                bail!(
+                    "--engine kvm traps patched fentry sites, and do_syscall_64 (every syscall, or a syscall without its own __x64_sys_ function) has none; name the syscalls (--watch syscall=NAME,...) or use --engine qemu"
+                );
+            }
+            probes.push(LinuxProbe {
+                name: spec.symbol.clone(),
+                gva: spec.at.0,
+            });
+        }
+        Ok(Self {
+            plan,
+            profile,
+            vcpus,
+            probes,
+            session: Mutex::new(None),
+            error: Mutex::new(None),
+        })
+    }
+
+    /// The probes, in probe-id order.
+    pub fn probes(&self) -> &[LinuxProbe] {
+        &self.probes
+    }
+
+    /// Flush the ornaments (the tree, counters); the first error met, if any.
+    pub fn finish(&self) -> Result<()> {
+        if let Some(s) = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            s.finish();
+        }
+        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl HitObserver for KvmWatch {
+    fn attach(&self, memory: Arc<KvmMemory>) {
+        let view = GuestView {
+            ram: memory,
+            ram_for_writes: None,
+            profile: self.profile.clone(),
+            layout: KernelLayout::NONE,
+            vcpus: self.vcpus,
+            control: Arc::new(RunControl::default()),
+            regs: ornament_engine::Regs::default(),
+        };
+        match Session::new(&self.plan, &view) {
+            Ok(s) => *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(s),
+            Err(e) => *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+        }
+    }
+
+    fn on_hit(&self, hit: &ProbeHit) -> Action {
+        let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = s.as_mut() else {
+            return Action::Continue;
+        };
+        let (action, pause) = s.deliver_full(hit);
+        if pause {
+            tracing::warn!(
+                "an ornament asked to pause the guest: not wired through --engine kvm yet"
+            );
+        }
+        action
+    }
 }
 
 /// How long a PVM boot may take unless `--timeout` says otherwise.
@@ -34,6 +149,10 @@ pub const PVM_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Boot and run; returns the guest command's status.
 pub fn run(b: KvmBoot, stop: &AtomicBool, timeout: Option<Duration>) -> Result<u8> {
+    let watch = match b.watch {
+        Some((plan, profile)) => Some(Arc::new(KvmWatch::new(plan, profile, b.vcpus)?)),
+        None => None,
+    };
     let cfg = LinuxRunConfig {
         kernel: b.kernel,
         initrd: Some(b.initrd),
@@ -43,12 +162,19 @@ pub fn run(b: KvmBoot, stop: &AtomicBool, timeout: Option<Duration>) -> Result<u
         console: Box::new(std::io::stderr()),
         pvm_compat: b.pvm_compat,
         system_map: b.system_map,
-        probes: Vec::new(),
+        probes: watch
+            .as_ref()
+            .map(|w| w.probes().to_vec())
+            .unwrap_or_default(),
         trap: TrapKind::PatchedSite,
         arm_probes_after: None,
+        observer: watch.clone().map(|w| w as Arc<dyn HitObserver>),
     };
-    let out = run_linux(cfg, stop, timeout.unwrap_or(PVM_DEFAULT_TIMEOUT))
-        .context("running the guest on ornament's KVM VMM")?;
+    let out = run_linux(cfg, stop, timeout.unwrap_or(PVM_DEFAULT_TIMEOUT));
+    // Events seen so far are written out even when the run failed.
+    let finished = watch.as_ref().map(|w| w.finish()).unwrap_or(Ok(()));
+    let out = out.context("running the guest on ornament's KVM VMM")?;
+    finished?;
     if let Some(t) = out.boot_to_init {
         eprintln!(
             "ornament: kvm: /init after {:.1} s; completions: {:?}",

@@ -564,7 +564,7 @@ fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Res
 pub const SYSCALL_WORK_BIT_SYSCALL_EMU: u32 = 3;
 
 /// The monitor and its ornaments for one run.
-struct Session {
+pub(crate) struct Session {
     monitor: Monitor,
     probes: ProbeSet,
     tree: Option<TreeView>,
@@ -572,7 +572,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(plan: &WatchPlan, view: &GuestView) -> Result<Self> {
+    pub(crate) fn new(plan: &WatchPlan, view: &GuestView) -> Result<Self> {
         let probes = ProbeSet::new(&view.profile, view.layout, &plan.cfg)?;
         for w in probes.warnings() {
             eprintln!("ornament: warning: {w}");
@@ -629,7 +629,10 @@ impl Session {
     }
 
     /// The action and whether an ornament asked to pause the guest.
-    fn deliver_full(&mut self, hit: &ornament_engine::ProbeHit) -> (ornament_engine::Action, bool) {
+    pub(crate) fn deliver_full(
+        &mut self,
+        hit: &ornament_engine::ProbeHit,
+    ) -> (ornament_engine::Action, bool) {
         let out = self.monitor.on_hit(hit);
         let pause = out.pause || out.action == ornament_engine::Action::PauseGuest;
         let action = match out.action {
@@ -640,7 +643,7 @@ impl Session {
         (action, pause)
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         self.monitor.finish();
         if let Some(t) = &self.tree {
             let text = t.render();

@@ -223,8 +223,8 @@ pub fn run(a: RunArgs) -> Result<u8> {
         None
     };
     if let Selected::Kvm { pvm_compat } = selected {
-        if needs_view {
-            bail!("--watch, --deny-syscall and --control are not wired through --engine kvm yet; use --engine qemu");
+        if a.control.is_some() {
+            bail!("--control is not wired through --engine kvm yet; use --engine qemu");
         }
         // Our VMM boots the ELF vmlinux directly (the bzImage decompressor alone
         // takes minutes in emulated kernel mode).
@@ -239,7 +239,16 @@ pub fn run(a: RunArgs) -> Result<u8> {
         let dir = private_dir()?;
         let initrd = dir.path().join("initramfs");
         write_initrd(&a, &add, &boot.initrd, &initrd)?;
-        let cmdline = kernel_cmdline(a.append.as_deref());
+        let mut cmdline = kernel_cmdline(a.append.as_deref());
+        let watch = match (watch, profile) {
+            (Some(plan), Some(p)) => {
+                // The events need the kernel's layout: without KASLR it is the
+                // link-time one.
+                cmdline.push_str(" nokaslr");
+                Some((plan, p))
+            }
+            _ => None,
+        };
         let stop = stop_flag()?;
         return crate::kvm_run::run(
             crate::kvm_run::KvmBoot {
@@ -250,6 +259,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
                 vcpus: a.vcpus,
                 mem_size_mib: a.memory,
                 pvm_compat,
+                watch,
             },
             &stop,
             a.timeout.map(Duration::from_secs),

@@ -10,6 +10,7 @@
 
 use crate::builder::{build_with_console, BuildError, ConsoleOutput, MachineConfig};
 use crate::devices::SharedBuffer;
+use crate::engine::regs_from_kvm;
 use crate::machine::{MachineError, RunControl};
 use crate::memory::KvmMemory;
 use crate::pvm::{compat_cmdline_for_tsc, host_tsc_khz, LineWatch, ARM_HOOK_AFTER};
@@ -18,7 +19,7 @@ use crate::trap::patch::PatchedSites;
 use crate::trap::{Site, TrapBackend, TrapError, TrapKind};
 use crate::vcpu::exit::{ExitStats, StopReason};
 use crate::vcpu::{VcpuError, VcpuEvent};
-use ornament_engine::{Gpa, Gva, ProbeId};
+use ornament_engine::{Action, Gpa, Gva, ProbeHit, ProbeId};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,19 @@ pub struct LinuxRunConfig {
     /// Console text after which the probes are armed and hits counted (`None`: the
     /// kernel's `Run /init` line). Counting ends when ttyS1 gets the exit report.
     pub arm_probes_after: Option<String>,
+    /// Receives every hit once the probes are armed (probe ids are indices into
+    /// `probes`).
+    pub observer: Option<Arc<dyn HitObserver>>,
+}
+
+/// Sees every probe hit while the hitting vCPU waits: our VMM's hits are always held,
+/// so the task the hit is about cannot change until [`HitObserver::on_hit`] returns.
+pub trait HitObserver: Send + Sync {
+    /// Guest memory exists (called once, before the first hit).
+    fn attach(&self, memory: Arc<KvmMemory>);
+    /// A hit (`held` is true, `mem` is empty: read guest memory through what
+    /// `attach` gave). The returned action is applied before the vCPU resumes.
+    fn on_hit(&self, hit: &ProbeHit) -> Action;
 }
 
 impl std::fmt::Debug for LinuxRunConfig {
@@ -73,6 +87,7 @@ impl std::fmt::Debug for LinuxRunConfig {
             .field("probes", &self.probes)
             .field("trap", &self.trap)
             .field("arm_probes_after", &self.arm_probes_after)
+            .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -428,6 +443,10 @@ pub fn run_linux(
     let mut m = build_with_console(&mc, Some(Box::new(tee)), Some(Box::new(tee2)))
         .map_err(LinuxRunError::Build)?;
     let _ = memory.set(m.vm.memory().clone());
+    if let Some(o) = &cfg.observer {
+        o.attach(m.vm.memory().clone());
+    }
+    let seq = AtomicU64::new(0);
     let serial2: SharedBuffer = m.serial2.clone();
     let control = RunControl::new();
     let done = AtomicBool::new(false);
@@ -467,14 +486,33 @@ pub fn run_linux(
         });
         let out = m.run(
             traps.clone(),
-            &|_, ev| {
-                if let VcpuEvent::Hit { hit, .. } = ev {
-                    if !counting.load(Ordering::Relaxed) {
-                        return false;
-                    }
+            &|vcpu, ev| {
+                let VcpuEvent::Hit { hit, regs, sregs } = ev else {
+                    return false;
+                };
+                if counting.load(Ordering::Relaxed) {
                     if let Some(h) = usize::try_from(hit.probe.0).ok().and_then(|i| hits.get(i)) {
                         h.fetch_add(1, Ordering::Relaxed);
                     }
+                }
+                let Some(o) = &cfg.observer else {
+                    return false;
+                };
+                let probe_hit = ProbeHit {
+                    probe: hit.probe,
+                    vcpu,
+                    seq: seq.fetch_add(1, Ordering::Relaxed) + 1,
+                    time_ns: u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                    regs: regs_from_kvm(regs, sregs),
+                    held: true,
+                    mem: [None; ornament_engine::wire::MAX_MEM_READS],
+                };
+                match o.on_hit(&probe_hit) {
+                    Action::Continue => {}
+                    other => tracing::warn!(
+                        ?other,
+                        "the KVM engine does not apply this action yet; continuing"
+                    ),
                 }
                 false
             },

@@ -1,8 +1,14 @@
 //! ACPI tables, so Linux finds every vCPU (its cloud config has no MP tables): RSDP,
-//! XSDT, FADT (hardware-reduced), an empty DSDT and a MADT with one local APIC per
-//! vCPU, the I/O APIC and the PC's IRQ 0 -> GSI 2 override. Pure: bytes out.
+//! XSDT, FADT (hardware-reduced), a DSDT describing the two UARTs, and a MADT with one
+//! local APIC per vCPU, the I/O APIC and the PC's IRQ 0 -> GSI 2 override. Pure: bytes
+//! out. The DSDT's AML comes from rust-vmm's `acpi_tables`.
 
-use crate::layout::{ACPI_TABLES_SIZE, ACPI_TABLES_START, APIC_START, IOAPIC_START, RSDP_START};
+use acpi_tables::{aml, Aml, AmlSink};
+
+use crate::layout::{
+    PortRange, ACPI_TABLES_SIZE, ACPI_TABLES_START, APIC_START, IOAPIC_START, RSDP_START,
+    SERIAL_COM1, SERIAL_COM1_IRQ, SERIAL_COM2, SERIAL_COM2_IRQ,
+};
 
 /// OEM id written in every table.
 pub const OEM_ID: [u8; 6] = *b"ORNAMT";
@@ -55,9 +61,45 @@ fn finish(mut t: Vec<u8>) -> Vec<u8> {
     t
 }
 
-/// An empty DSDT (no AML): Linux needs one, the devices it would describe are absent.
+/// One 16550 UART as an ACPI device (`PNP0501`) with its ports and its interrupt.
+fn uart_aml(name: &str, uid: u8, ports: PortRange, irq: u32, out: &mut Vec<u8>) {
+    let len = u8::try_from(ports.len).unwrap_or(8);
+    let hid = aml::EISAName::new("PNP0501");
+    let io = aml::IO::new(ports.base, ports.base, 1, len);
+    // Consumer, edge-triggered, active high, exclusive: the ISA line the VMM's irqfd
+    // raises.
+    let int = aml::Interrupt::new(true, true, false, false, irq);
+    let crs = aml::ResourceTemplate::new(vec![&io, &int]);
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let uid_name = aml::Name::new("_UID".into(), &uid);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    aml::Device::new(name.into(), vec![&hid_name, &uid_name, &crs_name]).to_aml_bytes(out);
+}
+
+/// The DSDT: COM1 and COM2 under `\_SB`. With a hardware-reduced FADT Linux has no
+/// legacy PIC and maps no ISA IRQ by itself, so the legacy 8250 ports' `request_irq`
+/// fails and user space gets no console; described here, `8250_pnp` takes the ports
+/// over with an interrupt mapped through the I/O APIC (as Firecracker and Cloud
+/// Hypervisor describe theirs).
 pub fn dsdt() -> Vec<u8> {
-    finish(header(b"DSDT", HEADER_LEN, 2))
+    let mut devices = Vec::new();
+    uart_aml("COM1", 1, SERIAL_COM1, SERIAL_COM1_IRQ, &mut devices);
+    uart_aml("COM2", 2, SERIAL_COM2, SERIAL_COM2_IRQ, &mut devices);
+    let mut t = header(b"DSDT", HEADER_LEN, 2);
+    let body = RawAml(&devices);
+    aml::Scope::new("\\_SB_".into(), vec![&body]).to_aml_bytes(&mut t);
+    finish(t)
+}
+
+/// Already-encoded AML, nested as one child.
+struct RawAml<'a>(&'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        for b in self.0 {
+            sink.byte(*b);
+        }
+    }
 }
 
 /// A hardware-reduced FADT (revision 6.5) pointing at the DSDT.
@@ -220,5 +262,36 @@ mod tests {
             u64::from_le_bytes(f[140..148].try_into().expect("8")),
             0xe1000
         );
+    }
+
+    #[test]
+    fn dsdt_describes_both_uarts() {
+        let d = dsdt();
+        assert!(sums_to_zero(&d));
+        assert_eq!(&d[..4], b"DSDT");
+        let body = &d[HEADER_LEN..];
+        // Scope(\_SB_) then two Device()s (ExtOpPrefix 0x5b, DeviceOp 0x82).
+        assert_eq!(body[0], 0x10);
+        assert_eq!(body.windows(2).filter(|w| w == &[0x5b, 0x82]).count(), 2);
+        for (name, port, irq) in [(b"COM1", 0x3f8u16, 4u8), (b"COM2", 0x2f8, 3)] {
+            assert!(body.windows(4).any(|w| w == name));
+            // IO port descriptor: decode16, min, max, alignment 1, 8 ports.
+            let [lo, hi] = port.to_le_bytes();
+            let io = [0x47, 1, lo, hi, lo, hi, 1, 8];
+            assert!(body.windows(8).any(|w| w == io), "{}", port);
+            // Extended IRQ descriptor: consumer + edge, one GSI.
+            let int = [0x89, 6, 0, 0b11, 1, irq, 0, 0, 0];
+            assert!(body.windows(9).any(|w| w == int), "{}", irq);
+        }
+        // EISA id PNP0501 (compressed "PNP" + 0x0501).
+        assert_eq!(
+            body.windows(5)
+                .filter(|w| w == &[0x0c, 0x41, 0xd0, 0x05, 0x01])
+                .count(),
+            2
+        );
+        if let Some(path) = std::env::var_os("ORNAMENT_DUMP_DSDT") {
+            std::fs::write(path, &d).expect("write the DSDT");
+        }
     }
 }
