@@ -8,15 +8,15 @@
 
 use crate::guest::GuestView;
 use anyhow::{bail, Context, Result};
-use ornament_engine::wire::{MemRead, ProbeSpec, Reg, RegMask};
+use ornament_engine::wire::{ProbeSpec, Reg, RegMask};
 use ornament_introspect::event::{Event, EventMask};
 use ornament_introspect::monitor::Monitor;
 use ornament_introspect::ornament::{
     self, Decision, DenySyscalls, EventWriter, Follow, Ornament, ProcessTree, TreeView,
 };
 use ornament_introspect::probes::{
-    deny_rules, parse_deny, syscall_numbers, ProbeKind, ProbeSet, SyscallHook, SyscallWatch,
-    WatchConfig, MEM_CURRENT_TASK, MEM_SYSCALL_ARGS, SYSCALL_ARG_FIELDS,
+    captured_at_hit, deny_rules, hit_reads, parse_deny, syscall_numbers, ProbeKind, ProbeSet,
+    SyscallHook, SyscallWatch, WatchConfig,
 };
 use ornament_introspect::profile::Profile;
 use ornament_qemu::gdb::{GdbError, StopReply};
@@ -482,20 +482,15 @@ fn run_gdbstub(
     result
 }
 
+/// Arm the probe set in the plugin. Each probe reads only the registers the monitor uses
+/// for its kind (rdi, the hook's argument; gs_base, the per-CPU area; cr3 and cr4, the page
+/// tables it reads the task through, which the plugin's own page walk needs too; rsi where
+/// the hook has a second argument) and the memory reads of `hit_reads`. Fork and exit probes
+/// whose events are complete from those reads (`captured_at_hit`) do not hold the vCPU; exec,
+/// setid, `do_exit`, exit/exit_group syscalls and deny probes still do.
 fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Result<()> {
     let p = &view.profile;
-    let needed = RegMask::of(&[
-        Reg::Rip,
-        Reg::Rdi,
-        Reg::Rsi,
-        Reg::Rdx,
-        Reg::Rsp,
-        Reg::Cs,
-        Reg::Cr3,
-        Reg::Cr4,
-        Reg::GsBase,
-        Reg::KernelGsBase,
-    ]);
+    let needed = RegMask::of(&[Reg::Rdi, Reg::GsBase, Reg::Cr3, Reg::Cr4]);
     let current_task_offset =
         p.percpu_current_task.symbol_offset + p.percpu_current_task.field_offset;
     let deny = if session.probes.deny_rules().is_empty() {
@@ -517,33 +512,38 @@ fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Res
     };
     for spec in session.probes.specs() {
         let probe = match (&deny, spec.hold, &spec.syscall_filter) {
-            // A held do_syscall_64 probe: the deny path needs its own spec.
+            // A held do_syscall_64 probe: the deny path needs its own spec (its registers
+            // cover what the monitor reads; it reads the task from memory while held).
             (Some(cfg), true, filter) if spec.symbol == "do_syscall_64" => {
                 let nrs: Vec<u64> = match filter {
                     Some(f) => f.iter().map(|&n| u64::from(n)).collect(),
                     None => (0..512).collect(),
                 };
-                cfg.entry_spec(&nrs, needed)
+                cfg.entry_spec(&nrs, RegMask::NONE)
             }
             (_, hold, filter) => {
-                let mut ps = ProbeSpec::regs(needed);
-                let mut hold = hold;
-                if let ProbeKind::Syscall(hook) = spec.kind {
-                    // The arguments live in pt_regs, which the task overwrites at its
-                    // next syscall: the plugin reads them (and the current task) in
-                    // its callback, so the vCPU need not wait for us.
-                    for (i, f) in SYSCALL_ARG_FIELDS.iter().enumerate() {
-                        ps.mem[MEM_SYSCALL_ARGS.start + i] =
-                            MemRead::at_reg(Reg::Rdi, p.offset("pt_regs", f)?, 8);
-                    }
-                    ps.mem[MEM_CURRENT_TASK] = MemRead::at_reg(Reg::GsBase, current_task_offset, 8);
+                // Hooks with a second argument: do_syscall_64(regs, nr), proc_id_connector(task,
+                // which).
+                let second = matches!(
+                    spec.kind,
+                    ProbeKind::Syscall(SyscallHook::DoSyscall64) | ProbeKind::Setid
+                );
+                let regs = if second {
+                    RegMask(needed.0 | RegMask::of(&[Reg::Rsi]).0)
+                } else {
+                    needed
+                };
+                let mut ps = ProbeSpec::regs(regs);
+                // Syscall arguments (pt_regs is overwritten at the task's next syscall), the
+                // current task, and for fork and exit everything the event reports.
+                ps.mem = hit_reads(spec.kind, p)?;
+                let mut hold = hold && !captured_at_hit(spec.kind);
+                if let ProbeKind::Syscall(SyscallHook::Function { nr }) = spec.kind {
                     // exit and exit_group end the task: hold so that it is read
                     // before it can be reaped.
-                    if let SyscallHook::Function { nr } = hook {
-                        hold |= ["exit", "exit_group"]
-                            .iter()
-                            .any(|n| p.syscall_nr(n) == Some(nr));
-                    }
+                    hold |= ["exit", "exit_group"]
+                        .iter()
+                        .any(|n| p.syscall_nr(n) == Some(nr));
                 }
                 if let Some(f) = filter {
                     let nrs: Vec<u64> = f.iter().map(|&n| u64::from(n)).collect();
@@ -554,7 +554,7 @@ fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Res
             }
         };
         link.arm(spec.id, spec.at, probe)?;
-        tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = spec.hold, "armed");
+        tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = probe.hold, "armed");
     }
     Ok(())
 }

@@ -19,6 +19,13 @@
 //!   (through `mm->pgd`);
 //! - setid: the task (rdi) and which ids changed (rsi).
 //!
+//! Values an engine read at the hit (`ProbeHit::mem`, in the layout of
+//! [`crate::probes::hit_reads`]) are taken first: the current task, the syscall arguments, and
+//! for fork and exit the task header and the event's fields (so those events are exact even
+//! when the vCPU was not held and the task has since been reaped). Whatever the hit does not
+//! carry (an engine without memory reads, or a read that failed) is read from guest memory
+//! now, so the events are the same either way.
+//!
 //! Nothing read from the guest can make it fail: an unreadable value becomes `null` in
 //! the event, and a hit that cannot be attributed is answered `Continue`.
 
@@ -31,11 +38,13 @@ use crate::kernel::{is_kernel_address, Kernel, KernelError};
 use crate::ornament::Registry;
 use crate::paging::PageRoot;
 use crate::probes::{
-    ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CURRENT_TASK,
-    MEM_SYSCALL_ARGS, PROC_EVENT_GID, PROC_EVENT_UID,
+    ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CHILD_FLAGS, MEM_CHILD_MM,
+    MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXIT_CODE, MEM_EXIT_LIVE, MEM_EXIT_SIGNAL,
+    MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_PID, MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID,
+    MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID, PROC_EVENT_UID,
 };
 use crate::profile::{Profile, ProfileError};
-use crate::task::{Limits, TaskError, TaskOffsets, TaskReader};
+use crate::task::{Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
 use crate::vmem::VirtMem;
 use ornament_engine::{Action, Gva, PhysMemory, ProbeHit};
 use std::sync::Arc;
@@ -127,6 +136,29 @@ impl std::fmt::Debug for Monitor {
 /// The low 32 bits of a register (an `int` or `long` argument read as 32 bits).
 fn low32(v: u64) -> u32 {
     u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
+/// The low 32 bits as a signed `int` (a `pid_t`, an `atomic_t`).
+fn low32_signed(v: u64) -> i32 {
+    i32::from_le_bytes(low32(v).to_le_bytes())
+}
+
+/// A pointer read at the hit: `Some(Some(p))` a kernel address, `Some(None)` read but not a
+/// kernel address (the field it leads to is unreadable), `None` not read.
+fn kptr_at_hit(v: Option<u64>) -> Option<Option<Gva>> {
+    v.map(|p| Some(Gva(p)).filter(|&g| is_kernel_address(g)))
+}
+
+/// `comm` from its 16 bytes read at the hit, as [`VirtMem::read_cstr`] decodes it.
+fn comm_at_hit(lo: Option<u64>, hi: Option<u64>, size: u64) -> Option<String> {
+    if size != 16 {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&lo?.to_le_bytes());
+    b[8..].copy_from_slice(&hi?.to_le_bytes());
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    Some(String::from_utf8_lossy(&b[..end]).into_owned())
 }
 
 /// The last path component, cut to `TASK_COMM_LEN - 1` bytes (what exec sets `comm` to).
@@ -259,14 +291,15 @@ impl Monitor {
             Err(_) => None,
         };
         // The task the engine read at the hit, else the one current now.
-        let current = hit
+        let current_at_hit = hit
             .mem
             .get(MEM_CURRENT_TASK)
             .copied()
             .flatten()
             .map(Gva)
-            .filter(|t| crate::kernel::is_kernel_address(*t))
-            .or_else(|| base.and_then(|b| kernel.current_task_at(&vm, b).ok()));
+            .filter(|t| crate::kernel::is_kernel_address(*t));
+        let current =
+            current_at_hit.or_else(|| base.and_then(|b| kernel.current_task_at(&vm, b).ok()));
         let r = Reader {
             reader: &reader,
             vm: &vm,
@@ -275,20 +308,36 @@ impl Monitor {
         let arg = |v: u64| Some(Gva(v)).filter(|&g| is_kernel_address(g));
         let task_arg = arg(hit.regs.rdi).or(current);
         let no_current = current.is_none();
+        // A value read at the hit, for reads based on the task the event is about.
+        let at_hit = |based_here: bool, i: usize| {
+            based_here
+                .then(|| hit.mem.get(i).copied().flatten())
+                .flatten()
+        };
         let ev = match spec.kind {
             ProbeKind::Fork(_) => {
                 let child = arg(hit.regs.rdi);
+                let m = |i| at_hit(child.is_some(), i);
                 let field = |f: &dyn Fn(Gva) -> Option<i32>| child.and_then(f);
-                let child_pid = field(&|c| reader.pid(&vm, c).ok());
-                let child_tgid = field(&|c| reader.tgid(&vm, c).ok());
+                let child_pid = m(MEM_CHILD_PID)
+                    .map(low32_signed)
+                    .or_else(|| field(&|c| reader.pid(&vm, c).ok()));
+                let child_tgid = m(MEM_CHILD_TGID)
+                    .map(low32_signed)
+                    .or_else(|| field(&|c| reader.tgid(&vm, c).ok()));
+                // As TaskReader::is_kernel_thread: PF_KTHREAD, or no mm.
+                // (A non-NULL mm that is not a kernel address reads as "not a kernel thread".)
+                let kthread = match (m(MEM_CHILD_FLAGS), m(MEM_CHILD_MM)) {
+                    (Some(f), _) if low32(f) & PF_KTHREAD != 0 => Some(true),
+                    (Some(_), Some(mm)) => Some(mm == 0),
+                    _ => child.and_then(|c| reader.is_kernel_thread(&vm, c).ok()),
+                };
                 Event::Fork(ForkEvent {
-                    task: r.header(current),
+                    task: r.header_at_hit(current, current_at_hit.is_some()),
                     child_pid,
                     child_tgid,
                     thread: matches!((child_pid, child_tgid), (Some(p), Some(t)) if p != t),
-                    kernel_thread: child
-                        .and_then(|c| reader.is_kernel_thread(&vm, c).ok())
-                        .unwrap_or(false),
+                    kernel_thread: kthread.unwrap_or(false),
                 })
             }
             ProbeKind::Exec(ExecHook::ProcExecConnector) => {
@@ -314,23 +363,36 @@ impl Monitor {
                 Event::Exec(r.exec_from_bprm(self.bprm, arg(hit.regs.rdi), current))
             }
             ProbeKind::Exit(hook) => {
+                // Reads at the hit are based on rdi: only for the task rdi names.
+                let here = hook == ExitHook::ProcExitConnector && arg(hit.regs.rdi).is_some();
+                let m = |i| at_hit(here, i);
                 let (task, code) = match hook {
                     ExitHook::ProcExitConnector => (
                         task_arg,
-                        task_arg.and_then(|t| vm.read_u32(t.wrapping_add(self.exit_code)).ok()),
+                        m(MEM_EXIT_CODE).map(low32).or_else(|| {
+                            task_arg.and_then(|t| vm.read_u32(t.wrapping_add(self.exit_code)).ok())
+                        }),
                     ),
                     // `long code`: the status is its low 32 bits.
                     ExitHook::DoExit => (current, Some(low32(hit.regs.rdi))),
                 };
-                let header = r.header(task);
+                let header = r.header_at_hit(task, here);
                 let code = code.unwrap_or(0);
                 let sig = u8::try_from(code & 0x7f).unwrap_or(0);
                 let leader = header.pid.is_some() && header.pid == header.tgid;
+                let live_at_hit = match kptr_at_hit(m(MEM_EXIT_SIGNAL)) {
+                    Some(Some(_)) => m(MEM_EXIT_LIVE).map(|n| Some(low32_signed(n))),
+                    Some(None) => Some(None),
+                    None => None,
+                };
                 let group_exit = match (self.signal_live, task) {
-                    (Some(live), Some(t)) => reader
-                        .signal_struct(&vm, t)
-                        .ok()
-                        .and_then(|s| vm.read_i32(s.wrapping_add(live)).ok())
+                    (Some(live), Some(t)) => live_at_hit
+                        .unwrap_or_else(|| {
+                            reader
+                                .signal_struct(&vm, t)
+                                .ok()
+                                .and_then(|s| vm.read_i32(s.wrapping_add(live)).ok())
+                        })
                         .map_or(leader, |n| match hook {
                             ExitHook::ProcExitConnector => n == 0,
                             ExitHook::DoExit => n <= 1,
@@ -425,6 +487,12 @@ struct Reader<'r, 'k, 'v> {
 
 impl Reader<'_, '_, '_> {
     fn header(&self, task: Option<Gva>) -> TaskHeader {
+        self.header_at_hit(task, false)
+    }
+
+    /// The header of `task`; with `at_hit`, the `MEM_HDR_*` values the engine read at the hit
+    /// (which are `task`'s) are taken first, each field read now where they are missing.
+    fn header_at_hit(&self, task: Option<Gva>, at_hit: bool) -> TaskHeader {
         let mut h = TaskHeader {
             time_ns: self.hit.time_ns,
             vcpu: self.hit.vcpu,
@@ -432,11 +500,37 @@ impl Reader<'_, '_, '_> {
         };
         if let Some(t) = task {
             let (r, vm) = (self.reader, self.vm);
-            h.pid = r.pid(vm, t).ok();
-            h.tgid = r.tgid(vm, t).ok();
-            h.ppid = r.ppid(vm, t).ok();
-            h.comm = r.comm(vm, t).ok();
-            h.uid = r.creds(vm, t).ok().map(|c| c[0]);
+            let m = |i: usize| {
+                at_hit
+                    .then(|| self.hit.mem.get(i).copied().flatten())
+                    .flatten()
+            };
+            h.pid = m(MEM_HDR_PID)
+                .map(low32_signed)
+                .or_else(|| r.pid(vm, t).ok());
+            h.tgid = m(MEM_HDR_TGID)
+                .map(low32_signed)
+                .or_else(|| r.tgid(vm, t).ok());
+            h.ppid = match kptr_at_hit(m(MEM_HDR_REAL_PARENT)) {
+                Some(None) => None,
+                Some(Some(_)) => m(MEM_HDR_PPID)
+                    .map(low32_signed)
+                    .or_else(|| r.ppid(vm, t).ok()),
+                None => r.ppid(vm, t).ok(),
+            };
+            h.comm = comm_at_hit(
+                m(MEM_HDR_COMM[0]),
+                m(MEM_HDR_COMM[1]),
+                r.offsets().comm_size,
+            )
+            .or_else(|| r.comm(vm, t).ok());
+            h.uid = match kptr_at_hit(m(MEM_HDR_CRED)) {
+                Some(None) => None,
+                Some(Some(_)) => m(MEM_HDR_UID)
+                    .map(low32)
+                    .or_else(|| r.creds(vm, t).ok().map(|c| c[0])),
+                None => r.creds(vm, t).ok().map(|c| c[0]),
+            };
         }
         h
     }

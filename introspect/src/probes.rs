@@ -15,10 +15,16 @@
 //! warning naming it. Lifecycle probes hold the vCPU (the task cannot vanish while it is
 //! read); syscall probes hold only where a deny rule applies (or
 //! [`WatchConfig::hold_syscalls`]).
+//!
+//! This module also owns the layout of the memory reads an engine may do at the hit
+//! ([`hit_reads`]: `ProbeHit::mem`): the syscall arguments, the current task, and for fork and
+//! exit every value those events report that could vanish once the vCPU runs on
+//! ([`captured_at_hit`]); with them an engine need not hold the vCPU for fork and exit.
 
 use crate::event::EventKind;
 use crate::kaslr::KernelLayout;
-use crate::profile::Profile;
+use crate::profile::{Profile, ProfileError};
+use ornament_engine::wire::{MemBase, MemRead, Reg, MAX_MEM_READS};
 use ornament_engine::{Gva, ProbeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -70,6 +76,115 @@ pub const MEM_SYSCALL_ARGS: std::ops::Range<usize> = 0..6;
 pub const MEM_CURRENT_TASK: usize = 6;
 /// The `pt_regs` fields of the six syscall arguments, in order.
 pub const SYSCALL_ARG_FIELDS: [&str; 6] = ["di", "si", "dx", "r10", "r8", "r9"];
+
+/// Fork and exit probes read at the hit a task header (the parent, current, for fork; the
+/// exiting task, rdi, for exit): `ProbeHit::mem[7]` `task->pid`, ...
+pub const MEM_HDR_PID: usize = 7;
+/// ... `[8]` `task->tgid`, ...
+pub const MEM_HDR_TGID: usize = 8;
+/// ... `[9]` and `[10]` the 16 bytes of `task->comm`, ...
+pub const MEM_HDR_COMM: [usize; 2] = [9, 10];
+/// ... `[11]` `task->real_parent`, ...
+pub const MEM_HDR_REAL_PARENT: usize = 11;
+/// ... `[12]` `task->real_parent->tgid`, ...
+pub const MEM_HDR_PPID: usize = 12;
+/// ... `[13]` `task->cred`, ...
+pub const MEM_HDR_CRED: usize = 13;
+/// ... and `[14]` `task->cred->uid`.
+pub const MEM_HDR_UID: usize = 14;
+/// Fork probes read the child (rdi): `ProbeHit::mem[0]` `child->pid`, ...
+pub const MEM_CHILD_PID: usize = 0;
+/// ... `[1]` `child->tgid`, ...
+pub const MEM_CHILD_TGID: usize = 1;
+/// ... `[2]` `child->flags`, ...
+pub const MEM_CHILD_FLAGS: usize = 2;
+/// ... `[3]` `child->mm`.
+pub const MEM_CHILD_MM: usize = 3;
+/// Exit probes (`proc_exit_connector`) read `ProbeHit::mem[0]` `task->exit_code`, ...
+pub const MEM_EXIT_CODE: usize = 0;
+/// ... `[1]` `task->signal`, ...
+pub const MEM_EXIT_SIGNAL: usize = 1;
+/// ... `[2]` `task->signal->live` (when the profile has it).
+pub const MEM_EXIT_LIVE: usize = 2;
+
+/// True when a probe of `kind` gets, from [`hit_reads`], everything its event reports that
+/// could change or vanish once the vCPU runs on: an engine that does those reads at the hit
+/// need not hold the vCPU for it (unless an ornament must act at the hit). Exec is not (its
+/// argv lives in user memory of a task that may exit at once), nor are `do_exit`, setid and
+/// syscall probes (a syscall event's header and path are read when it is delivered).
+pub fn captured_at_hit(kind: ProbeKind) -> bool {
+    matches!(
+        kind,
+        ProbeKind::Fork(_) | ProbeKind::Exit(ExitHook::ProcExitConnector)
+    )
+}
+
+/// The memory reads an engine that reads guest memory in its probe callback (the TCG plugin)
+/// does for a probe of `kind`, in the layout the monitor reads `ProbeHit::mem` with: the current
+/// task at [`MEM_CURRENT_TASK`] for every probe, the six syscall arguments at
+/// [`MEM_SYSCALL_ARGS`] for syscall probes, and for fork and exit the task header at
+/// `MEM_HDR_*` and the event's own fields (`MEM_CHILD_*`, `MEM_EXIT_*`). `current_task` is the
+/// per-CPU offset of `current_task` (added to GS base).
+pub fn hit_reads(
+    kind: ProbeKind,
+    profile: &Profile,
+) -> Result<[MemRead; MAX_MEM_READS], ProfileError> {
+    let mut m = [MemRead::default(); MAX_MEM_READS];
+    let cur = &profile.percpu_current_task;
+    let current = cur.symbol_offset.wrapping_add(cur.field_offset);
+    m[MEM_CURRENT_TASK] = MemRead::at_reg(Reg::GsBase, current, 8);
+    let t = |f: &str| profile.offset("task_struct", f);
+    let chain = |j: usize, offset: u64, len: u8| MemRead {
+        base: MemBase::Mem(u8::try_from(j).unwrap_or(u8::MAX)),
+        offset,
+        len,
+    };
+    // The header of the task whose address is `base` (a read or a register).
+    let header = |m: &mut [MemRead; MAX_MEM_READS], base: MemBase| -> Result<(), ProfileError> {
+        let at = |offset: u64, len: u8| MemRead { base, offset, len };
+        m[MEM_HDR_PID] = at(t("pid")?, 4);
+        m[MEM_HDR_TGID] = at(t("tgid")?, 4);
+        // 16 bytes (TASK_COMM_LEN) in two reads; another size is left to the reader.
+        if profile.field("task_struct", "comm")?.size == 16 {
+            let comm = t("comm")?;
+            m[MEM_HDR_COMM[0]] = at(comm, 8);
+            m[MEM_HDR_COMM[1]] = at(comm.wrapping_add(8), 8);
+        }
+        m[MEM_HDR_REAL_PARENT] = at(t("real_parent")?, 8);
+        m[MEM_HDR_PPID] = chain(MEM_HDR_REAL_PARENT, t("tgid")?, 4);
+        m[MEM_HDR_CRED] = at(t("cred")?, 8);
+        m[MEM_HDR_UID] = chain(MEM_HDR_CRED, profile.offset("cred", "uid")?, 4);
+        Ok(())
+    };
+    match kind {
+        ProbeKind::Syscall(_) => {
+            for (i, f) in SYSCALL_ARG_FIELDS.iter().enumerate() {
+                m[MEM_SYSCALL_ARGS.start + i] =
+                    MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", f)?, 8);
+            }
+        }
+        ProbeKind::Fork(_) => {
+            header(
+                &mut m,
+                MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),
+            )?;
+            m[MEM_CHILD_PID] = MemRead::at_reg(Reg::Rdi, t("pid")?, 4);
+            m[MEM_CHILD_TGID] = MemRead::at_reg(Reg::Rdi, t("tgid")?, 4);
+            m[MEM_CHILD_FLAGS] = MemRead::at_reg(Reg::Rdi, t("flags")?, 4);
+            m[MEM_CHILD_MM] = MemRead::at_reg(Reg::Rdi, t("mm")?, 8);
+        }
+        ProbeKind::Exit(ExitHook::ProcExitConnector) => {
+            header(&mut m, MemBase::Reg(Reg::Rdi))?;
+            m[MEM_EXIT_CODE] = MemRead::at_reg(Reg::Rdi, t("exit_code")?, 4);
+            m[MEM_EXIT_SIGNAL] = MemRead::at_reg(Reg::Rdi, t("signal")?, 8);
+            if let Ok(live) = profile.offset("signal_struct", "live") {
+                m[MEM_EXIT_LIVE] = chain(MEM_EXIT_SIGNAL, live, 4);
+            }
+        }
+        ProbeKind::Exec(_) | ProbeKind::Exit(ExitHook::DoExit) | ProbeKind::Setid => {}
+    }
+    Ok(m)
+}
 
 /// Which syscalls to report.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -808,6 +923,67 @@ mod tests {
                 symbol: "do_syscall_64"
             })
         );
+    }
+
+    #[test]
+    fn hit_reads_layout() {
+        for p in committed_profiles() {
+            let kinds = [
+                ProbeKind::Fork(ForkHook::ProcForkConnector),
+                ProbeKind::Fork(ForkHook::WakeUpNewTask),
+                ProbeKind::Exec(ExecHook::ProcExecConnector),
+                ProbeKind::Exit(ExitHook::ProcExitConnector),
+                ProbeKind::Exit(ExitHook::DoExit),
+                ProbeKind::Setid,
+                ProbeKind::Syscall(SyscallHook::DoSyscall64),
+            ];
+            for kind in kinds {
+                let m = hit_reads(kind, &p).expect("reads");
+                // Every probe reads the current task; chains only reach back.
+                assert_eq!(m[MEM_CURRENT_TASK].base, MemBase::Reg(Reg::GsBase));
+                for (i, r) in m.iter().enumerate() {
+                    if let MemBase::Mem(j) = r.base {
+                        assert!(usize::from(j) < i, "{kind:?} read {i} chains to {j}");
+                    }
+                    if r.base != MemBase::None {
+                        assert!((1..=8).contains(&r.len));
+                    }
+                }
+                let used = m.iter().filter(|r| r.base != MemBase::None).count();
+                let want = match kind {
+                    ProbeKind::Fork(_) => 13,
+                    ProbeKind::Exit(ExitHook::ProcExitConnector) => 12,
+                    ProbeKind::Syscall(_) => 7,
+                    _ => 1,
+                };
+                assert_eq!(used, want, "{kind:?}");
+                assert_eq!(
+                    captured_at_hit(kind),
+                    matches!(
+                        kind,
+                        ProbeKind::Fork(_) | ProbeKind::Exit(ExitHook::ProcExitConnector)
+                    )
+                );
+            }
+            let fork = hit_reads(ProbeKind::Fork(ForkHook::ProcForkConnector), &p).expect("r");
+            let cur = u8::try_from(MEM_CURRENT_TASK).expect("small");
+            assert_eq!(fork[MEM_HDR_PID].base, MemBase::Mem(cur));
+            assert_eq!(
+                fork[MEM_HDR_PPID],
+                MemRead {
+                    base: MemBase::Mem(u8::try_from(MEM_HDR_REAL_PARENT).expect("small")),
+                    offset: p.offset("task_struct", "tgid").expect("tgid"),
+                    len: 4
+                }
+            );
+            assert_eq!(fork[MEM_CHILD_PID].base, MemBase::Reg(Reg::Rdi));
+            let exit = hit_reads(ProbeKind::Exit(ExitHook::ProcExitConnector), &p).expect("r");
+            assert_eq!(exit[MEM_HDR_PID].base, MemBase::Reg(Reg::Rdi));
+            assert_eq!(
+                exit[MEM_EXIT_LIVE].base,
+                MemBase::Mem(u8::try_from(MEM_EXIT_SIGNAL).expect("small"))
+            );
+        }
     }
 
     #[test]

@@ -525,3 +525,110 @@ mod hostile {
         }
     }
 }
+
+/// What an engine that reads guest memory at the hit (the TCG plugin) carries: the reads of
+/// `hit_reads` for the probe's kind, done against the synthetic guest now.
+fn with_reads(w: &World, s: &ArmSpec, mut h: ProbeHit) -> ProbeHit {
+    use crate::probes::hit_reads;
+    use ornament_engine::wire::{MemBase, Reg, MAX_MEM_READS};
+    let reads = hit_reads(s.kind, &w.g.profile).expect("reads");
+    let vm = VirtMem::new(
+        &w.g.phys.mem,
+        PageRoot::kernel_from_cr3(h.regs.cr3, h.regs.cr4),
+    );
+    let mut vals = [None; MAX_MEM_READS];
+    for (i, m) in reads.iter().enumerate() {
+        let base = match m.base {
+            MemBase::None => continue,
+            MemBase::Absolute => Some(0),
+            MemBase::Reg(Reg::Rdi) => Some(h.regs.rdi),
+            MemBase::Reg(Reg::GsBase) => Some(h.regs.gs_base),
+            MemBase::Reg(r) => panic!("unexpected base register {r:?}"),
+            MemBase::Mem(j) => vals[usize::from(j)],
+        };
+        vals[i] = base.and_then(|b| {
+            let mut buf = [0u8; 8];
+            vm.read(
+                Gva(b.wrapping_add(m.offset)),
+                &mut buf[..usize::from(m.len)],
+            )
+            .ok()
+            .map(|()| u64::from_le_bytes(buf))
+        });
+    }
+    h.mem = vals;
+    h
+}
+
+#[test]
+fn fork_and_exit_events_from_values_read_at_the_hit() {
+    use crate::probes::{captured_at_hit, MEM_HDR_PID, MEM_HDR_UID};
+    each_world(|w| {
+        let mut m = monitor(w, &everything());
+        let task = |f| w.g.off("task_struct", f).expect("field");
+        let cred = |t: Gva| Gva(w.g.read_u64(t.wrapping_add(task("cred"))).expect("cred"));
+
+        // Fork: the same events from the values read at the hit as from memory, for a
+        // process, a thread and a kernel thread.
+        let s = spec(&m, |s| matches!(s.kind, ProbeKind::Fork(_)));
+        assert!(captured_at_hit(s.kind));
+        let mut captured = Vec::new();
+        for child in [w.child, w.thread, w.kthread] {
+            let plain = hit(w, &s, child.raw(), 0);
+            let at_hit = with_reads(w, &s, plain.clone());
+            for i in [MEM_CURRENT_TASK, MEM_HDR_PID, MEM_HDR_UID, 0, 1, 2, 3] {
+                assert!(at_hit.mem[i].is_some(), "read {i} missing");
+            }
+            let from_ram = one(m.on_hit(&plain));
+            assert_eq!(one(m.on_hit(&at_hit)), from_ram);
+            captured.push((at_hit, from_ram));
+        }
+
+        // Exit: the same for a process and a thread, with a code and a signal.
+        let se = spec(&m, |s| {
+            s.kind == ProbeKind::Exit(ExitHook::ProcExitConnector)
+        });
+        assert!(captured_at_hit(se.kind));
+        for (t, code) in [(w.child, 7u32 << 8), (w.thread, 0x80 | 11)] {
+            w.g.write_u32(t.wrapping_add(task("exit_code")), code)
+                .expect("w");
+            let plain = hit(w, &se, t.raw(), 0);
+            let at_hit = with_reads(w, &se, plain.clone());
+            let from_ram = one(m.on_hit(&plain));
+            assert_eq!(one(m.on_hit(&at_hit)), from_ram);
+            captured.push((at_hit, from_ram));
+        }
+
+        // The tasks change (reaped, reused, exec'd) after the vCPU ran on: the events built
+        // from the values read at the hit stay those of the hit.
+        for t in [w.parent, w.child, w.thread, w.kthread] {
+            w.g.write_u32(t.wrapping_add(task("pid")), 999).expect("w");
+            w.g.write_u32(t.wrapping_add(task("tgid")), 999).expect("w");
+            w.g.write(t.wrapping_add(task("comm")), b"reaped\0")
+                .expect("w");
+            w.g.write_u32(t.wrapping_add(task("flags")), 0).expect("w");
+            w.g.write_u32(t.wrapping_add(task("exit_code")), 0)
+                .expect("w");
+            w.g.write_u32(
+                cred(t).wrapping_add(w.g.off("cred", "uid").expect("uid")),
+                4242,
+            )
+            .expect("w");
+        }
+        for (at_hit, before) in &captured {
+            assert_eq!(&one(m.on_hit(at_hit)), before);
+            let mut plain = at_hit.clone();
+            plain.mem = [None; ornament_engine::wire::MAX_MEM_READS];
+            assert_ne!(&one(m.on_hit(&plain)), before, "memory did change");
+        }
+        // Exec, setid and do_exit are not captured.
+        for kind in [
+            ProbeKind::Exec(ExecHook::ProcExecConnector),
+            ProbeKind::Setid,
+            ProbeKind::Exit(ExitHook::DoExit),
+            ProbeKind::Syscall(SyscallHook::DoSyscall64),
+        ] {
+            assert!(!captured_at_hit(kind));
+        }
+    });
+}

@@ -18,19 +18,21 @@
 //!
 //! Session: the plugin connects, sends [`Hello`]; the host sends any number of [`ArmRecord`]s
 //! and then a `Go`; the plugin returns from its install hook and the guest starts. From then
-//! on the plugin sends hits (batched per vCPU), vCPU-init and error records; the host sends
-//! arm, disarm and answer records at any time.
+//! on the plugin sends hits (batched, in the order they happened), vCPU-init and error records;
+//! the host sends arm, disarm and answer records at any time, and once a [`RamRecord`] (guest
+//! RAM's layout, with the RAM file's descriptor as `SCM_RIGHTS` ancillary data on the same
+//! `sendmsg`) so the plugin can read guest memory without QEMU's debug accessors.
 
 use crate::regs::Regs;
 
 /// Version of this format; the plugin sends it in [`Hello`] and the host checks it.
-pub const WIRE_VERSION: u32 = 2;
+pub const WIRE_VERSION: u32 = 3;
 /// Size of the common record header.
 pub const HEADER_LEN: usize = 8;
 /// Largest record: a hit with every register and every memory read.
 pub const MAX_RECORD_LEN: usize = HIT_HEAD_LEN + 8 * (Reg::COUNT + MAX_MEM_READS);
 /// Memory reads a probe may ask for.
-pub const MAX_MEM_READS: usize = 8;
+pub const MAX_MEM_READS: usize = 16;
 /// Largest single memory read, in bytes (it is returned as one little-endian `u64`).
 pub const MAX_MEM_READ_LEN: u8 = 8;
 /// Number of values the syscall-style filter bitmap covers (`0..FILTER_BITS`).
@@ -39,6 +41,12 @@ pub const FILTER_BITS: usize = 512;
 pub const HIT_HEAD_LEN: usize = 40;
 /// Length of an [`ArmRecord`].
 pub const ARM_LEN: usize = HEADER_LEN + 24 + 16 * MAX_MEM_READS + 8 + FILTER_BITS / 8;
+/// Most guest RAM regions a [`RamRecord`] carries.
+pub const MAX_RAM_REGIONS: usize = 8;
+/// Length of a [`RamRecord`].
+pub const RAM_LEN: usize = HEADER_LEN + 8 + 24 * MAX_RAM_REGIONS;
+/// Guest pages are 4 KiB: RAM regions start, end and sit in the file at this alignment.
+pub const PAGE_SIZE: u64 = 4096;
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
@@ -87,6 +95,9 @@ pub enum MsgKind {
     Answer = 0x103,
     /// Host to plugin: the initial probe set is complete; the guest may start.
     Go = 0x104,
+    /// Host to plugin: guest RAM's layout, with the RAM file descriptor attached,
+    /// [`RamRecord`].
+    Ram = 0x105,
 }
 
 impl MsgKind {
@@ -102,6 +113,7 @@ impl MsgKind {
             0x102 => Self::Disarm,
             0x103 => Self::Answer,
             0x104 => Self::Go,
+            0x105 => Self::Ram,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -113,11 +125,12 @@ impl MsgKind {
             Self::Hit => None,
             Self::VcpuInit => Some(24),
             Self::Error => Some(32),
-            Self::Bye => Some(16),
+            Self::Bye => Some(40),
             Self::Arm => Some(ARM_LEN),
             Self::Disarm => Some(16),
             Self::Answer => Some(24),
             Self::Go => Some(8),
+            Self::Ram => Some(RAM_LEN),
         }
     }
 }
@@ -313,6 +326,10 @@ pub enum MemBase {
     Absolute,
     /// The address is the value of a register plus `offset` (e.g. `gs_base` + per-CPU offset).
     Reg(Reg),
+    /// The address is the value of an earlier memory read of the same hit plus `offset` (a
+    /// pointer chain, e.g. `task->real_parent->tgid`). The index must be below this read's own;
+    /// when that read failed, this one fails too.
+    Mem(u8),
 }
 
 /// One small guest-virtual memory read done in the probe callback.
@@ -459,9 +476,9 @@ pub struct HitRecord {
     /// Which registers follow.
     pub regs: RegMask,
     /// Bit `i` set: memory read `i` was requested (a value follows).
-    pub mem_present: u8,
+    pub mem_present: u16,
     /// Bit `i` set: memory read `i` succeeded (its value is meaningful).
-    pub mem_ok: u8,
+    pub mem_ok: u16,
     /// Register values by [`Reg`] index (on the wire only those in `regs`, in mask order;
     /// the others are 0 here).
     pub reg_values: [u64; Reg::COUNT],
@@ -487,7 +504,7 @@ impl HitRecord {
 
     /// Value of memory read `i`, if it was requested and succeeded.
     pub fn mem(&self, i: usize) -> Option<u64> {
-        let bit = 1u8.checked_shl(u32::try_from(i).ok()?)?;
+        let bit = 1u16.checked_shl(u32::try_from(i).ok()?)?;
         if self.mem_present & bit == 0 || self.mem_ok & bit == 0 {
             return None;
         }
@@ -522,6 +539,10 @@ pub enum PluginErrorCode {
     SendFailed = 5,
     /// A vCPU index beyond the plugin's table (`detail` = index).
     VcpuRange = 6,
+    /// The [`RamRecord`] came but cannot be used (no descriptor, mapping failed, regions
+    /// outside the file): memory reads go through QEMU's slower accessor (`detail` = errno, or
+    /// 0). Sent once.
+    RamFallback = 7,
 }
 
 impl PluginErrorCode {
@@ -534,6 +555,7 @@ impl PluginErrorCode {
             4 => Self::BadRecord,
             5 => Self::SendFailed,
             6 => Self::VcpuRange,
+            7 => Self::RamFallback,
             _ => return None,
         })
     }
@@ -553,10 +575,79 @@ pub struct ErrorRecord {
 }
 
 /// Plugin to host: QEMU is exiting; totals for the session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ByeRecord {
     /// Hits reported over the whole session.
     pub hits: u64,
+    /// Time spent in reported hits' callbacks, nanoseconds (registers, memory reads and the
+    /// record; not the wait of a held hit).
+    pub callback_ns: u64,
+    /// Of those, time spent in memory reads, nanoseconds.
+    pub mem_ns: u64,
+    /// The longest single callback, nanoseconds.
+    pub max_callback_ns: u64,
+}
+
+/// How the plugin learns the guest's paging mode for its own page walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RamPaging {
+    /// From CR4.LA57 at each hit (the host does not know yet: the guest had not set up
+    /// paging when RAM was mapped).
+    #[default]
+    FromCr4,
+    /// 4-level.
+    Level4,
+    /// 5-level (LA57).
+    Level5,
+}
+
+/// One guest-physical range backed by the RAM file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RamRegion {
+    /// First guest-physical address (page-aligned).
+    pub gpa: u64,
+    /// Length in bytes (a non-zero multiple of the page size).
+    pub len: u64,
+    /// Offset of `gpa` in the RAM file (page-aligned).
+    pub file_offset: u64,
+}
+
+/// Host to plugin: guest RAM's layout. The RAM file's descriptor travels as `SCM_RIGHTS`
+/// ancillary data with this record's bytes; the plugin maps it read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamRecord {
+    /// The paging mode for the plugin's page walks.
+    pub paging: RamPaging,
+    /// 1..=[`MAX_RAM_REGIONS`] regions, sorted by address, not overlapping.
+    pub regions: Vec<RamRegion>,
+}
+
+impl RamRecord {
+    /// Check the fields as the decoder does (the encoder writes what it is given).
+    pub fn validate(&self) -> Result<(), WireError> {
+        if self.regions.is_empty() || self.regions.len() > MAX_RAM_REGIONS {
+            return Err(WireError::BadField("ram.count"));
+        }
+        let mut prev_end = 0u64;
+        for (i, r) in self.regions.iter().enumerate() {
+            let aligned = |v: u64| v.is_multiple_of(PAGE_SIZE);
+            if r.len == 0 || !aligned(r.gpa) || !aligned(r.len) || !aligned(r.file_offset) {
+                return Err(WireError::BadField("ram.region"));
+            }
+            let end = r
+                .gpa
+                .checked_add(r.len)
+                .ok_or(WireError::BadField("ram.region"))?;
+            r.file_offset
+                .checked_add(r.len)
+                .ok_or(WireError::BadField("ram.region"))?;
+            if i > 0 && r.gpa < prev_end {
+                return Err(WireError::BadField("ram.order"));
+            }
+            prev_end = end;
+        }
+        Ok(())
+    }
 }
 
 /// Any record.
@@ -572,6 +663,7 @@ pub enum Msg {
     Disarm(DisarmRecord),
     Answer(AnswerRecord),
     Go,
+    Ram(RamRecord),
 }
 
 fn put_header(out: &mut Vec<u8>, kind: MsgKind, flags: u16, len: usize) {
@@ -590,7 +682,7 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 }
 
 /// Length of a hit record for `regs` and `mem_present`.
-pub const fn hit_len(regs: RegMask, mem_present: u8) -> usize {
+pub const fn hit_len(regs: RegMask, mem_present: u16) -> usize {
     HIT_HEAD_LEN + 8 * (regs.count() + mem_present.count_ones() as usize)
 }
 
@@ -605,18 +697,18 @@ pub fn put_hit_head(
     seq: u64,
     mono_ns: u64,
     regs: RegMask,
-    mem_present: u8,
-    mem_ok: u8,
+    mem_present: u16,
+    mem_ok: u16,
 ) {
     put_header(out, MsgKind::Hit, flags, hit_len(regs, mem_present));
     put_u32(out, probe);
     put_u32(out, vcpu);
     put_u64(out, seq);
     put_u64(out, mono_ns);
-    // Bits 0..26 register mask, 32..40 mem_present, 40..48 mem_ok.
+    // Bits 0..26 register mask, 32..48 mem_present, 48..64 mem_ok.
     put_u64(
         out,
-        (regs.0 & RegMask::ALL.0) | u64::from(mem_present) << 32 | u64::from(mem_ok) << 40,
+        (regs.0 & RegMask::ALL.0) | u64::from(mem_present) << 32 | u64::from(mem_ok) << 48,
     );
 }
 
@@ -671,8 +763,11 @@ impl Msg {
                 put_u64(out, e.detail);
             }
             Msg::Bye(b) => {
-                put_header(out, MsgKind::Bye, 0, 16);
+                put_header(out, MsgKind::Bye, 0, 40);
                 put_u64(out, b.hits);
+                put_u64(out, b.callback_ns);
+                put_u64(out, b.mem_ns);
+                put_u64(out, b.max_callback_ns);
             }
             Msg::Arm(a) => {
                 put_header(out, MsgKind::Arm, 0, ARM_LEN);
@@ -685,6 +780,7 @@ impl Msg {
                         MemBase::None => (0u8, 0u8),
                         MemBase::Absolute => (1, 0),
                         MemBase::Reg(r) => (2, r.index()),
+                        MemBase::Mem(j) => (3, j),
                     };
                     out.extend_from_slice(&[kind, reg, m.len, 0, 0, 0, 0, 0]);
                     put_u64(out, m.offset);
@@ -711,6 +807,24 @@ impl Msg {
                 put_u64(out, a.seq);
             }
             Msg::Go => put_header(out, MsgKind::Go, 0, 8),
+            Msg::Ram(r) => {
+                put_header(out, MsgKind::Ram, 0, RAM_LEN);
+                put_u32(out, u32::try_from(r.regions.len()).unwrap_or(u32::MAX));
+                put_u32(
+                    out,
+                    match r.paging {
+                        RamPaging::FromCr4 => 0,
+                        RamPaging::Level4 => 4,
+                        RamPaging::Level5 => 5,
+                    },
+                );
+                for i in 0..MAX_RAM_REGIONS {
+                    let g = r.regions.get(i).copied().unwrap_or_default();
+                    put_u64(out, g.gpa);
+                    put_u64(out, g.len);
+                    put_u64(out, g.file_offset);
+                }
+            }
         }
     }
 
@@ -788,11 +902,11 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
             if !regs.is_valid() {
                 return Err(WireError::BadField("regs"));
             }
-            let mem_present = u8::try_from((packed >> 32) & 0xff).unwrap_or(0);
+            let mem_present = u16::try_from((packed >> 32) & 0xffff).unwrap_or(0);
             if usize::from(mem_present) >> MAX_MEM_READS != 0 {
                 return Err(WireError::BadField("mem_present"));
             }
-            let mem_ok = u8::try_from((packed >> 40) & 0xff).unwrap_or(0);
+            let mem_ok = u16::try_from((packed >> 48) & 0xffff).unwrap_or(0);
             if hit_len(regs, mem_present) != h.len {
                 return Err(WireError::BadLength {
                     kind: MsgKind::Hit as u16,
@@ -845,7 +959,12 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
                 detail: r.u64()?,
             })
         }
-        MsgKind::Bye => Msg::Bye(ByeRecord { hits: r.u64()? }),
+        MsgKind::Bye => Msg::Bye(ByeRecord {
+            hits: r.u64()?,
+            callback_ns: r.u64()?,
+            mem_ns: r.u64()?,
+            max_callback_ns: r.u64()?,
+        }),
         MsgKind::Arm => {
             let probe = r.u32()?;
             let flags = r.u32()?;
@@ -855,13 +974,16 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
                 return Err(WireError::BadField("regs"));
             }
             let mut mem = [MemRead::default(); MAX_MEM_READS];
-            for m in &mut mem {
+            for (i, m) in mem.iter_mut().enumerate() {
                 let b = r.bytes8()?;
                 let offset = r.u64()?;
                 let base = match b[0] {
                     0 => MemBase::None,
                     1 => MemBase::Absolute,
                     2 => MemBase::Reg(Reg::from_index(b[1]).ok_or(WireError::BadField("mem.reg"))?),
+                    // A chain only reaches back: no cycles, one pass in index order.
+                    3 if usize::from(b[1]) < i => MemBase::Mem(b[1]),
+                    3 => return Err(WireError::BadField("mem.chain")),
                     _ => return Err(WireError::BadField("mem.base")),
                 };
                 if base != MemBase::None && !(1..=MAX_MEM_READ_LEN).contains(&b[2]) {
@@ -903,6 +1025,34 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
             seq: r.u64()?,
         }),
         MsgKind::Go => Msg::Go,
+        MsgKind::Ram => {
+            let count = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+            let paging = match r.u32()? {
+                0 => RamPaging::FromCr4,
+                4 => RamPaging::Level4,
+                5 => RamPaging::Level5,
+                _ => return Err(WireError::BadField("ram.paging")),
+            };
+            if count == 0 || count > MAX_RAM_REGIONS {
+                return Err(WireError::BadField("ram.count"));
+            }
+            let mut regions = Vec::with_capacity(count);
+            for i in 0..MAX_RAM_REGIONS {
+                let g = RamRegion {
+                    gpa: r.u64()?,
+                    len: r.u64()?,
+                    file_offset: r.u64()?,
+                };
+                if i < count {
+                    regions.push(g);
+                } else if g != RamRegion::default() {
+                    return Err(WireError::BadField("ram.unused"));
+                }
+            }
+            let rec = RamRecord { paging, regions };
+            rec.validate()?;
+            Msg::Ram(rec)
+        }
     };
     Ok((msg, h.len))
 }
@@ -958,6 +1108,37 @@ mod tests {
         v
     }
 
+    fn mems(pairs: &[(usize, u64)]) -> [u64; MAX_MEM_READS] {
+        let mut v = [0; MAX_MEM_READS];
+        for (i, x) in pairs {
+            v[*i] = *x;
+        }
+        v
+    }
+
+    fn sample_ram() -> RamRecord {
+        RamRecord {
+            paging: RamPaging::Level5,
+            regions: vec![
+                RamRegion {
+                    gpa: 0,
+                    len: 0xc_0000,
+                    file_offset: 0,
+                },
+                RamRegion {
+                    gpa: 0x10_0000,
+                    len: 0xbff0_0000,
+                    file_offset: 0x10_0000,
+                },
+                RamRegion {
+                    gpa: 0x1_0000_0000,
+                    len: 0x4000_0000,
+                    file_offset: 0xc000_0000,
+                },
+            ],
+        }
+    }
+
     fn round_trip(m: Msg) {
         let bytes = m.to_bytes();
         assert_eq!(bytes.len() % 8, 0, "{m:?}");
@@ -978,6 +1159,11 @@ mod tests {
             offset: 0xffff_ffff_8239_6960,
             len: 4,
         };
+        spec.mem[15] = MemRead {
+            base: MemBase::Mem(0),
+            offset: 0x9a0,
+            len: 8,
+        };
         spec
     }
 
@@ -995,14 +1181,14 @@ mod tests {
             seq: 99,
             mono_ns: 123_456_789,
             regs: RegMask::of(&[Reg::Rax, Reg::Rip, Reg::FsBase]),
-            mem_present: 0b101,
-            mem_ok: 0b001,
+            mem_present: 0b1000_0000_0000_0101,
+            mem_ok: 0b1000_0000_0000_0001,
             reg_values: vals(&[
                 (Reg::Rax, 1),
                 (Reg::Rip, 0xffff_ffff_810b_0de0),
                 (Reg::FsBase, 3),
             ]),
-            mem_values: [0xffff_8880_0123_4000, 0, 0, 0, 0, 0, 0, 0],
+            mem_values: mems(&[(0, 0xffff_8880_0123_4000), (15, 9)]),
         }));
         round_trip(Msg::Hit(HitRecord {
             flags: 0,
@@ -1027,7 +1213,13 @@ mod tests {
             probe: 5,
             detail: 17,
         }));
-        round_trip(Msg::Bye(ByeRecord { hits: 1 << 40 }));
+        round_trip(Msg::Bye(ByeRecord {
+            hits: 1 << 40,
+            callback_ns: 12_345,
+            mem_ns: 678,
+            max_callback_ns: 900,
+        }));
+        round_trip(Msg::Ram(sample_ram()));
         round_trip(Msg::Arm(ArmRecord {
             probe: 42,
             addr: 0xffff_ffff_819f_9cc0,
@@ -1083,7 +1275,7 @@ mod tests {
                 (Reg::Cr3, 0x1000),
                 (Reg::KernelGsBase, 0xffff_8880_1fc0_0000),
             ]),
-            mem_values: [0, 11, 22, 0, 0, 0, 0, 0],
+            mem_values: mems(&[(1, 11), (2, 22)]),
         };
         let r = h.to_regs();
         assert_eq!(
@@ -1101,7 +1293,7 @@ mod tests {
         let s = sample_spec();
         assert!(s.filter_passes(39) && s.filter_passes(62) && s.filter_passes(511));
         assert!(!s.filter_passes(0) && !s.filter_passes(512) && !s.filter_passes(u64::MAX));
-        assert_eq!(s.mem_count(), 2);
+        assert_eq!(s.mem_count(), 3);
     }
 
     #[test]
@@ -1147,6 +1339,98 @@ mod tests {
             }
             let _ = decode(&buf);
         }
+    }
+
+    #[test]
+    fn chained_reads_only_reach_back() {
+        let arm = |mem15: [u8; 2]| {
+            let mut b = Msg::Arm(ArmRecord {
+                probe: 1,
+                addr: 2,
+                flags: ARM_ENABLED,
+                spec: sample_spec(),
+            })
+            .to_bytes();
+            // Read 15's base bytes: header, probe/flags/addr/regs, then 16 bytes per read.
+            let at = HEADER_LEN + 24 + 16 * 15;
+            b[at] = mem15[0];
+            b[at + 1] = mem15[1];
+            decode(&b).map(|(m, _)| m)
+        };
+        match arm([3, 14]) {
+            Ok(Msg::Arm(a)) => assert_eq!(a.spec.mem[15].base, MemBase::Mem(14)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(arm([3, 15]), Err(WireError::BadField("mem.chain")));
+        assert_eq!(arm([3, 200]), Err(WireError::BadField("mem.chain")));
+        assert_eq!(arm([4, 0]), Err(WireError::BadField("mem.base")));
+        // Read 0 cannot chain at all.
+        let mut spec = sample_spec();
+        spec.mem[0].base = MemBase::Mem(0);
+        let b = Msg::Arm(ArmRecord {
+            probe: 1,
+            addr: 2,
+            flags: 0,
+            spec,
+        })
+        .to_bytes();
+        assert_eq!(decode(&b), Err(WireError::BadField("mem.chain")));
+    }
+
+    #[test]
+    fn ram_record_fields_are_checked() {
+        let enc = |r: &RamRecord| Msg::Ram(r.clone()).to_bytes();
+        let good = sample_ram();
+        assert_eq!(enc(&good).len(), RAM_LEN);
+        assert_eq!(good.validate(), Ok(()));
+        let bad = |f: &dyn Fn(&mut RamRecord), why: &'static str| {
+            let mut r = sample_ram();
+            f(&mut r);
+            assert_eq!(r.validate(), Err(WireError::BadField(why)), "{r:?}");
+            assert_eq!(decode(&enc(&r)), Err(WireError::BadField(why)), "{r:?}");
+        };
+        bad(&|r| r.regions.clear(), "ram.count");
+        bad(&|r| r.regions[1].len = 0, "ram.region");
+        bad(&|r| r.regions[1].gpa += 1, "ram.region");
+        bad(&|r| r.regions[2].file_offset = 0x10, "ram.region");
+        bad(&|r| r.regions[2].len = 0x1001, "ram.region");
+        bad(&|r| r.regions[2].gpa = !0xfff_u64, "ram.region");
+        bad(&|r| r.regions[2].file_offset = !0xfff_u64, "ram.region");
+        bad(&|r| r.regions.swap(0, 1), "ram.order");
+        bad(&|r| r.regions[1].gpa = 0x1000, "ram.order");
+        // Too many regions: the encoder writes the count, the decoder refuses it.
+        let mut many = sample_ram();
+        many.regions = (0..9)
+            .map(|i| RamRegion {
+                gpa: i * 0x1000,
+                len: 0x1000,
+                file_offset: 0,
+            })
+            .collect();
+        assert_eq!(many.validate(), Err(WireError::BadField("ram.count")));
+        let mut b = enc(&sample_ram());
+        b[HEADER_LEN] = 9;
+        assert_eq!(decode(&b), Err(WireError::BadField("ram.count")));
+        // Paging mode, unused slots, length.
+        let mut b = enc(&sample_ram());
+        b[HEADER_LEN + 4] = 3;
+        assert_eq!(decode(&b), Err(WireError::BadField("ram.paging")));
+        let mut b = enc(&sample_ram());
+        let last = RAM_LEN - 8;
+        b[last] = 1;
+        assert_eq!(decode(&b), Err(WireError::BadField("ram.unused")));
+        let mut b = enc(&sample_ram());
+        b[4] = 200;
+        assert!(matches!(
+            decode(&b),
+            Err(WireError::BadLength {
+                expected: RAM_LEN,
+                ..
+            })
+        ));
+        b.truncate(RAM_LEN - 8);
+        b[4] = u8::try_from(RAM_LEN & 0xff).expect("fits");
+        assert!(matches!(decode(&b), Err(WireError::Short { .. })));
     }
 
     #[test]

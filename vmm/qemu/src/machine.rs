@@ -1,5 +1,5 @@
-//! One QEMU guest from start to power-off: process, console, RAM file, gdbstub,
-//! and the cleanup of all of them on every exit path.
+//! One QEMU guest from start to power-off: process, console, RAM file (handed to the TCG
+//! plugin once mapped), gdbstub, and the cleanup of all of them on every exit path.
 
 use crate::gdb::{GdbClient, GdbError, StopReply};
 use crate::launch::QemuConfig;
@@ -227,7 +227,7 @@ impl QemuMachine {
         mut cfg: QemuConfig,
         paths: RunPaths,
         console: Option<ConsoleSink>,
-        plugin: Option<&mut PluginLink>,
+        mut plugin: Option<&mut PluginLink>,
     ) -> Result<Self, MachineError> {
         cfg.gdb_socket = paths.gdb_socket.clone();
         cfg.status_path = paths.status.clone();
@@ -275,7 +275,7 @@ impl QemuMachine {
         let started = Instant::now();
         // From here on, any error must kill QEMU: wrap it first.
         let mut guard = ChildGuard(Some(child));
-        if let Some(link) = plugin {
+        if let Some(link) = plugin.as_deref_mut() {
             // QEMU installs plugins before it opens the gdbstub, and ours waits for us.
             // Poll, so that a QEMU that could not load the plugin is reported at once.
             let accepted = loop {
@@ -336,6 +336,27 @@ impl QemuMachine {
         let ram = RamFile::map(&paths.ram, map)?;
         // Both QEMU and we hold the mapping now: nothing needs the name.
         let _ = std::fs::remove_file(&paths.ram);
+        if let Some(link) = plugin {
+            // The plugin reads guest memory from this file from now on (its own page walk);
+            // without it, it keeps QEMU's slower accessor. The guest has not set up paging
+            // yet, so the plugin takes the paging mode from CR4 at each hit.
+            let sent = match ram.wire_regions() {
+                Some(regions) => link
+                    .send_ram(
+                        ram.fd(),
+                        &regions,
+                        ornament_engine::wire::RamPaging::FromCr4,
+                    )
+                    .map_err(|e| e.to_string()),
+                None => Err(format!(
+                    "{} RAM ranges, more than a RAM record carries",
+                    ram.ram_map().ranges().len()
+                )),
+            };
+            if let Err(why) = sent {
+                tracing::warn!(%why, "guest RAM not given to the plugin; it reads through QEMU");
+            }
+        }
         let vcpus = u32::try_from(gdb.vcpus()?.len()).unwrap_or(0);
         Ok(Self {
             child: guard.0.take(),

@@ -4,6 +4,7 @@
 //! PluginLink::listen(path)          bind the unix socket; give QEMU `-plugin ...,sock=path`
 //!   .arm(..) / .disarm(..)          before accept: the initial probe set
 //!   .accept(timeout)                plugin's Hello -> initial Arm records -> Go (guest starts)
+//!   .send_ram(fd, regions, paging)  guest RAM file (SCM_RIGHTS) for the plugin's own reads
 //!   .next_hit(timeout)              wire hit records -> PluginHit { ProbeHit, memory reads }
 //!   .answer(&hit, action)           resume a held vCPU (after applying a deny, see below)
 //!   .arm(..) / .disarm(..)          at any time while the guest runs
@@ -31,11 +32,12 @@
 
 use ornament_engine::wire::{
     self, AnswerRecord, ArmRecord, DisarmRecord, ErrorRecord, HitRecord, MemRead, Msg, ProbeSpec,
-    Reg, RegMask, ARM_ENABLED, MAX_MEM_READS,
+    RamPaging, RamRecord, RamRegion, Reg, RegMask, ARM_ENABLED, MAX_MEM_READS,
 };
 use ornament_engine::{Action, Gpa, Gva, MemError, PhysMemory, ProbeHit, ProbeId};
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -177,6 +179,12 @@ pub enum LinkEvent {
     Bye {
         /// Hits the plugin reported over the session.
         hits: u64,
+        /// Time the plugin spent in those hits' callbacks, nanoseconds.
+        callback_ns: u64,
+        /// Of which in memory reads.
+        mem_ns: u64,
+        /// The longest single callback.
+        max_callback_ns: u64,
     },
 }
 
@@ -421,6 +429,41 @@ impl PluginLink {
         self.rx.is_some()
     }
 
+    /// Give the plugin guest RAM: `fd` is QEMU's RAM file (sent as `SCM_RIGHTS` with the
+    /// record), `regions` map guest-physical addresses into it. From then on the plugin reads
+    /// guest memory by walking the page tables itself instead of through QEMU. Only after
+    /// [`PluginLink::accept`].
+    pub fn send_ram(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        regions: &[RamRegion],
+        paging: RamPaging,
+    ) -> Result<(), PluginLinkError> {
+        if !self.connected() {
+            return Err(PluginLinkError::NotConnected);
+        }
+        let rec = RamRecord {
+            paging,
+            regions: regions.to_vec(),
+        };
+        rec.validate()?;
+        let bytes = Msg::Ram(rec).to_bytes();
+        let w = self.writer.as_mut().ok_or(PluginLinkError::NotConnected)?;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let n = w
+            .send_with_fd(&bytes[..], fd.as_raw_fd())
+            .map_err(|e| PluginLinkError::Send(std::io::Error::from_raw_os_error(e.errno())))?;
+        // The descriptor went with the first bytes; a short send leaves only plain bytes.
+        w.write_all(bytes.get(n..).unwrap_or_default())
+            .map_err(PluginLinkError::Send)?;
+        tracing::debug!(
+            regions = regions.len(),
+            ?paging,
+            "guest RAM sent to the plugin"
+        );
+        Ok(())
+    }
+
     /// Arm (or re-arm with a new spec) probe `probe` at `addr`; before `accept` it joins the
     /// initial set. An address the plugin has not seen before costs one retranslation of all
     /// guest code (see the plugin's documentation); re-arming a known address is a flag.
@@ -589,7 +632,22 @@ impl PluginLink {
                 );
                 Some(LinkEvent::PluginError(e))
             }
-            Msg::Bye(b) => Some(LinkEvent::Bye { hits: b.hits }),
+            Msg::Bye(b) => {
+                let per = |ns: u64| ns.checked_div(b.hits).unwrap_or(0);
+                tracing::debug!(
+                    hits = b.hits,
+                    callback_ns_per_hit = per(b.callback_ns),
+                    mem_ns_per_hit = per(b.mem_ns),
+                    max_callback_ns = b.max_callback_ns,
+                    "plugin done"
+                );
+                Some(LinkEvent::Bye {
+                    hits: b.hits,
+                    callback_ns: b.callback_ns,
+                    mem_ns: b.mem_ns,
+                    max_callback_ns: b.max_callback_ns,
+                })
+            }
             _ => None,
         })
     }
@@ -948,14 +1006,24 @@ mod tests {
             probe: 2,
             detail: 4,
         }));
-        p.send(&Msg::Bye(wire::ByeRecord { hits: 3 }));
+        p.send(&Msg::Bye(wire::ByeRecord {
+            hits: 3,
+            callback_ns: 3_000,
+            mem_ns: 1_500,
+            max_callback_ns: 2_000,
+        }));
         assert!(matches!(
             link.recv(Duration::from_secs(5)),
             Ok(Some(LinkEvent::PluginError(_)))
         ));
         assert_eq!(
             link.recv(Duration::from_secs(5)).expect("ok"),
-            Some(LinkEvent::Bye { hits: 3 })
+            Some(LinkEvent::Bye {
+                hits: 3,
+                callback_ns: 3_000,
+                mem_ns: 1_500,
+                max_callback_ns: 2_000,
+            })
         );
         drop(p);
         assert!(matches!(
@@ -964,6 +1032,61 @@ mod tests {
         ));
         assert_eq!(link.plugin_errors().len(), 1);
         assert_eq!(link.stats().hits, 3);
+    }
+
+    #[test]
+    fn ram_record_carries_the_file_descriptor() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let (mut link, mut p) = pair();
+        // Not tempfile: the plugin's real-guest tests include this file without that crate.
+        let path = std::env::temp_dir().join(format!("plugin-link-ram-{}", std::process::id()));
+        let file = std::fs::File::create(&path).expect("tmp");
+        let _ = std::fs::remove_file(&path);
+        file.set_len(0x4000).expect("len");
+        let regions = [RamRegion {
+            gpa: 0x10_0000,
+            len: 0x4000,
+            file_offset: 0,
+        }];
+        assert!(matches!(
+            link.send_ram(file.as_fd(), &regions, RamPaging::FromCr4),
+            Err(PluginLinkError::NotConnected)
+        ));
+        hello(&mut p);
+        link.accept(Duration::from_secs(5)).expect("accept");
+        assert_eq!(p.recv(), Msg::Go);
+        // Bad regions are refused before anything is sent.
+        let mut bad = regions;
+        bad[0].len = 0x10;
+        assert!(matches!(
+            link.send_ram(file.as_fd(), &bad, RamPaging::Level4),
+            Err(PluginLinkError::Wire(wire::WireError::BadField(
+                "ram.region"
+            )))
+        ));
+        link.send_ram(file.as_fd(), &regions, RamPaging::Level5)
+            .expect("send");
+        let mut buf = vec![0u8; wire::RAM_LEN];
+        let mut got = 0;
+        let mut fd = None;
+        while got < buf.len() {
+            let (n, f) = p.s.recv_with_fd(&mut buf[got..]).expect("recv");
+            assert!(n > 0, "closed");
+            got += n;
+            fd = fd.or(f);
+        }
+        assert_eq!(
+            wire::decode(&buf).expect("decode").0,
+            Msg::Ram(RamRecord {
+                paging: RamPaging::Level5,
+                regions: regions.to_vec()
+            })
+        );
+        let fd = fd.expect("descriptor");
+        let (a, b) = (fd.metadata().expect("stat"), file.metadata().expect("stat"));
+        assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! Guest RAM shared with QEMU: the mapped RAM file, and the guest-physical to
-//! file-offset map parsed from QEMU's own `info mtree -f`.
+//! Guest RAM shared with QEMU: the mapped RAM file (whose descriptor stays open so it can be
+//! handed to the TCG plugin), and the guest-physical to file-offset map parsed from QEMU's own
+//! `info mtree -f`.
 
 use ornament_engine::{Gpa, MemError, PhysMemory};
-use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 /// Why the RAM file could not be used.
@@ -142,6 +143,8 @@ fn parse_line(line: &str, region: &str) -> Option<RamRange> {
 #[derive(Debug)]
 pub struct RamFile {
     path: PathBuf,
+    /// Kept open: the file is unlinked once mapped, and the plugin gets this descriptor.
+    file: File,
     base: *mut u8,
     size: usize,
     map: RamMap,
@@ -179,8 +182,7 @@ impl RamFile {
             }
         }
         // SAFETY: a fresh shared mapping of a regular file we just opened, with the
-        // file's own length; the result is checked against MAP_FAILED below. The fd
-        // may be closed afterwards: the mapping keeps the file alive.
+        // file's own length; the result is checked against MAP_FAILED below.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -199,6 +201,7 @@ impl RamFile {
         }
         Ok(Self {
             path: path.to_path_buf(),
+            file: f,
             base: base.cast(),
             size,
             map,
@@ -213,6 +216,26 @@ impl RamFile {
     /// The address map.
     pub fn ram_map(&self) -> &RamMap {
         &self.map
+    }
+
+    /// The RAM file's descriptor (open read-write; still valid after the file is unlinked).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The address map as the plugin's wire regions; `None` when it has more ranges than a
+    /// RAM record carries.
+    pub fn wire_regions(&self) -> Option<Vec<ornament_engine::wire::RamRegion>> {
+        let r = self.map.ranges();
+        (r.len() <= ornament_engine::wire::MAX_RAM_REGIONS).then(|| {
+            r.iter()
+                .map(|r| ornament_engine::wire::RamRegion {
+                    gpa: r.gpa,
+                    len: r.len,
+                    file_offset: r.file_offset,
+                })
+                .collect()
+        })
     }
 
     fn offset(&self, gpa: Gpa, len: usize) -> Result<usize, MemError> {

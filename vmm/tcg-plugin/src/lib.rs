@@ -4,9 +4,9 @@
 //! ```text
 //! guest vCPU reaches a probe address
 //!   -> exec callback (only on probe instructions)   this crate
-//!   -> registers + small memory reads, per-vCPU batch
+//!   -> registers + small memory reads (guestmem), one ordered batch
 //!   -> unix socket, ornament_engine::wire records   -> ornament-qemu::plugin_link -> ProbeHit
-//!   <- answer (held probes only) / arm / disarm     <-
+//!   <- answer (held probes only) / arm / disarm / RAM file (once)   <-
 //! ```
 //!
 //! Loaded as `-plugin libornament_tcg_plugin.so,sock=PATH[,hold_timeout_ms=N][,flush_us=N]
@@ -28,29 +28,44 @@
 //!   before all code is retranslated (other vCPUs may run a little further).
 //!   QEMU runs that reset when every vCPU is outside guest code, so while a vCPU is held the
 //!   reset (and every other vCPU) waits for the hold to end.
-//! - Hits: appended to the hitting vCPU's buffer, written to the socket when the buffer holds
-//!   `batch_bytes` or by a flusher thread every `flush_us`; a held hit flushes at once and blocks
-//!   only its own vCPU until the host answers or `hold_timeout_ms` passes (then it goes on and
-//!   reports `HoldTimeout`). The socket is blocking: a host that stops reading slows the guest,
-//!   it never loses hits.
+//! - Hits: appended to one buffer shared by all vCPUs in the order the callbacks ran (so a
+//!   parent's fork record always comes before anything its child does on another vCPU), written
+//!   to the socket when the buffer holds `batch_bytes` or by a flusher thread every `flush_us`;
+//!   a held hit flushes at once and blocks only its own vCPU until the host answers or
+//!   `hold_timeout_ms` passes (then it goes on and reports `HoldTimeout`). The socket is
+//!   blocking: a host that stops reading slows the guest, it never loses hits.
+//! - Memory reads: a probe's reads are done in index order; a read's address is a constant, a
+//!   register plus an offset, or an earlier read's value plus an offset (pointer chains: a read
+//!   whose base read failed fails). Once the host has sent the RAM record (with QEMU's RAM file
+//!   descriptor), reads walk the guest's page tables from `cr3` over the mapped file
+//!   ([`guestmem`]); before that, or when that mapping failed (reported once as
+//!   `RamFallback`), or for an address the walk cannot resolve, they go through QEMU's
+//!   `qemu_plugin_read_memory_vaddr`.
+//! - Cost: the time spent in reported hits' callbacks (and in their memory reads) is summed and
+//!   sent in the `Bye` record.
 //! - No panic crosses into QEMU: every `extern "C"` entry runs under `catch_unwind`, and a
 //!   caught panic is reported over the socket.
 
 pub mod ffi;
+pub mod guestmem;
 
 use ffi::{Api, GArray, Insn, PluginId, QemuInfo, RegHandle, Tb};
+use guestmem::{RamMapping, CR4_LA57};
 use ornament_engine::wire::{
-    self, AnswerRecord, ArmRecord, ByeRecord, ErrorRecord, Hello, MemBase, Msg, PluginErrorCode,
-    ProbeSpec, Reg, RegMask, VcpuInitRecord, ARM_ENABLED, HIT_HELD, MAX_MEM_READS,
+    self, AnswerRecord, ArmRecord, ByeRecord, ErrorRecord, Hello, MemBase, MemRead, Msg,
+    PluginErrorCode, ProbeSpec, RamPaging, RamRecord, Reg, RegMask, VcpuInitRecord, ARM_ENABLED,
+    HIT_HELD, MAX_MEM_READS,
 };
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// The plugin API version this plugin is written against (QEMU checks it at load).
 #[no_mangle]
@@ -148,8 +163,6 @@ struct ProbeConf {
 /// Per-vCPU state.
 #[derive(Debug)]
 struct Vcpu {
-    /// Pending hit records, written out in order under this lock.
-    buf: Mutex<Vec<u8>>,
     /// Hits reported by this vCPU.
     seq: AtomicU64,
     /// Highest answered held seq.
@@ -164,7 +177,6 @@ struct Vcpu {
 impl Vcpu {
     fn new() -> Self {
         Self {
-            buf: Mutex::new(Vec::with_capacity(4096)),
             seq: AtomicU64::new(0),
             answered: Mutex::new(0),
             cv: Condvar::new(),
@@ -179,7 +191,19 @@ struct State {
     api: Api,
     id: PluginId,
     args: PluginArgs,
-    writer: Mutex<UnixStream>,
+    /// The socket, and a spare buffer the pending records are swapped into for writing.
+    writer: Mutex<(UnixStream, Vec<u8>)>,
+    /// Hit records not yet written, of every vCPU, in the order they were made. Lock order:
+    /// `writer` before `pending`.
+    pending: Mutex<Vec<u8>>,
+    /// Guest RAM mapped from the host's file, once its record came.
+    ram: OnceLock<RamMapping>,
+    /// The RAM record came but could not be used (reported once).
+    ram_failed: AtomicBool,
+    /// Sum of reported hits' callback time and of their memory reads, nanoseconds.
+    callback_ns: AtomicU64,
+    mem_ns: AtomicU64,
+    max_callback_ns: AtomicU64,
     /// Probe table by address; slots are leaked so callbacks can hold `&'static` to them.
     by_addr: RwLock<HashMap<u64, &'static ProbeSlot>>,
     by_id: Mutex<HashMap<u32, u64>>,
@@ -211,7 +235,7 @@ impl State {
             return;
         }
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if w.write_all(bytes).is_err() {
+        if w.0.write_all(bytes).is_err() {
             self.host_gone.store(true, Ordering::Relaxed);
             self.release_all();
         }
@@ -234,18 +258,56 @@ impl State {
         );
     }
 
-    /// Write a vCPU's pending records; the caller holds its buffer lock.
-    fn flush_locked(&self, buf: &mut Vec<u8>) {
-        if !buf.is_empty() {
-            self.send(buf);
-            buf.clear();
+    /// Write every pending record, in order. The records are swapped out under the writer
+    /// lock, so batches taken by different threads go out in the order they were taken.
+    fn flush(&self) {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let (sock, spare) = &mut *w;
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if p.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut *p, spare);
         }
+        if !self.host_gone.load(Ordering::Relaxed) && sock.write_all(spare).is_err() {
+            self.host_gone.store(true, Ordering::Relaxed);
+            drop(w);
+            self.release_all();
+            return;
+        }
+        spare.clear();
     }
 
-    fn flush_all(&self) {
-        for v in &self.vcpus {
-            let mut b = v.buf.lock().unwrap_or_else(|p| p.into_inner());
-            self.flush_locked(&mut b);
+    /// Map the RAM file the host sent; on failure keep QEMU's reads and say so once.
+    fn apply_ram(&self, rec: &RamRecord, fd: Option<File>) {
+        match RamMapping::map(rec, fd) {
+            Ok(m) => {
+                if self.args.verbose {
+                    self.api.log(&format!(
+                        "ornament: guest RAM mapped, {} regions, paging {:?}",
+                        rec.regions.len(),
+                        rec.paging
+                    ));
+                }
+                // A second record is ignored: views of the first may be in use.
+                let _ = self.ram.set(m);
+            }
+            Err(e) => {
+                if !self.ram_failed.swap(true, Ordering::Relaxed) {
+                    if self.args.verbose {
+                        self.api.log(&format!(
+                            "ornament: guest RAM not mapped ({e}); reading through QEMU"
+                        ));
+                    }
+                    self.report(
+                        PluginErrorCode::RamFallback,
+                        u32::MAX,
+                        u32::MAX,
+                        u64::try_from(e.errno()).unwrap_or(0),
+                    );
+                }
+            }
         }
     }
 
@@ -392,6 +454,89 @@ fn read_reg(s: &State, v: &Vcpu, arr: *mut GArray, reg: Reg) -> Option<u64> {
     Some(unsafe { garray_value(arr, n) })
 }
 
+/// A register's value at this hit: from the values already read for the record, else read now.
+fn reg_value(
+    s: &State,
+    v: &Vcpu,
+    arr: *mut GArray,
+    spec: &ProbeSpec,
+    got: (&[u64; Reg::COUNT], RegMask),
+    r: Reg,
+) -> Option<u64> {
+    if spec.regs.contains(r) && got.1.contains(r) {
+        Some(got.0[usize::from(r.index())])
+    } else {
+        read_reg(s, v, arr, r)
+    }
+}
+
+/// Do the probe's memory reads in index order with `read(addr, len)`; returns (requested,
+/// succeeded, values). A read whose base (register or earlier read) failed fails unread.
+fn mem_reads(
+    spec: &ProbeSpec,
+    reg: &mut dyn FnMut(Reg) -> Option<u64>,
+    read: &mut dyn FnMut(u64, usize) -> Option<u64>,
+) -> (u16, u16, [u64; MAX_MEM_READS]) {
+    let mut present = 0u16;
+    let mut ok = 0u16;
+    let mut vals = [0u64; MAX_MEM_READS];
+    for (i, m) in spec.mem.iter().enumerate() {
+        let base = match chain_base(m, ok, &vals, reg) {
+            Base::Unused => continue,
+            Base::Failed => {
+                present |= 1 << i;
+                continue;
+            }
+            Base::At(b) => b,
+        };
+        present |= 1 << i;
+        let addr = base.wrapping_add(m.offset);
+        if let Some(x) = read(addr, usize::from(m.len.clamp(1, 8))) {
+            ok |= 1 << i;
+            vals[i] = x;
+        }
+    }
+    (present, ok, vals)
+}
+
+enum Base {
+    Unused,
+    Failed,
+    At(u64),
+}
+
+/// The base of read `m`: nothing, a failure (its register or earlier read failed), or a value.
+fn chain_base(
+    m: &MemRead,
+    ok: u16,
+    vals: &[u64; MAX_MEM_READS],
+    reg: &mut dyn FnMut(Reg) -> Option<u64>,
+) -> Base {
+    let v = match m.base {
+        MemBase::None => return Base::Unused,
+        MemBase::Absolute => Some(0),
+        MemBase::Reg(r) => reg(r),
+        // The decoder only lets a read chain to a lower index, which is done already.
+        MemBase::Mem(j) => {
+            let j = usize::from(j);
+            (j < MAX_MEM_READS && ok & (1 << j) != 0).then(|| vals[j])
+        }
+    };
+    v.map_or(Base::Failed, Base::At)
+}
+
+/// One read through QEMU's own accessor (a debug page walk: slow).
+fn qemu_read(s: &State, arr: *mut GArray, addr: u64, len: usize) -> Option<u64> {
+    if arr.is_null() {
+        return None;
+    }
+    // SAFETY: `arr` is this vCPU's live byte array; reading guest memory by virtual
+    // address is allowed from a vCPU callback; QEMU sizes `arr` to `len` itself.
+    let ok = unsafe { (s.api.read_memory_vaddr)(addr, arr, len) };
+    // SAFETY: `arr` is live and holds `len` bytes after a successful read.
+    ok.then(|| unsafe { garray_value(arr, len) })
+}
+
 fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
     let Some(s) = STATE.get() else { return };
     s.maybe_reset();
@@ -421,6 +566,7 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
             _ => return,
         }
     }
+    let t_start = mono_ns();
     let mut vals = [0u64; Reg::COUNT];
     let mut regs_ok = RegMask::NONE;
     for r in spec.regs.iter() {
@@ -441,40 +587,39 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
             ),
         }
     }
-    let mut mem_present = 0u8;
-    let mut mem_ok = 0u8;
-    let mut mem_vals = [0u64; MAX_MEM_READS];
-    for (i, m) in spec.mem.iter().enumerate() {
-        let base = match m.base {
-            MemBase::None => continue,
-            MemBase::Absolute => Some(0),
-            MemBase::Reg(r) => {
-                if spec.regs.contains(r) && regs_ok.contains(r) {
-                    Some(vals[usize::from(r.index())])
-                } else {
-                    read_reg(s, v, arr, r)
-                }
-            }
+    let t_mem = mono_ns();
+    let (mem_present, mem_ok, mem_vals) = if spec.mem_count() == 0 {
+        (0, 0, [0u64; MAX_MEM_READS])
+    } else {
+        let got = (&vals, regs_ok);
+        let mut reg = |r| reg_value(s, v, arr, spec, got, r);
+        // The page walk needs cr3 (and CR4.LA57 unless the host said), read once per hit.
+        let mut fast: Option<Option<guestmem::Walker<'_>>> = None;
+        let mut read = |addr: u64, len: usize| {
+            let fm = fast.get_or_insert_with(|| {
+                let map = s.ram.get()?;
+                let cr3 = reg_value(s, v, arr, spec, got, Reg::Cr3)?;
+                let la57 = match map.paging {
+                    RamPaging::Level4 => false,
+                    RamPaging::Level5 => true,
+                    RamPaging::FromCr4 => {
+                        reg_value(s, v, arr, spec, got, Reg::Cr4)? & CR4_LA57 != 0
+                    }
+                };
+                Some(guestmem::Walker::new(map.ram(), cr3, la57))
+            });
+            fm.as_mut()
+                .and_then(|w| w.read(addr, len))
+                .or_else(|| qemu_read(s, arr, addr, len))
         };
-        mem_present |= 1 << i;
-        let Some(base) = base else { continue };
-        let addr = base.wrapping_add(m.offset);
-        let len = usize::from(m.len.clamp(1, 8));
-        // SAFETY: `arr` is this vCPU's live byte array; reading guest memory by virtual
-        // address is allowed from a vCPU callback; QEMU sizes `arr` to `len` itself.
-        let ok = unsafe { (s.api.read_memory_vaddr)(addr, arr, len) };
-        if ok {
-            mem_ok |= 1 << i;
-            // SAFETY: `arr` is live and holds `len` bytes after a successful read.
-            mem_vals[i] = unsafe { garray_value(arr, len) };
-        }
-    }
+        mem_reads(spec, &mut reg, &mut read)
+    };
     let seq = v.seq.fetch_add(1, Ordering::Relaxed) + 1;
     let time = mono_ns();
     let hold = spec.hold && !s.host_gone.load(Ordering::Relaxed);
     let flags = if hold { HIT_HELD } else { 0 };
-    {
-        let mut b = v.buf.lock().unwrap_or_else(|p| p.into_inner());
+    let full = {
+        let mut b = s.pending.lock().unwrap_or_else(|p| p.into_inner());
         wire::put_hit_head(
             &mut b,
             flags,
@@ -494,9 +639,15 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
                 wire::put_hit_value(&mut b, *val);
             }
         }
-        if hold || b.len() >= s.args.batch_bytes {
-            s.flush_locked(&mut b);
-        }
+        b.len() >= s.args.batch_bytes
+    };
+    s.mem_ns
+        .fetch_add(time.saturating_sub(t_mem), Ordering::Relaxed);
+    let took = mono_ns().saturating_sub(t_start);
+    s.callback_ns.fetch_add(took, Ordering::Relaxed);
+    s.max_callback_ns.fetch_max(took, Ordering::Relaxed);
+    if hold || full {
+        s.flush();
     }
     if hold {
         let deadline = Instant::now() + s.args.hold_timeout;
@@ -648,14 +799,41 @@ extern "C" fn on_reset_done(_id: PluginId) {
 extern "C" fn on_exit(_id: PluginId, _udata: *mut c_void) {
     guarded(u32::MAX, || {
         let Some(s) = STATE.get() else { return };
-        s.flush_all();
+        s.flush();
         s.send(
             &Msg::Bye(ByeRecord {
                 hits: s.vcpus.iter().map(|v| v.seq.load(Ordering::Relaxed)).sum(),
+                callback_ns: s.callback_ns.load(Ordering::Relaxed),
+                mem_ns: s.mem_ns.load(Ordering::Relaxed),
+                max_callback_ns: s.max_callback_ns.load(Ordering::Relaxed),
             })
             .to_bytes(),
         );
     });
+}
+
+/// The host socket read with `recvmsg`, so that a descriptor sent with a record (the RAM
+/// file) is kept until its record is decoded.
+struct FdReader {
+    sock: UnixStream,
+    fd: Option<File>,
+}
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.sock.recv_with_fd(buf) {
+                Ok((n, fd)) => {
+                    if fd.is_some() {
+                        self.fd = fd;
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())),
+            }
+        }
+    }
 }
 
 /// Read exactly one record from a blocking stream.
@@ -674,7 +852,7 @@ fn read_record(
     Ok(wire::decode(buf).map(|(m, _)| m))
 }
 
-fn reader_loop(mut sock: UnixStream) {
+fn reader_loop(mut sock: FdReader) {
     let mut buf = Vec::with_capacity(wire::MAX_RECORD_LEN);
     loop {
         let Some(s) = STATE.get() else { return };
@@ -699,6 +877,7 @@ fn reader_loop(mut sock: UnixStream) {
             Ok(Ok(Msg::Arm(a))) => s.apply_arm(&a),
             Ok(Ok(Msg::Disarm(d))) => s.apply_disarm(d.probe),
             Ok(Ok(Msg::Answer(a))) => s.apply_answer(&a),
+            Ok(Ok(Msg::Ram(r))) => s.apply_ram(&r, sock.fd.take()),
             Ok(Ok(_)) => {}
         }
     }
@@ -711,7 +890,7 @@ fn flusher_loop() {
             return;
         }
         std::thread::sleep(s.args.flush_period);
-        s.flush_all();
+        s.flush();
     }
 }
 
@@ -742,34 +921,45 @@ fn install(id: PluginId, info: &QemuInfo, argv: &[&str]) -> Result<(), InstallEr
     }
     let nvcpus =
         usize::try_from(info.system.max_vcpus.max(info.system.smp_vcpus).max(1)).unwrap_or(1);
-    let mut sock = UnixStream::connect(&args.sock).map_err(InstallError::Connect)?;
+    let sock = UnixStream::connect(&args.sock).map_err(InstallError::Connect)?;
     sock.set_read_timeout(Some(args.connect_timeout))
         .map_err(InstallError::Handshake)?;
+    let mut sock = FdReader { sock, fd: None };
     let hello = Msg::Hello(Hello {
         version: wire::WIRE_VERSION,
         pid: std::process::id(),
         mono_ns: mono_ns(),
     });
-    sock.write_all(&hello.to_bytes())
+    sock.sock
+        .write_all(&hello.to_bytes())
         .map_err(InstallError::Handshake)?;
     let mut initial = Vec::new();
+    let mut ram = None;
     let mut buf = Vec::new();
     loop {
         match read_record(&mut sock, &mut buf).map_err(InstallError::Handshake)?? {
             Msg::Go => break,
             Msg::Arm(a) => initial.push(a),
             Msg::Disarm(d) => initial.retain(|a: &ArmRecord| a.probe != d.probe),
+            Msg::Ram(r) => ram = Some((r, sock.fd.take())),
             _ => {}
         }
     }
-    sock.set_read_timeout(None)
+    sock.sock
+        .set_read_timeout(None)
         .map_err(InstallError::Handshake)?;
-    let writer = sock.try_clone().map_err(InstallError::Handshake)?;
+    let writer = sock.sock.try_clone().map_err(InstallError::Handshake)?;
     let state = State {
         api,
         id,
         args,
-        writer: Mutex::new(writer),
+        writer: Mutex::new((writer, Vec::with_capacity(16 * 1024))),
+        pending: Mutex::new(Vec::with_capacity(16 * 1024)),
+        ram: OnceLock::new(),
+        ram_failed: AtomicBool::new(false),
+        callback_ns: AtomicU64::new(0),
+        mem_ns: AtomicU64::new(0),
+        max_callback_ns: AtomicU64::new(0),
         by_addr: RwLock::new(HashMap::new()),
         by_id: Mutex::new(HashMap::new()),
         vcpus: (0..nvcpus).map(|_| Vcpu::new()).collect(),
@@ -782,6 +972,9 @@ fn install(id: PluginId, info: &QemuInfo, argv: &[&str]) -> Result<(), InstallEr
     let s = STATE.get().ok_or(InstallError::Twice)?;
     for a in &initial {
         s.apply_arm(a);
+    }
+    if let Some((r, fd)) = ram {
+        s.apply_ram(&r, fd);
     }
     // Nothing is translated yet: no flush needed for the initial set.
     s.flush_wanted.store(false, Ordering::Release);
@@ -879,6 +1072,62 @@ mod tests {
             PluginArgs::parse(["sock=/x", "flush_us=abc"]),
             Err(ArgsError::BadValue("flush_us".into()))
         );
+    }
+
+    #[test]
+    fn chained_reads_fail_with_their_base() {
+        let mut spec = ProbeSpec::regs(RegMask::of(&[Reg::Rdi]));
+        // 0: rdi + 8 (a pointer); 1: *(0) + 4; 2: *(1) + 0; 3: from rsi (unreadable);
+        // 4: *(3) + 0 (fails with 3); 5: absolute; 7: *(5) (unmapped target).
+        spec.mem[0] = MemRead::at_reg(Reg::Rdi, 8, 8);
+        spec.mem[1] = MemRead {
+            base: MemBase::Mem(0),
+            offset: 4,
+            len: 8,
+        };
+        spec.mem[2] = MemRead {
+            base: MemBase::Mem(1),
+            offset: 0,
+            len: 4,
+        };
+        spec.mem[3] = MemRead::at_reg(Reg::Rsi, 0, 8);
+        spec.mem[4] = MemRead {
+            base: MemBase::Mem(3),
+            offset: 0,
+            len: 8,
+        };
+        spec.mem[5] = MemRead {
+            base: MemBase::Absolute,
+            offset: 0x500,
+            len: 8,
+        };
+        spec.mem[7] = MemRead {
+            base: MemBase::Mem(5),
+            offset: 0,
+            len: 8,
+        };
+        let mem: HashMap<u64, u64> = [
+            (0x1008, 0x2000),
+            (0x2004, 0x3000),
+            (0x3000, 0xabcd),
+            (0x500, 0xdead),
+        ]
+        .into_iter()
+        .collect();
+        let mut asked = Vec::new();
+        let mut reg = |r| (r == Reg::Rdi).then_some(0x1000);
+        let mut read = |a: u64, len: usize| {
+            asked.push(a);
+            mem.get(&a).map(|v| v & (u64::MAX >> (64 - 8 * len)))
+        };
+        let (present, ok, vals) = mem_reads(&spec, &mut reg, &mut read);
+        assert_eq!(present, 0b1011_1111);
+        assert_eq!(ok, 0b0010_0111);
+        assert_eq!(&vals[..3], &[0x2000, 0x3000, 0xabcd]);
+        assert_eq!(vals[5], 0xdead);
+        assert_eq!(vals[4], 0, "a failed read carries 0");
+        // Reads 3 and 4 never reached memory (no base); 7 did (0xdead) and failed there.
+        assert_eq!(asked, [0x1008, 0x2004, 0x3000, 0x500, 0xdead]);
     }
 
     #[test]

@@ -629,6 +629,119 @@ fn exact_counts_two_vcpus() {
     counts_on(2);
 }
 
+/// Memory reads before and after the host hands the plugin guest RAM (its own page walk over
+/// the RAM file instead of QEMU's accessor) give the same values; chained reads follow the
+/// pointer they name, and fail when it failed.
+#[test]
+fn reads_through_the_ram_file_match_qemus() {
+    use ornament_engine::wire::{MemBase, RamPaging, RamRegion};
+    use std::cell::RefCell;
+    let e = require!(env());
+    let n = 400u64;
+    let mut spec = ProbeSpec::regs(RegMask::of(&[Reg::GsBase, Reg::Cr3, Reg::Cr4]));
+    spec.mem[0] = MemRead::at_reg(Reg::GsBase, e.current_task_offset(), 8);
+    let chain = |j: u8, offset: u64| MemRead {
+        base: MemBase::Mem(j),
+        offset,
+        len: 8,
+    };
+    spec.mem[1] = chain(0, e.comm_offset);
+    // A read of the NULL page fails, and so does the read chained to it.
+    spec.mem[2] = MemRead {
+        base: MemBase::Absolute,
+        offset: 0,
+        len: 8,
+    };
+    spec.mem[3] = chain(2, 0);
+    // A read that crosses into the next page (split by the plugin's walk).
+    spec.mem[4] = chain(0, 0xffc);
+    spec.mem[5] = MemRead {
+        base: MemBase::Mem(0),
+        offset: 0xffc,
+        len: 4,
+    };
+    spec.mem[6] = chain(0, 0x1000);
+    let file = RefCell::new(None);
+    let mut sent = false;
+    let o = run(
+        &e,
+        "ramfile",
+        1,
+        &format!("getppid {n} mark getppid {n}"),
+        |l, ram| {
+            *file.borrow_mut() = Some(std::fs::File::open(ram).expect("open ram"));
+            l.arm(P_GETPPID, e.sym("__x64_sys_getppid"), spec)
+                .expect("arm");
+            l.arm(
+                P_MARK,
+                e.sym("__x64_sys_getpid"),
+                held(RegMask::of(&[Reg::Rip])),
+            )
+            .expect("arm");
+        },
+        |l, h| {
+            if h.hit.probe == P_MARK && !sent {
+                use std::os::fd::AsFd;
+                // -M pc, 512 MiB: low RAM below the VGA hole, then RAM from 1 MiB, at
+                // file offset == guest-physical address.
+                let regions = [
+                    RamRegion {
+                        gpa: 0,
+                        len: 0xa_0000,
+                        file_offset: 0,
+                    },
+                    RamRegion {
+                        gpa: 0x10_0000,
+                        len: (GUEST_MEM_MIB << 20) - 0x10_0000,
+                        file_offset: 0x10_0000,
+                    },
+                ];
+                let f = file.borrow();
+                l.send_ram(
+                    f.as_ref().expect("ram file").as_fd(),
+                    &regions,
+                    RamPaging::FromCr4,
+                )
+                .expect("send ram");
+                sent = true;
+            }
+            Action::Continue
+        },
+    );
+    assert!(sent, "no mark hit");
+    let mut marked = false;
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for h in &o.hits {
+        if h.hit.probe == P_MARK {
+            marked = true;
+            continue;
+        }
+        assert!(
+            h.mem[1].is_some_and(|v| v & 0xff_ffff_ffff == u64::from_le_bytes(*b"init\0\0\0\0")),
+            "comm through the chain: {:?}",
+            h.mem
+        );
+        assert_eq!(
+            (h.mem[2], h.mem[3]),
+            (None, None),
+            "NULL page and its chain"
+        );
+        let split = h.mem[4].expect("page-crossing read");
+        let (lo, hi) = (h.mem[5].expect("lo"), h.mem[6].expect("hi"));
+        assert_eq!(split, lo | (hi << 32), "split read");
+        (if marked { &mut after } else { &mut before }).push(h.mem[..2].to_vec());
+    }
+    assert_eq!(before.len() as u64, n);
+    assert_eq!(after.len() as u64, n);
+    // The same task: the same values both ways.
+    assert_eq!(before[0], after[0]);
+    assert!(
+        o.link.plugin_errors().is_empty(),
+        "{:?}",
+        o.link.plugin_errors()
+    );
+}
+
 /// Arming a new address (not a candidate: needs retranslation) and disarming it while held at
 /// a marker take effect: hits come only from the middle loop. Disarming is exact (a flag);
 /// arming a new address waits for QEMU's asynchronous `qemu_plugin_reset`, which runs once
