@@ -445,7 +445,9 @@ impl Monitor {
                     .zip(current)
                     .and_then(|(i, c)| r.user_string(c, args[i]));
                 Event::Syscall(SyscallEvent {
-                    task: r.header(current),
+                    // The header read at the hit when the engine did (of the task
+                    // current at the hit), else read now.
+                    task: r.header_at_hit(current, current_at_hit.is_some()),
                     nr,
                     name: known.map(|(n, _)| n.clone()),
                     args,

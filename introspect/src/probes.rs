@@ -77,8 +77,9 @@ pub const MEM_CURRENT_TASK: usize = 6;
 /// The `pt_regs` fields of the six syscall arguments, in order.
 pub const SYSCALL_ARG_FIELDS: [&str; 6] = ["di", "si", "dx", "r10", "r8", "r9"];
 
-/// Fork and exit probes read at the hit a task header (the parent, current, for fork; the
-/// exiting task, rdi, for exit): `ProbeHit::mem[7]` `task->pid`, ...
+/// Fork, exit and syscall probes read at the hit a task header (the parent, current, for
+/// fork; the exiting task, rdi, for exit; the caller, current, for a syscall):
+/// `ProbeHit::mem[7]` `task->pid`, ...
 pub const MEM_HDR_PID: usize = 7;
 /// ... `[8]` `task->tgid`, ...
 pub const MEM_HDR_TGID: usize = 8;
@@ -111,7 +112,8 @@ pub const MEM_EXIT_LIVE: usize = 2;
 /// could change or vanish once the vCPU runs on: an engine that does those reads at the hit
 /// need not hold the vCPU for it (unless an ornament must act at the hit). Exec is not (its
 /// argv lives in user memory of a task that may exit at once), nor are `do_exit`, setid and
-/// syscall probes (a syscall event's header and path are read when it is delivered).
+/// syscall probes (a syscall event's path argument is read when it is delivered; its
+/// arguments and header are read at the hit).
 pub fn captured_at_hit(kind: ProbeKind) -> bool {
     matches!(
         kind,
@@ -122,8 +124,9 @@ pub fn captured_at_hit(kind: ProbeKind) -> bool {
 /// The memory reads an engine that reads guest memory in its probe callback (the TCG plugin)
 /// does for a probe of `kind`, in the layout the monitor reads `ProbeHit::mem` with: the current
 /// task at [`MEM_CURRENT_TASK`] for every probe, the six syscall arguments at
-/// [`MEM_SYSCALL_ARGS`] for syscall probes, and for fork and exit the task header at
-/// `MEM_HDR_*` and the event's own fields (`MEM_CHILD_*`, `MEM_EXIT_*`). `current_task` is the
+/// [`MEM_SYSCALL_ARGS`] and the caller's header at `MEM_HDR_*` for syscall probes, and for
+/// fork and exit the task header at `MEM_HDR_*` and the event's own fields
+/// (`MEM_CHILD_*`, `MEM_EXIT_*`). `current_task` is the
 /// per-CPU offset of `current_task` (added to GS base).
 pub fn hit_reads(
     kind: ProbeKind,
@@ -162,6 +165,11 @@ pub fn hit_reads(
                 m[MEM_SYSCALL_ARGS.start + i] =
                     MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", f)?, 8);
             }
+            // The caller's header too: the host then walks no page table per event.
+            header(
+                &mut m,
+                MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),
+            )?;
         }
         ProbeKind::Fork(_) => {
             header(
@@ -953,7 +961,8 @@ mod tests {
                 let want = match kind {
                     ProbeKind::Fork(_) => 13,
                     ProbeKind::Exit(ExitHook::ProcExitConnector) => 12,
-                    ProbeKind::Syscall(_) => 7,
+                    // Six arguments, the current task and its 8-read header.
+                    ProbeKind::Syscall(_) => 15,
                     _ => 1,
                 };
                 assert_eq!(used, want, "{kind:?}");
@@ -977,6 +986,9 @@ mod tests {
                 }
             );
             assert_eq!(fork[MEM_CHILD_PID].base, MemBase::Reg(Reg::Rdi));
+            let sys = hit_reads(ProbeKind::Syscall(SyscallHook::DoSyscall64), &p).expect("r");
+            assert_eq!(sys[MEM_HDR_PID].base, MemBase::Mem(cur));
+            assert_eq!(sys[MEM_HDR_UID].base, fork[MEM_HDR_UID].base);
             let exit = hit_reads(ProbeKind::Exit(ExitHook::ProcExitConnector), &p).expect("r");
             assert_eq!(exit[MEM_HDR_PID].base, MemBase::Reg(Reg::Rdi));
             assert_eq!(

@@ -5,11 +5,14 @@
 //!   the plugin reporting only getpriority (getppid itself untraced: must cost
 //!   nothing); the plugin reporting every syscall; in-guest `strace -f`;
 //! - a fork+exec+wait loop: untraced; lifecycle events (fork, exec, exit);
-//!   lifecycle + every syscall; one selected syscall; in-guest `strace -f`.
+//!   fork and exit only (never held); lifecycle + every syscall; one selected
+//!   syscall; in-guest `strace -f`; the gdbstub backend (one round, fewer calls).
 //!
 //! The guest workload times itself (`ornament-workload bench-*`), so boot time
-//! does not count. `cargo bench -p ornament-tests --bench trace`
-//! (BENCH_GETPPID=N, BENCH_FORKEXEC=N).
+//! does not count. Every row runs BENCH_ROUNDS times (default 5), the rows
+//! interleaved, and the median is reported: on a shared host the load drifts by
+//! tens of percent between runs. `cargo bench -p ornament-tests --bench trace`
+//! (BENCH_GETPPID=N, BENCH_FORKEXEC=N, BENCH_ROUNDS=N).
 
 use std::process::Command;
 
@@ -67,18 +70,58 @@ fn strace_files() -> Vec<String> {
         .collect()
 }
 
+/// One measured configuration: label, extra `ornament run` arguments, guest command.
+type Row<'a> = (&'a str, Vec<String>, Vec<&'a str>);
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Run every row `rounds` times, interleaved (row 0 is the baseline), so that the
+/// host's load drifts over all rows alike; print each row's median, its range and
+/// the ratio of medians against the baseline's.
+fn table(rows: &[Row<'_>], key: &str, rounds: usize, unit: (&str, f64)) {
+    let mut got: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    for _ in 0..rounds {
+        for (i, (label, extra, cmd)) in rows.iter().enumerate() {
+            got[i].push(run(label, extra, cmd, key));
+        }
+    }
+    let (name, div) = unit;
+    let base = median(&mut got[0].clone());
+    for ((label, _, _), v) in rows.iter().zip(&mut got) {
+        let m = median(v);
+        let (lo, hi) = (v[0], v[v.len() - 1]);
+        println!(
+            "{label:<42} {:>10.1} {name} ({:.1}-{:.1})  {:.2}x  ({:+.2} {name} per call/iteration)",
+            m / div,
+            lo / div,
+            hi / div,
+            m / base,
+            (m - base) / div
+        );
+    }
+}
+
 fn main() {
     let n_getppid = std::env::var("BENCH_GETPPID").unwrap_or_else(|_| "20000".into());
-    let n_fork = std::env::var("BENCH_FORKEXEC").unwrap_or_else(|_| "200".into());
+    let n_fork = std::env::var("BENCH_FORKEXEC").unwrap_or_else(|_| "500".into());
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
     let w = "/ornament/bin/ornament-workload";
     let strace = strace_files();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 
-    println!("== getppid loop, {n_getppid} calls (ns per call) ==");
-    let g = ["bench-getppid", n_getppid.as_str()];
-    let gcmd: Vec<&str> = [w].iter().chain(g.iter()).copied().collect();
-    let base = run("untraced", &[], &gcmd, "ns_per_call");
-    let rows = [
+    println!(
+        "== getppid loop, {n_getppid} calls; median of {rounds} interleaved rounds (range) =="
+    );
+    let gcmd: Vec<&str> = vec![w, "bench-getppid", n_getppid.as_str()];
+    let rows: Vec<Row<'_>> = vec![
+        ("untraced", vec![], gcmd.clone()),
         (
             "plugin: getppid reported",
             s(&["--watch", "syscall=getppid"]),
@@ -100,16 +143,9 @@ fn main() {
             [&["strace", "-f", "-o", "/dev/null"][..], &gcmd].concat(),
         ),
     ];
-    println!("{:<40} {:>10.1} ns  1.00x", "untraced", base);
-    for (label, extra, cmd) in rows {
-        let v = run(label, &extra, &cmd, "ns_per_call");
-        println!(
-            "{label:<40} {v:>10.1} ns  {:.2}x  (+{:.2} us per call)",
-            v / base,
-            (v - base) / 1000.0
-        );
-    }
-    // The gdbstub backend stops the guest at every hit: fewer calls.
+    table(&rows, "ns_per_call", rounds, ("us", 1000.0));
+    // The gdbstub backend stops the guest at every hit: fewer calls, one round.
+    let base = run("untraced", &[], &[w, "bench-getppid", "500"], "ns_per_call");
     let v = run(
         "gdbstub",
         &s(&["--trap", "gdbstub", "--watch", "syscall=getppid"]),
@@ -117,20 +153,27 @@ fn main() {
         "ns_per_call",
     );
     println!(
-        "{:<40} {v:>10.1} ns  {:.2}x  (+{:.2} us per call; 500 calls)",
+        "{:<42} {:>10.1} us  {:.0}x  (+{:.1} us per call; 500 calls, one round)",
         "gdbstub: getppid reported",
+        v / 1000.0,
         v / base,
         (v - base) / 1000.0
     );
 
-    println!("== fork+exec+wait loop, {n_fork} iterations (us per iteration) ==");
-    let f = ["bench-forkexec", n_fork.as_str()];
-    let fcmd: Vec<&str> = [w].iter().chain(f.iter()).copied().collect();
-    let base = run("untraced", &[], &fcmd, "ns_per_iter");
-    let rows = [
+    println!(
+        "== fork+exec+wait loop, {n_fork} iterations; median of {rounds} interleaved rounds (range) =="
+    );
+    let fcmd: Vec<&str> = vec![w, "bench-forkexec", n_fork.as_str()];
+    let rows: Vec<Row<'_>> = vec![
+        ("untraced", vec![], fcmd.clone()),
         (
             "plugin: fork,exec,exit (3 events/iter)",
             s(&["--watch", "fork,exec,exit"]),
+            fcmd.clone(),
+        ),
+        (
+            "plugin: fork,exit (2 events/iter)",
+            s(&["--watch", "fork,exit"]),
             fcmd.clone(),
         ),
         (
@@ -149,16 +192,8 @@ fn main() {
             [&["strace", "-f", "-o", "/dev/null"][..], &fcmd].concat(),
         ),
     ];
-    println!("{:<40} {:>10.1} us  1.00x", "untraced", base / 1000.0);
-    for (label, extra, cmd) in rows {
-        let v = run(label, &extra, &cmd, "ns_per_iter");
-        println!(
-            "{label:<40} {:>10.1} us  {:.2}x  (+{:.1} us per iteration)",
-            v / 1000.0,
-            v / base,
-            (v - base) / 1000.0
-        );
-    }
+    table(&rows, "ns_per_iter", rounds, ("ms", 1e6));
+    let base = run("untraced", &[], &[w, "bench-forkexec", "20"], "ns_per_iter");
     let v = run(
         "gdbstub",
         &s(&["--trap", "gdbstub", "--watch", "fork,exec,exit"]),
@@ -166,10 +201,10 @@ fn main() {
         "ns_per_iter",
     );
     println!(
-        "{:<40} {:>10.1} us  {:.2}x  (+{:.1} us per iteration; 20 iterations)",
+        "{:<42} {:>10.1} ms  {:.0}x  (+{:.1} ms per iteration; 20 iterations, one round)",
         "gdbstub: fork,exec,exit",
-        v / 1000.0,
+        v / 1e6,
         v / base,
-        (v - base) / 1000.0
+        (v - base) / 1e6
     );
 }

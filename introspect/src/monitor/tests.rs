@@ -329,6 +329,20 @@ fn syscall_events_args_and_paths() {
                 reported: true,
             })
         );
+        // The same event from the values an engine reads at the hit (arguments and
+        // the caller's header), and they stay those of the hit when memory changes.
+        let plain = hit(w, &s, pt.raw(), 0);
+        let at_hit = with_reads(w, &s, plain.clone());
+        assert!(at_hit.mem[crate::probes::MEM_HDR_UID].is_some());
+        let from_ram = one(m.on_hit(&plain));
+        assert_eq!(one(m.on_hit(&at_hit)), from_ram);
+        let comm = w.g.off("task_struct", "comm").expect("comm");
+        w.g.write(w.child.wrapping_add(comm), b"renamed\0")
+            .expect("w");
+        assert_eq!(one(m.on_hit(&at_hit)), from_ram);
+        assert_ne!(one(m.on_hit(&plain)), from_ram, "memory did change");
+        w.g.write(w.child.wrapping_add(comm), b"mkdir\0")
+            .expect("w");
         // An unmapped path pointer: no path, the event still comes.
         let mut bad = regs;
         bad.si = 0x1000;
