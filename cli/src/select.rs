@@ -100,7 +100,7 @@ pub fn select(choice: EngineChoice, force: bool) -> Result<(Selected, String), S
             KvmKind::Pvm if !force => Err(SelectError::KvmIsPvm),
             KvmKind::Pvm => Ok((
                 Selected::Kvm { pvm_compat: true },
-                "engine kvm, PVM compatibility mode (--force): this KVM emulates the guest kernel's kernel mode, so the boot takes minutes (about 7 to /init); known limit: user space's console output does not reach the host yet, so the command's status is not reported; events are not wired through this engine".to_owned(),
+                "engine kvm, PVM compatibility mode (--force): this KVM emulates the guest kernel's kernel mode, so the boot takes minutes (5-8 to /init); events from --watch/--tree/--pid, but not yet --deny-syscall, --pause-on-exec or --control".to_owned(),
             )),
             KvmKind::Absent => Err(SelectError::NoKvm),
             KvmKind::Inaccessible => Err(SelectError::KvmInaccessible),

@@ -128,7 +128,7 @@ pub fn run(a: DoctorArgs) -> Result<()> {
     }
     if let Some(p) = &k.pvm_compat {
         match (p.works, &p.reason) {
-            (true, _) => println!("kvm pvm compatibility mode: works (self-test: int3, fwait, clac/stac, syscall entry completed by the VMM; user-space console not working yet)"),
+            (true, _) => println!("kvm pvm compatibility mode: works (self-test: int3, fwait, clac/stac, syscall entry completed by the VMM)"),
             (false, Some(why)) => println!("kvm pvm compatibility mode: fails ({why})"),
             (false, None) => println!("kvm pvm compatibility mode: fails"),
         }
