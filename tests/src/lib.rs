@@ -36,6 +36,15 @@ macro_rules! require_host {
     };
 }
 
+/// Can this user open /dev/kvm read-write (hardware KVM or PVM)?
+pub fn has_kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
 /// Is qemu-system-x86_64 runnable?
 pub fn has_qemu() -> bool {
     Command::new(std::env::var("ORNAMENT_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()))

@@ -2,7 +2,8 @@
 //! problem, exit status 125, and nothing left behind (process, socket, RAM file).
 
 use ornament_tests::{
-    assert_nothing_left, can_build_images, has_qemu, ornament, ornament_env, require_host, Ran,
+    assert_nothing_left, can_build_images, has_kvm, has_qemu, ornament, ornament_env, require_host,
+    Ran,
 };
 use std::path::PathBuf;
 
@@ -206,14 +207,7 @@ fn profile_of_the_other_kernel_is_refused() {
 #[test]
 fn kvm_engine_refuses_what_it_cannot_do_yet() {
     require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
-    require_host!(
-        "/dev/kvm (read-write)",
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok()
-    );
+    require_host!("/dev/kvm (read-write)", has_kvm());
     let kvm = ["run", "--engine", "kvm", "--force"];
     // (--pause-on-exec needs --control, refused here.)
     let cases: [(&[&str], &[&str]); 3] = [

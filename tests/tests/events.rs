@@ -6,7 +6,8 @@
 //! nothing missing, duplicated or invented.
 
 use ornament_tests::{
-    assert_nothing_left, can_build_images, has_qemu, ornament, require_host, GUEST_TIMEOUT_SECS,
+    assert_nothing_left, can_build_images, has_kvm, has_qemu, ornament, require_host,
+    GUEST_TIMEOUT_SECS,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -245,14 +246,7 @@ fn events_6_1_two_vcpus() {
 #[test]
 fn events_6_1_through_our_kvm_vmm() {
     gate!();
-    require_host!(
-        "/dev/kvm (read-write)",
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok()
-    );
+    require_host!("/dev/kvm (read-write)", has_kvm());
     check_on(
         "debian-6.1-cloud",
         "1",
