@@ -160,25 +160,27 @@ fn boot_until_within(cfg: &MachineConfig, needle: &str, time_box: Duration) -> (
     (found, text)
 }
 
+/// Boot `kernel` until the line after its banner, within `time_box`, and check the
+/// banner names a 6.1 Debian kernel.
+fn assert_banner_within(kernel: PathBuf, time_box: Duration) {
+    // The command-line line follows the banner: waiting for it sees both complete.
+    let needle = "Command line: earlyprintk=serial,ttyS0";
+    let (found, text) = boot_until_within(&config(kernel), needle, time_box);
+    assert!(found, "no `{needle}` within {time_box:?}; serial: {text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("Linux version 6.1"))
+        .expect("banner line");
+    assert!(line.contains("Linux version 6.1.0-"), "{line}");
+}
+
 #[test]
 fn debian_kernel_prints_its_banner_on_our_serial_port() {
     require_kvm!();
     let Some(kernel) = kernel_from_env() else {
         return;
     };
-    // The command-line line follows the banner: waiting for it sees both complete.
-    let needle = "Command line: earlyprintk=serial,ttyS0";
-    let (found, text) = boot_until(&config(kernel), needle);
-    assert!(
-        found,
-        "no `{needle}` within {:?}; serial: {text}",
-        boot_time_box()
-    );
-    let line = text
-        .lines()
-        .find(|l| l.contains("Linux version 6.1"))
-        .expect("banner line");
-    assert!(line.contains("Linux version 6.1.0-"), "{line}");
+    assert_banner_within(kernel, boot_time_box());
 }
 
 /// The bzImage: our loader takes its setup header, the kernel runs its own
@@ -191,15 +193,7 @@ fn debian_bzimage_decompresses_and_prints_its_banner_on_our_serial_port() {
     let Some(kernel) = bzimage() else {
         return;
     };
-    let needle = "Command line: earlyprintk=serial,ttyS0";
-    let time_box = boot_time_box().max(Duration::from_secs(900));
-    let (found, text) = boot_until_within(&config(kernel), needle, time_box);
-    assert!(found, "no `{needle}` within {time_box:?}; serial: {text}");
-    let line = text
-        .lines()
-        .find(|l| l.contains("Linux version 6.1"))
-        .expect("banner line");
-    assert!(line.contains("Linux version 6.1.0-"), "{line}");
+    assert_banner_within(kernel, boot_time_box().max(Duration::from_secs(900)));
 }
 
 #[test]
