@@ -17,6 +17,7 @@ pub mod addr;
 pub mod engine;
 pub mod hit;
 pub mod mem;
+pub mod paging;
 pub mod regs;
 pub mod wire;
 

@@ -65,31 +65,10 @@ pub fn regs_from_kvm(r: &kvm_regs, s: &kvm_sregs) -> Regs {
     }
 }
 
-/// Page-table entry bits for the walk.
-const PTE_PRESENT: u64 = 1;
-const PTE_PS: u64 = 1 << 7;
-const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
-
 /// Translate `gva` through 4-level page tables rooted at `cr3` (4 KiB, 2 MiB and 1 GiB
 /// pages); `None` when unmapped or the tables are unreadable.
 pub fn translate(mem: &dyn PhysMemory, cr3: u64, gva: Gva) -> Option<Gpa> {
-    let mut table = cr3 & PTE_ADDR;
-    for level in (0..4u32).rev() {
-        let shift = 12 + 9 * level;
-        let index = (gva.raw() >> shift) & 0x1ff;
-        let mut b = [0u8; 8];
-        mem.read_phys(Gpa(table + index * 8), &mut b).ok()?;
-        let e = u64::from_le_bytes(b);
-        if e & PTE_PRESENT == 0 {
-            return None;
-        }
-        if level == 0 || (level <= 2 && e & PTE_PS != 0) {
-            let page_mask = (1u64 << shift) - 1;
-            return Some(Gpa((e & PTE_ADDR & !page_mask) | (gva.raw() & page_mask)));
-        }
-        table = e & PTE_ADDR;
-    }
-    None
+    ornament_engine::paging::translate(mem, cr3, false, gva)
 }
 
 /// Shared between the engine and its vCPU threads.

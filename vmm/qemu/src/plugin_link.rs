@@ -717,7 +717,7 @@ impl PluginLink {
         if r.cr3 == 0 || r.rdi == 0 {
             return Err(PluginLinkError::DenyMissing("cr3 and rdi"));
         }
-        let la57 = r.cr4 & CR4_LA57 != 0;
+        let la57 = r.cr4 & ornament_engine::paging::CR4_LA57 != 0;
         let mem: &dyn PhysMemory = &*d.ram;
         let regs_ax = Gva(r.rdi).wrapping_add(d.cfg.pt_regs_ax_offset);
         let ax_gpa =
@@ -812,36 +812,9 @@ fn read_record(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<Incoming
     })
 }
 
-/// CR4.LA57: 5-level paging.
-const CR4_LA57: u64 = 1 << 12;
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_PS: u64 = 1 << 7;
-const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
-
-/// Walk the x86-64 page tables rooted at `cr3` (4-level, or 5-level with `la57`) for `va`.
-///
-/// A minimal walker for the deny path only (the link must translate two kernel addresses while
-/// a vCPU is held); `introspect` has the general one.
-pub fn translate(mem: &dyn PhysMemory, cr3: u64, la57: bool, va: Gva) -> Option<Gpa> {
-    let levels: u32 = if la57 { 5 } else { 4 };
-    let mut table = cr3 & PTE_ADDR;
-    for level in (1..=levels).rev() {
-        let shift = 12 + 9 * (level - 1);
-        let idx = (va.raw() >> shift) & 0x1ff;
-        let mut e = [0u8; 8];
-        mem.read_phys(Gpa(table + idx * 8), &mut e).ok()?;
-        let e = u64::from_le_bytes(e);
-        if e & PTE_PRESENT == 0 {
-            return None;
-        }
-        if (2..=3).contains(&level) && e & PTE_PS != 0 {
-            let size = 1u64 << shift;
-            return Some(Gpa((e & PTE_ADDR & !(size - 1)) | (va.raw() & (size - 1))));
-        }
-        table = e & PTE_ADDR;
-    }
-    Some(Gpa(table | (va.raw() & 0xfff)))
-}
+/// The page walk of the deny path (the link translates two kernel addresses while a vCPU is
+/// held); `introspect` has the general one.
+pub use ornament_engine::paging::translate;
 
 #[cfg(test)]
 mod tests {
@@ -1136,6 +1109,7 @@ mod tests {
     /// kernel va 0xffff_c900_0000_0000 + x -> 0x10000 + x (4 KiB pages), direct map
     /// 0xffff_8880_0000_0000 -> 0 via one 1 GiB page.
     fn tables(mem: &SliceMemory) {
+        const PTE_PS: u64 = 1 << 7;
         let w = |a: u64, v: u64| mem.write_phys(Gpa(a), &v.to_le_bytes()).expect("w");
         let vm = Gva(0xffff_c900_0000_0000);
         let dm = Gva(0xffff_8880_0000_0000);
