@@ -1,13 +1,13 @@
 //! What this host's KVM can do, for `ornament doctor`: access, kind, capabilities, the
 //! trap self-test (each backend run on a tiny guest) and the measured exit cost.
 
-use crate::machine::{MachineError, RunControl};
+use crate::machine::{MachineError, RunControl, VcpuOutcome};
 use crate::testing::guests::{self, calls_result, CALLS_FUNC_OFFSET};
 use crate::testing::{TestGuest, TestingError};
 use crate::trap::debugreg::DebugRegs;
 use crate::trap::patch::PatchedSites;
 use crate::trap::{GuestDebug, Site, TrapBackend, TrapError, TrapKind};
-use crate::vcpu::exit::{ExitAction, ExitCtx, ExitError, StopReason};
+use crate::vcpu::exit::{ExitAction, ExitCtx, ExitError, ExitStats, StopReason};
 use crate::vcpu::{VcpuError, VcpuEvent};
 use crate::vm::{open_kvm, VmError, KVM_API_VERSION, REQUIRED_CAPS};
 use ornament_engine::{Gpa, Gva, ProbeId};
@@ -305,11 +305,7 @@ pub fn timed_calls(traps: Option<Arc<dyn TrapBackend>>, n: u64) -> Result<f64, S
         )
         .map_err(SupportError::Machine)?;
     let ns = start.elapsed().as_secs_f64() * 1e9;
-    let o = out.pop().expect("one vCPU");
-    match o.result.map_err(SupportError::Vcpu)? {
-        StopReason::Reset => {}
-        other => return Err(SupportError::WrongStop(other)),
-    }
+    reset_stats(out.pop().expect("one vCPU"))?;
     let expected_hits = if traps.is_some() { n } else { 0 };
     let got = hits.load(Ordering::Relaxed);
     if got != expected_hits {
@@ -369,15 +365,11 @@ pub fn timed_bare_exits(n: u64) -> Result<f64, SupportError> {
         .run(None, &|_, _| false, &RunControl::new())
         .map_err(SupportError::Machine)?;
     let ns = start.elapsed().as_secs_f64() * 1e9;
-    let o = out.pop().expect("one vCPU");
-    match o.result.map_err(SupportError::Vcpu)? {
-        StopReason::Reset => {}
-        other => return Err(SupportError::WrongStop(other)),
-    }
-    if o.stats.unclaimed_pio != n {
+    let stats = reset_stats(out.pop().expect("one vCPU"))?;
+    if stats.unclaimed_pio != n {
         return Err(SupportError::WrongCount {
             expected: n,
-            got: o.stats.unclaimed_pio,
+            got: stats.unclaimed_pio,
         });
     }
     Ok(ns)
@@ -400,6 +392,14 @@ pub fn measure_hit_ns(
     let base = timed_calls(None, n)?;
     let with = timed_calls(Some(make()), n)?;
     Ok(((with - base) / n as f64).max(0.0))
+}
+
+/// The one vCPU of a self-test guest must have ended by its i8042 reset; its exit counts.
+fn reset_stats(o: VcpuOutcome) -> Result<ExitStats, SupportError> {
+    match o.result.map_err(SupportError::Vcpu)? {
+        StopReason::Reset => Ok(o.stats),
+        other => Err(SupportError::WrongStop(other)),
+    }
 }
 
 #[cfg(test)]
