@@ -10,7 +10,7 @@
 //!
 //! The guest workload times itself (`ornament-workload bench-*`), so boot time
 //! does not count. Every row runs BENCH_ROUNDS times (default 5), the rows
-//! interleaved, and the median is reported: on a shared host the load drifts by
+//! interleaved, and the median and minimum are reported: on a shared host the load drifts by
 //! tens of percent between runs. `cargo bench -p ornament-tests --bench trace`
 //! (BENCH_GETPPID=N, BENCH_FORKEXEC=N, BENCH_ROUNDS=N).
 
@@ -79,8 +79,9 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Run every row `rounds` times, interleaved (row 0 is the baseline), so that the
-/// host's load drifts over all rows alike; print each row's median, its range and
-/// the ratio of medians against the baseline's.
+/// host's load drifts over all rows alike; print each row's median, its range, the
+/// ratio of medians and the ratio of minimums against the baseline's (contention on a
+/// shared host only ever adds time, so the fastest round is the least disturbed one).
 fn table(rows: &[Row<'_>], key: &str, rounds: usize, unit: (&str, f64)) {
     let mut got: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     for _ in 0..rounds {
@@ -90,15 +91,17 @@ fn table(rows: &[Row<'_>], key: &str, rounds: usize, unit: (&str, f64)) {
     }
     let (name, div) = unit;
     let base = median(&mut got[0].clone());
+    let base_min = got[0].iter().copied().fold(f64::INFINITY, f64::min);
     for ((label, _, _), v) in rows.iter().zip(&mut got) {
         let m = median(v);
         let (lo, hi) = (v[0], v[v.len() - 1]);
         println!(
-            "{label:<42} {:>10.1} {name} ({:.1}-{:.1})  {:.2}x  ({:+.2} {name} per call/iteration)",
+            "{label:<42} {:>10.1} {name} ({:.1}-{:.1})  {:.2}x median, {:.2}x min  ({:+.2} {name} per call/iteration)",
             m / div,
             lo / div,
             hi / div,
             m / base,
+            lo / base_min,
             (m - base) / div
         );
     }
