@@ -15,8 +15,8 @@ use ornament_introspect::ornament::{
     self, Decision, DenySyscalls, EventWriter, Follow, Ornament, ProcessTree, TreeView,
 };
 use ornament_introspect::probes::{
-    captured_at_hit, deny_rules, hit_reads, parse_deny, syscall_numbers, ProbeKind, ProbeSet,
-    SyscallHook, SyscallWatch, WatchConfig,
+    captured_at_hit, deny_rules, hit_bytes, hit_reads, parse_deny, syscall_numbers, ProbeKind,
+    ProbeSet, SyscallHook, SyscallWatch, WatchConfig,
 };
 use ornament_introspect::profile::Profile;
 use ornament_qemu::gdb::{GdbError, StopReply};
@@ -293,7 +293,7 @@ impl Tracer {
             Backend::Plugin { link, .. } => link,
             Backend::Gdbstub => return run_gdbstub(&mut session, machine, view, stop, timeout),
         };
-        arm_plugin(link, &session, view)?;
+        arm_plugin(link, &session, view, self.plan.pause_on_exec.is_some())?;
         machine.resume()?;
         let begin = Instant::now();
         let result = loop {
@@ -465,6 +465,7 @@ fn run_gdbstub(
                             regs,
                             held: true,
                             mem: [None; ornament_engine::wire::MAX_MEM_READS],
+                            bytes: None,
                         };
                         let action = session.deliver(&hit);
                         if action != ornament_engine::Action::Continue {
@@ -485,10 +486,17 @@ fn run_gdbstub(
 /// Arm the probe set in the plugin. Each probe reads only the registers the monitor uses
 /// for its kind (rdi, the hook's argument; gs_base, the per-CPU area; cr3 and cr4, the page
 /// tables it reads the task through, which the plugin's own page walk needs too; rsi where
-/// the hook has a second argument) and the memory reads of `hit_reads`. Fork and exit probes
-/// whose events are complete from those reads (`captured_at_hit`) do not hold the vCPU; exec,
-/// setid, `do_exit`, exit/exit_group syscalls and deny probes still do.
-fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Result<()> {
+/// the hook has a second argument) and the memory reads of `hit_reads` (with exec's command
+/// line, `hit_bytes`). Fork, exec and exit probes whose events are complete from those reads
+/// (`captured_at_hit`) do not hold the vCPU, except exec when `exec_acts` (an ornament pauses
+/// the guest at exec, before the new program runs); setid, `do_exit`, `begin_new_exec`,
+/// exit/exit_group syscalls and deny probes still do.
+fn arm_plugin(
+    link: &mut PluginLink,
+    session: &Session,
+    view: &GuestView,
+    exec_acts: bool,
+) -> Result<()> {
     let p = &view.profile;
     let needed = RegMask::of(&[Reg::Rdi, Reg::GsBase, Reg::Cr3, Reg::Cr4]);
     let current_task_offset =
@@ -537,7 +545,9 @@ fn arm_plugin(link: &mut PluginLink, session: &Session, view: &GuestView) -> Res
                 // Syscall arguments (pt_regs is overwritten at the task's next syscall), the
                 // current task, and for fork and exit everything the event reports.
                 ps.mem = hit_reads(spec.kind, p)?;
-                let mut hold = hold && !captured_at_hit(spec.kind);
+                ps.bytes = hit_bytes(spec.kind);
+                let acts = exec_acts && matches!(spec.kind, ProbeKind::Exec(_));
+                let mut hold = hold && (acts || !captured_at_hit(spec.kind));
                 if let ProbeKind::Syscall(SyscallHook::Function { nr }) = spec.kind {
                     // exit and exit_group end the task: hold so that it is read
                     // before it can be reaped.

@@ -21,8 +21,9 @@
 //!
 //! Values an engine read at the hit (`ProbeHit::mem`, in the layout of
 //! [`crate::probes::hit_reads`]) are taken first: the current task, the syscall arguments, and
-//! for fork and exit the task header and the event's fields (so those events are exact even
-//! when the vCPU was not held and the task has since been reaped). Whatever the hit does not
+//! for fork, exec and exit the task header and the event's fields, for exec its command line
+//! (`ProbeHit::bytes`) and its executable's dentry (so those events are exact even when the
+//! vCPU was not held and the task has since exited or been reaped). Whatever the hit does not
 //! carry (an engine without memory reads, or a read that failed) is read from guest memory
 //! now, so the events are the same either way.
 //!
@@ -39,12 +40,13 @@ use crate::ornament::Registry;
 use crate::paging::PageRoot;
 use crate::probes::{
     ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CHILD_FLAGS, MEM_CHILD_MM,
-    MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXIT_CODE, MEM_EXIT_LIVE, MEM_EXIT_SIGNAL,
-    MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_PID, MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID,
-    MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID, PROC_EVENT_UID,
+    MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXEC_DENTRY, MEM_EXEC_EXE_FILE,
+    MEM_EXEC_MM, MEM_EXIT_CODE, MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED,
+    MEM_HDR_PID, MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS,
+    PROC_EVENT_GID, PROC_EVENT_UID,
 };
 use crate::profile::{Profile, ProfileError};
-use crate::task::{Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
+use crate::task::{Argv, Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
 use crate::vmem::VirtMem;
 use ornament_engine::{Action, Gva, PhysMemory, ProbeHit};
 use std::sync::Arc;
@@ -341,20 +343,46 @@ impl Monitor {
                 })
             }
             ProbeKind::Exec(ExecHook::ProcExecConnector) => {
+                // Reads at the hit are based on rdi: only for the task rdi names.
+                let here = arg(hit.regs.rdi).is_some();
+                let m = |i| at_hit(here, i);
                 let mut ev = ExecEvent {
-                    task: r.header(task_arg),
+                    task: r.header_at_hit(task_arg, here),
                     ..ExecEvent::default()
                 };
                 if let Some(t) = task_arg {
-                    ev.filename = reader.exe_path(&vm, t).ok().flatten();
-                    match reader.argv(&vm, t) {
+                    // The executable: its dentry as read at the hit (a NULL mm or exe_file
+                    // means none), its path read now; else everything from memory now.
+                    let mm = kptr_at_hit(m(MEM_EXEC_MM));
+                    ev.filename = match (mm, kptr_at_hit(m(MEM_EXEC_EXE_FILE))) {
+                        (Some(None), _) | (Some(Some(_)), Some(None)) => None,
+                        (Some(Some(_)), Some(Some(_))) => match kptr_at_hit(m(MEM_EXEC_DENTRY)) {
+                            Some(Some(d)) => reader.dentry_path(&vm, d).ok(),
+                            _ => None,
+                        },
+                        _ => reader.exe_path(&vm, t).ok().flatten(),
+                    };
+                    // The command line: the bytes read at the hit, else from memory now.
+                    let argv = match (mm, &hit.bytes) {
+                        (Some(None), _) => Ok(None),
+                        (Some(Some(_)), Some(b)) if here => {
+                            if b.data.is_empty() && !b.complete {
+                                // Its first page was unreadable, as `TaskReader::argv` says.
+                                Err(())
+                            } else {
+                                Ok(Some(Argv::from_bytes(&b.data, !b.complete)))
+                            }
+                        }
+                        _ => reader.argv(&vm, t).map_err(|_| ()),
+                    };
+                    match argv {
                         Ok(Some(a)) => {
                             ev.argv_truncated = a.truncated || a.args.len() > MAX_ARGV_ENTRIES;
                             ev.argv = a.args;
                             ev.argv.truncate(MAX_ARGV_ENTRIES);
                         }
                         Ok(None) => {}
-                        Err(_) => ev.argv_truncated = true,
+                        Err(()) => ev.argv_truncated = true,
                     }
                 }
                 Event::Exec(ev)

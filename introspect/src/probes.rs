@@ -17,14 +17,15 @@
 //! [`WatchConfig::hold_syscalls`]).
 //!
 //! This module also owns the layout of the memory reads an engine may do at the hit
-//! ([`hit_reads`]: `ProbeHit::mem`): the syscall arguments, the current task, and for fork and
-//! exit every value those events report that could vanish once the vCPU runs on
-//! ([`captured_at_hit`]); with them an engine need not hold the vCPU for fork and exit.
+//! ([`hit_reads`]: `ProbeHit::mem`, and [`hit_bytes`]: `ProbeHit::bytes`): the syscall
+//! arguments, the current task, and for fork, exec and exit every value those events report
+//! that could vanish once the vCPU runs on ([`captured_at_hit`]); with them an engine need not
+//! hold the vCPU for those events.
 
 use crate::event::EventKind;
 use crate::kaslr::KernelLayout;
 use crate::profile::{Profile, ProfileError};
-use ornament_engine::wire::{MemBase, MemRead, Reg, MAX_MEM_READS};
+use ornament_engine::wire::{BytesRead, MemBase, MemRead, Reg, MAX_MEM_READS};
 use ornament_engine::{Gva, ProbeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -107,18 +108,51 @@ pub const MEM_EXIT_CODE: usize = 0;
 pub const MEM_EXIT_SIGNAL: usize = 1;
 /// ... `[2]` `task->signal->live` (when the profile has it).
 pub const MEM_EXIT_LIVE: usize = 2;
+/// Exec probes (`proc_exec_connector`) read `ProbeHit::mem[0]` `task->mm`, ...
+pub const MEM_EXEC_MM: usize = 0;
+/// ... `[1]` `mm->exe_file`, ...
+pub const MEM_EXEC_EXE_FILE: usize = 1;
+/// ... `[2]` `exe_file->f_path.dentry`, ...
+pub const MEM_EXEC_DENTRY: usize = 2;
+/// ... `[3]` `mm->arg_start` and `[4]` `mm->arg_end`; the bytes between them (the new
+/// command line, at most [`MAX_ARGV_BYTES_AT_HIT`]) are the probe's byte range ([`hit_bytes`]).
+pub const MEM_EXEC_ARG_START: usize = 3;
+/// ... `[4]` `mm->arg_end`.
+pub const MEM_EXEC_ARG_END: usize = 4;
+/// Most bytes of `argv` an exec probe reads at the hit: the task reader's own default cap,
+/// so an event built from them is the one built from memory.
+pub const MAX_ARGV_BYTES_AT_HIT: u32 = 32 << 10;
 
-/// True when a probe of `kind` gets, from [`hit_reads`], everything its event reports that
-/// could change or vanish once the vCPU runs on: an engine that does those reads at the hit
-/// need not hold the vCPU for it (unless an ornament must act at the hit). Exec is not (its
-/// argv lives in user memory of a task that may exit at once), nor are `do_exit`, setid and
-/// syscall probes (a syscall event's path argument is read when it is delivered; its
-/// arguments and header are read at the hit).
+/// True when a probe of `kind` gets, from [`hit_reads`] and [`hit_bytes`], everything its
+/// event reports that could change or vanish once the vCPU runs on: an engine that does those
+/// reads at the hit need not hold the vCPU for it (unless an ornament must act at the hit).
+/// Fork, `proc_exit_connector` and `proc_exec_connector` are: exec reads the new command line
+/// (user memory of a task that may exit at once) as the probe's byte range, and the
+/// executable's dentry, whose path the host reads later (a dentry outlives the task in the
+/// dentry cache). `begin_new_exec`, `do_exit`, setid and syscall probes are not (a syscall
+/// event's path argument is read when it is delivered; its arguments and header are read at
+/// the hit).
 pub fn captured_at_hit(kind: ProbeKind) -> bool {
     matches!(
         kind,
-        ProbeKind::Fork(_) | ProbeKind::Exit(ExitHook::ProcExitConnector)
+        ProbeKind::Fork(_)
+            | ProbeKind::Exit(ExitHook::ProcExitConnector)
+            | ProbeKind::Exec(ExecHook::ProcExecConnector)
     )
+}
+
+/// The byte range a probe of `kind` reads at the hit, beside [`hit_reads`]: for
+/// `proc_exec_connector` the new command line (`mm->arg_start..arg_end`, at most
+/// [`MAX_ARGV_BYTES_AT_HIT`]); none for the others.
+pub fn hit_bytes(kind: ProbeKind) -> BytesRead {
+    match kind {
+        ProbeKind::Exec(ExecHook::ProcExecConnector) => BytesRead {
+            start: u8::try_from(MEM_EXEC_ARG_START).unwrap_or(u8::MAX),
+            end: u8::try_from(MEM_EXEC_ARG_END).unwrap_or(u8::MAX),
+            max: MAX_ARGV_BYTES_AT_HIT,
+        },
+        _ => BytesRead::default(),
+    }
 }
 
 /// The memory reads an engine that reads guest memory in its probe callback (the TCG plugin)
@@ -189,7 +223,21 @@ pub fn hit_reads(
                 m[MEM_EXIT_LIVE] = chain(MEM_EXIT_SIGNAL, live, 4);
             }
         }
-        ProbeKind::Exec(_) | ProbeKind::Exit(ExitHook::DoExit) | ProbeKind::Setid => {}
+        ProbeKind::Exec(ExecHook::ProcExecConnector) => {
+            header(&mut m, MemBase::Reg(Reg::Rdi))?;
+            let mm = |f: &str| profile.offset("mm_struct", f);
+            m[MEM_EXEC_MM] = MemRead::at_reg(Reg::Rdi, t("mm")?, 8);
+            m[MEM_EXEC_EXE_FILE] = chain(MEM_EXEC_MM, mm("exe_file")?, 8);
+            let dentry = profile
+                .offset("file", "f_path")?
+                .wrapping_add(profile.offset("path", "dentry")?);
+            m[MEM_EXEC_DENTRY] = chain(MEM_EXEC_EXE_FILE, dentry, 8);
+            m[MEM_EXEC_ARG_START] = chain(MEM_EXEC_MM, mm("arg_start")?, 8);
+            m[MEM_EXEC_ARG_END] = chain(MEM_EXEC_MM, mm("arg_end")?, 8);
+        }
+        ProbeKind::Exec(ExecHook::BeginNewExec)
+        | ProbeKind::Exit(ExitHook::DoExit)
+        | ProbeKind::Setid => {}
     }
     Ok(m)
 }
@@ -961,6 +1009,8 @@ mod tests {
                 let want = match kind {
                     ProbeKind::Fork(_) => 13,
                     ProbeKind::Exit(ExitHook::ProcExitConnector) => 12,
+                    // The task's 8-read header, mm, exe_file, its dentry, arg_start, arg_end.
+                    ProbeKind::Exec(ExecHook::ProcExecConnector) => 14,
                     // Six arguments, the current task and its 8-read header.
                     ProbeKind::Syscall(_) => 15,
                     _ => 1,
@@ -970,9 +1020,21 @@ mod tests {
                     captured_at_hit(kind),
                     matches!(
                         kind,
-                        ProbeKind::Fork(_) | ProbeKind::Exit(ExitHook::ProcExitConnector)
+                        ProbeKind::Fork(_)
+                            | ProbeKind::Exit(ExitHook::ProcExitConnector)
+                            | ProbeKind::Exec(ExecHook::ProcExecConnector)
                     )
                 );
+                // Only exec reads a byte range, between two of its own reads.
+                let b = hit_bytes(kind);
+                if kind == ProbeKind::Exec(ExecHook::ProcExecConnector) {
+                    assert_eq!(m[usize::from(b.start)].base, MemBase::Mem(0));
+                    assert_eq!(m[usize::from(b.end)].base, MemBase::Mem(0));
+                    assert_eq!(b.max, MAX_ARGV_BYTES_AT_HIT);
+                    assert_eq!(m[MEM_EXEC_MM].base, MemBase::Reg(Reg::Rdi));
+                } else {
+                    assert!(!b.is_some(), "{kind:?}");
+                }
             }
             let fork = hit_reads(ProbeKind::Fork(ForkHook::ProcForkConnector), &p).expect("r");
             let cur = u8::try_from(MEM_CURRENT_TASK).expect("small");

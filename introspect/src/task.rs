@@ -62,6 +62,21 @@ pub struct Argv {
     pub truncated: bool,
 }
 
+impl Argv {
+    /// The arguments in the bytes of `mm->arg_start..arg_end` (or a prefix of them: then
+    /// `truncated`): split on NUL, each decoded lossily; a final NUL ends the last one.
+    pub fn from_bytes(bytes: &[u8], truncated: bool) -> Self {
+        let mut args: Vec<String> = bytes
+            .split(|&b| b == 0)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        if bytes.last() == Some(&0) || bytes.is_empty() {
+            args.pop();
+        }
+        Self { args, truncated }
+    }
+}
+
 /// What is known about one task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskInfo {
@@ -496,14 +511,7 @@ impl<'k> TaskReader<'k> {
             got += n;
         }
         bytes.truncate(got);
-        let mut args: Vec<String> = bytes
-            .split(|&b| b == 0)
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect();
-        if bytes.last() == Some(&0) || bytes.is_empty() {
-            args.pop();
-        }
-        Ok(Some(Argv { args, truncated }))
+        Ok(Some(Argv::from_bytes(&bytes, truncated)))
     }
 
     /// Address of the task's user-mode registers: `pt_regs` at the top of its kernel

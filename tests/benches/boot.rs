@@ -47,6 +47,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
+    ornament_tests::build_workspace_binaries();
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -11,14 +11,23 @@
 //! The guest workload times itself (`ornament-workload bench-*`), so boot time
 //! does not count. Every row runs BENCH_ROUNDS times (default 5), the rows
 //! interleaved, and the median and minimum are reported: on a shared host the load drifts by
-//! tens of percent between runs. `cargo bench -p ornament-tests --bench trace`
+//! tens of percent between runs. Each plugin row also prints the vCPU time the
+//! plugin's callbacks took in all (records sent, held hits' waits included) per
+//! call/iteration, from the plugin's own closing statistics: the part of the cost
+//! that is ours, which the host's load barely moves.
+//! `cargo bench -p ornament-tests --bench trace`
 //! (BENCH_GETPPID=N, BENCH_FORKEXEC=N, BENCH_ROUNDS=N).
 
 use std::process::Command;
 
-fn run(label: &str, extra: &[String], cmd: &[&str], key: &str) -> f64 {
+/// One run: the guest's own measurement `key`, and the time the plugin's callbacks took
+/// from the vCPUs in all (nanoseconds; from the plugin's closing statistics, which the
+/// QEMU engine logs at debug level), when the plugin was loaded.
+fn run(label: &str, extra: &[String], cmd: &[&str], key: &str) -> (f64, Option<f64>) {
     let bin = ornament_tests::ornament_bin();
     let out = Command::new(&bin)
+        .env("ORNAMENT_LOG", "ornament_qemu=debug")
+        .env("NO_COLOR", "1")
         .arg("run")
         .args([
             "--engine",
@@ -33,16 +42,41 @@ fn run(label: &str, extra: &[String], cmd: &[&str], key: &str) -> f64 {
         .args(cmd)
         .output()
         .expect("run ornament");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = strip_ansi(&String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{label}: {err}");
-    err.lines()
+    let value = |line: &str, key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+    };
+    let measured = err
+        .lines()
         .filter(|l| l.starts_with("W bench"))
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or_else(|| panic!("{label}: no {key} in output: {err}"))
+        .find_map(|l| value(l, key))
+        .unwrap_or_else(|| panic!("{label}: no {key} in output: {err}"));
+    let stall = err
+        .lines()
+        .filter(|l| l.contains("plugin done"))
+        .find_map(|l| value(l, "stall_ns"));
+    (measured, stall)
+}
+
+/// `text` without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `--add` arguments that put the host's strace and its libraries in the guest.
@@ -82,11 +116,14 @@ fn median(v: &mut [f64]) -> f64 {
 /// host's load drifts over all rows alike; print each row's median, its range, the
 /// ratio of medians and the ratio of minimums against the baseline's (contention on a
 /// shared host only ever adds time, so the fastest round is the least disturbed one).
-fn table(rows: &[Row<'_>], key: &str, rounds: usize, unit: (&str, f64)) {
+fn table(rows: &[Row<'_>], key: &str, rounds: usize, unit: (&str, f64), n: f64) {
     let mut got: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+    let mut stalls: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
     for _ in 0..rounds {
         for (i, (label, extra, cmd)) in rows.iter().enumerate() {
-            got[i].push(run(label, extra, cmd, key));
+            let (v, stall) = run(label, extra, cmd, key);
+            got[i].push(v);
+            stalls[i].extend(stall);
         }
     }
     let (name, div) = unit;
@@ -105,9 +142,31 @@ fn table(rows: &[Row<'_>], key: &str, rounds: usize, unit: (&str, f64)) {
             (m - base) / div
         );
     }
+    // What the plugin itself took from the guest: its callbacks' whole time (records sent,
+    // held hits' waits included) per call/iteration, against the untraced median. Unlike the
+    // wall-clock ratios above, host load barely moves it.
+    for ((label, _, _), s) in rows.iter().zip(&mut stalls) {
+        if s.is_empty() {
+            continue;
+        }
+        let per = median(s) / n;
+        println!(
+            "{label:<42} vCPU time in the plugin {:>8.2} us per call/iteration = {:.2}% of untraced",
+            per / 1000.0,
+            100.0 * per / base
+        );
+    }
+}
+
+/// A loop count from the environment, as a divisor.
+fn count(v: &str) -> f64 {
+    v.parse::<f64>()
+        .unwrap_or_else(|_| panic!("not a count: {v}"))
+        .max(1.0)
 }
 
 fn main() {
+    ornament_tests::build_workspace_binaries();
     let n_getppid = std::env::var("BENCH_GETPPID").unwrap_or_else(|_| "20000".into());
     let n_fork = std::env::var("BENCH_FORKEXEC").unwrap_or_else(|_| "500".into());
     let rounds: usize = std::env::var("BENCH_ROUNDS")
@@ -146,15 +205,22 @@ fn main() {
             [&["strace", "-f", "-o", "/dev/null"][..], &gcmd].concat(),
         ),
     ];
-    table(&rows, "ns_per_call", rounds, ("us", 1000.0));
+    table(
+        &rows,
+        "ns_per_call",
+        rounds,
+        ("us", 1000.0),
+        count(&n_getppid),
+    );
     // The gdbstub backend stops the guest at every hit: fewer calls, one round.
-    let base = run("untraced", &[], &[w, "bench-getppid", "500"], "ns_per_call");
+    let base = run("untraced", &[], &[w, "bench-getppid", "500"], "ns_per_call").0;
     let v = run(
         "gdbstub",
         &s(&["--trap", "gdbstub", "--watch", "syscall=getppid"]),
         &[w, "bench-getppid", "500"],
         "ns_per_call",
-    );
+    )
+    .0;
     println!(
         "{:<42} {:>10.1} us  {:.0}x  (+{:.1} us per call; 500 calls, one round)",
         "gdbstub: getppid reported",
@@ -195,14 +261,15 @@ fn main() {
             [&["strace", "-f", "-o", "/dev/null"][..], &fcmd].concat(),
         ),
     ];
-    table(&rows, "ns_per_iter", rounds, ("ms", 1e6));
-    let base = run("untraced", &[], &[w, "bench-forkexec", "20"], "ns_per_iter");
+    table(&rows, "ns_per_iter", rounds, ("ms", 1e6), count(&n_fork));
+    let base = run("untraced", &[], &[w, "bench-forkexec", "20"], "ns_per_iter").0;
     let v = run(
         "gdbstub",
         &s(&["--trap", "gdbstub", "--watch", "fork,exec,exit"]),
         &[w, "bench-forkexec", "20"],
         "ns_per_iter",
-    );
+    )
+    .0;
     println!(
         "{:<42} {:>10.1} ms  {:.0}x  (+{:.1} ms per iteration; 20 iterations, one round)",
         "gdbstub: fork,exec,exit",

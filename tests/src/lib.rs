@@ -79,6 +79,30 @@ pub fn ornament_bin() -> PathBuf {
     bin
 }
 
+/// For benchmarks, which cargo builds without the workspace's binaries: build the
+/// `ornament` binary and the TCG plugin in the profile of the running executable (a no-op
+/// when they are fresh), so a bench never measures a stale build. Does nothing when
+/// `$ORNAMENT_BIN` names the binary.
+pub fn build_workspace_binaries() {
+    if std::env::var_os("ORNAMENT_BIN").is_some() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("bench executable path");
+    let release = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::file_name)
+        .is_some_and(|n| n == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.args(["build", "--workspace", "--bins", "--lib"]);
+    if release {
+        c.arg("--release");
+    }
+    let st = c.status().expect("run cargo build");
+    assert!(st.success(), "cargo build --workspace failed");
+}
+
 /// A finished `ornament` invocation.
 #[derive(Debug)]
 pub struct Ran {

@@ -104,6 +104,7 @@ fn hit(w: &World, s: &ArmSpec, rdi: u64, rsi: u64) -> ProbeHit {
         regs,
         held: s.hold,
         mem: [None; ornament_engine::wire::MAX_MEM_READS],
+        bytes: None,
     }
 }
 
@@ -571,11 +572,30 @@ fn with_reads(w: &World, s: &ArmSpec, mut h: ProbeHit) -> ProbeHit {
         });
     }
     h.mem = vals;
+    // The byte range (exec's command line), through the task's own page tables as the
+    // plugin reads it through CR3 of the task that runs exec.
+    let b = crate::probes::hit_bytes(s.kind);
+    h.bytes = b.range(|i| vals[i]).map(|(start, n, cut)| {
+        let mm = vals[crate::probes::MEM_EXEC_MM].expect("mm");
+        let pgd =
+            w.g.read_u64(Gva(mm).wrapping_add(w.g.off("mm_struct", "pgd").expect("pgd")))
+                .expect("pgd");
+        let user = VirtMem::new(
+            &w.g.phys.mem,
+            PageRoot::kernel_from_cr3(pgd - w.g.page_offset_base, h.regs.cr4),
+        );
+        let mut data = vec![0u8; n];
+        user.read(Gva(start), &mut data).expect("argv bytes");
+        ornament_engine::wire::HitBytes {
+            data,
+            complete: !cut,
+        }
+    });
     h
 }
 
 #[test]
-fn fork_and_exit_events_from_values_read_at_the_hit() {
+fn fork_exec_and_exit_events_from_values_read_at_the_hit() {
     use crate::probes::{captured_at_hit, MEM_HDR_PID, MEM_HDR_UID};
     each_world(|w| {
         let mut m = monitor(w, &everything());
@@ -613,6 +633,53 @@ fn fork_and_exit_events_from_values_read_at_the_hit() {
             captured.push((at_hit, from_ram));
         }
 
+        // Exec: the same event from the values and bytes read at the hit.
+        let sx = spec(&m, |s| {
+            s.kind == ProbeKind::Exec(ExecHook::ProcExecConnector)
+        });
+        assert!(captured_at_hit(sx.kind));
+        w.g.set_current(VCPU, w.child).expect("current");
+        let plain = hit(w, &sx, w.child.raw(), 0);
+        let at_hit = with_reads(w, &sx, plain.clone());
+        assert!(at_hit.bytes.is_some(), "argv bytes read at the hit");
+        let from_ram = one(m.on_hit(&plain));
+        assert_eq!(one(m.on_hit(&at_hit)), from_ram);
+        let Event::Exec(e) = &from_ram else {
+            panic!("exec");
+        };
+        assert_eq!(e.argv, ["mkdir", "/tmp/newdir", "-p"]);
+        assert_eq!(e.filename.as_deref(), Some("/usr/bin/mkdir"));
+        // A cut range says so; an unreadable first page gives no argv, truncated.
+        let mut cut = at_hit.clone();
+        if let Some(b) = cut.bytes.as_mut() {
+            b.data.truncate(6);
+            b.complete = false;
+        }
+        let Event::Exec(e) = one(m.on_hit(&cut)) else {
+            panic!("exec");
+        };
+        assert_eq!((e.argv, e.argv_truncated), (vec!["mkdir".to_owned()], true));
+        let mut none = at_hit.clone();
+        none.bytes = Some(ornament_engine::wire::HitBytes::default());
+        let Event::Exec(e) = one(m.on_hit(&none)) else {
+            panic!("exec");
+        };
+        assert!(e.argv.is_empty() && e.argv_truncated);
+        // The exec'd task's mm goes away (it exits at once): the event stays that of the hit.
+        let mm_at = w.child.wrapping_add(task("mm"));
+        let mm = w.g.read_u64(mm_at).expect("mm");
+        w.g.write_u64(mm_at, 0).expect("w");
+        assert_eq!(one(m.on_hit(&at_hit)), from_ram);
+        let Event::Exec(gone) = one(m.on_hit(&plain)) else {
+            panic!("exec");
+        };
+        assert!(
+            gone.argv.is_empty() && gone.filename.is_none(),
+            "memory did change"
+        );
+        w.g.write_u64(mm_at, mm).expect("w");
+        captured.push((at_hit, from_ram));
+
         // The tasks change (reaped, reused, exec'd) after the vCPU ran on: the events built
         // from the values read at the hit stay those of the hit.
         for t in [w.parent, w.child, w.thread, w.kthread] {
@@ -635,9 +702,9 @@ fn fork_and_exit_events_from_values_read_at_the_hit() {
             plain.mem = [None; ornament_engine::wire::MAX_MEM_READS];
             assert_ne!(&one(m.on_hit(&plain)), before, "memory did change");
         }
-        // Exec, setid and do_exit are not captured.
+        // begin_new_exec, setid and do_exit are not captured.
         for kind in [
-            ProbeKind::Exec(ExecHook::ProcExecConnector),
+            ProbeKind::Exec(ExecHook::BeginNewExec),
             ProbeKind::Setid,
             ProbeKind::Exit(ExitHook::DoExit),
             ProbeKind::Syscall(SyscallHook::DoSyscall64),

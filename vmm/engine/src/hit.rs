@@ -28,4 +28,7 @@ pub struct ProbeHit {
     /// Values of the memory reads the probe asked for, read at the hit (the
     /// TCG plugin does them in its callback; `None` where not asked or not readable).
     pub mem: [Option<u64>; crate::wire::MAX_MEM_READS],
+    /// The byte range the probe asked for, read at the hit (the TCG plugin; `None` where
+    /// not asked or its start and end reads failed).
+    pub bytes: Option<crate::wire::HitBytes>,
 }

@@ -26,11 +26,14 @@
 use crate::regs::Regs;
 
 /// Version of this format; the plugin sends it in [`Hello`] and the host checks it.
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 /// Size of the common record header.
 pub const HEADER_LEN: usize = 8;
-/// Largest record: a hit with every register and every memory read.
-pub const MAX_RECORD_LEN: usize = HIT_HEAD_LEN + 8 * (Reg::COUNT + MAX_MEM_READS);
+/// Largest record: a hit with every register, every memory read and the largest byte range.
+pub const MAX_RECORD_LEN: usize =
+    HIT_HEAD_LEN + 8 * (Reg::COUNT + MAX_MEM_READS) + 8 + MAX_BYTES_READ as usize;
+/// Most bytes a probe's [`BytesRead`] may ask for.
+pub const MAX_BYTES_READ: u32 = 64 << 10;
 /// Memory reads a probe may ask for.
 pub const MAX_MEM_READS: usize = 16;
 /// Largest single memory read, in bytes (it is returned as one little-endian `u64`).
@@ -40,7 +43,7 @@ pub const FILTER_BITS: usize = 512;
 /// Fixed part of a hit record (header included).
 pub const HIT_HEAD_LEN: usize = 40;
 /// Length of an [`ArmRecord`].
-pub const ARM_LEN: usize = HEADER_LEN + 24 + 16 * MAX_MEM_READS + 8 + FILTER_BITS / 8;
+pub const ARM_LEN: usize = HEADER_LEN + 24 + 16 * MAX_MEM_READS + 8 + FILTER_BITS / 8 + 8;
 /// Most guest RAM regions a [`RamRecord`] carries.
 pub const MAX_RAM_REGIONS: usize = 8;
 /// Length of a [`RamRecord`].
@@ -125,7 +128,7 @@ impl MsgKind {
             Self::Hit => None,
             Self::VcpuInit => Some(24),
             Self::Error => Some(32),
-            Self::Bye => Some(40),
+            Self::Bye => Some(48),
             Self::Arm => Some(ARM_LEN),
             Self::Disarm => Some(16),
             Self::Answer => Some(24),
@@ -356,6 +359,41 @@ impl MemRead {
     }
 }
 
+/// A byte range read at each hit, between the values of two of its memory reads (e.g. a
+/// task's `mm->arg_start` and `mm->arg_end`): `min(mem[end] - mem[start], max)` bytes at
+/// guest-virtual `mem[start]`, read page by page up to the first unreadable page. `max == 0`:
+/// none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BytesRead {
+    /// Index of the memory read whose value is the start address.
+    pub start: u8,
+    /// Index of the memory read whose value is the end address (exclusive).
+    pub end: u8,
+    /// Most bytes to read, at most [`MAX_BYTES_READ`]; 0 when the probe reads none.
+    pub max: u32,
+}
+
+impl BytesRead {
+    /// True when the probe asks for a byte range.
+    pub const fn is_some(&self) -> bool {
+        self.max != 0
+    }
+
+    /// The range to read for these memory-read values: `(start address, bytes, cut)`, where
+    /// `cut` says the range was longer than `max`. `None` when the probe reads no range,
+    /// either read failed or the end lies before the start.
+    pub fn range(&self, mem: impl Fn(usize) -> Option<u64>) -> Option<(u64, usize, bool)> {
+        if !self.is_some() {
+            return None;
+        }
+        let start = mem(usize::from(self.start))?;
+        let end = mem(usize::from(self.end))?;
+        let len = end.checked_sub(start)?;
+        let max = u64::from(self.max.min(MAX_BYTES_READ));
+        Some((start, usize::try_from(len.min(max)).ok()?, len > max))
+    }
+}
+
 /// Bit in [`ArmRecord::flags`]: the probe is live (a disarmed probe keeps its callback but
 /// does nothing).
 pub const ARM_ENABLED: u32 = 1 << 0;
@@ -374,6 +412,8 @@ pub struct ProbeSpec {
     pub filter: Option<Reg>,
     /// The filter's bitmap, bit `v` = word `v / 64`, bit `v % 64`.
     pub filter_bits: [u64; FILTER_BITS / 64],
+    /// A byte range read after the memory reads (none by default).
+    pub bytes: BytesRead,
 }
 
 impl ProbeSpec {
@@ -459,9 +499,21 @@ pub struct Hello {
 
 /// Bit in a hit's header flags: the vCPU is held until answered.
 pub const HIT_HELD: u16 = 1 << 0;
+/// Bit in a hit's header flags: a byte range ([`HitBytes`]) follows the memory reads.
+pub const HIT_BYTES: u16 = 1 << 1;
+
+/// The bytes a probe's [`BytesRead`] got at a hit.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct HitBytes {
+    /// The bytes read, from the range's start.
+    pub data: Vec<u8>,
+    /// True when `data` is the whole range; false when the range was longer than the probe's
+    /// `max` or an unreadable page ended it.
+    pub complete: bool,
+}
 
 /// Plugin to host: a probe was hit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HitRecord {
     /// [`HIT_HELD`].
     pub flags: u16,
@@ -485,6 +537,9 @@ pub struct HitRecord {
     /// Memory read values by read index (on the wire only the present ones, in index order;
     /// the others are 0 here).
     pub mem_values: [u64; MAX_MEM_READS],
+    /// The probe's byte range, when it asked for one and its start and end reads succeeded
+    /// (flag [`HIT_BYTES`]).
+    pub bytes: Option<HitBytes>,
 }
 
 impl HitRecord {
@@ -586,6 +641,10 @@ pub struct ByeRecord {
     pub mem_ns: u64,
     /// The longest single callback, nanoseconds.
     pub max_callback_ns: u64,
+    /// Time the vCPUs spent in reported hits' callbacks in all, nanoseconds: `callback_ns`
+    /// plus sending records and waiting for the answers to held hits. What the plugin took
+    /// from the guest.
+    pub stall_ns: u64,
 }
 
 /// How the plugin learns the guest's paging mode for its own page walks.
@@ -681,13 +740,18 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-/// Length of a hit record for `regs` and `mem_present`.
-pub const fn hit_len(regs: RegMask, mem_present: u16) -> usize {
-    HIT_HEAD_LEN + 8 * (regs.count() + mem_present.count_ones() as usize)
+/// Length of a hit record for `regs`, `mem_present` and a byte range of `bytes` bytes.
+pub const fn hit_len(regs: RegMask, mem_present: u16, bytes: Option<usize>) -> usize {
+    let fixed = HIT_HEAD_LEN + 8 * (regs.count() + mem_present.count_ones() as usize);
+    match bytes {
+        Some(n) => fixed + 8 + n.div_ceil(8) * 8,
+        None => fixed,
+    }
 }
 
 /// Append the head of a hit record; the caller then appends the values with
-/// [`put_hit_value`] (this split lets the plugin write straight into its batch buffer).
+/// [`put_hit_value`] and, when `bytes` is `Some(n)`, the `n` bytes with [`put_hit_bytes`]
+/// (this split lets the plugin write straight into its batch buffer).
 #[allow(clippy::too_many_arguments)]
 pub fn put_hit_head(
     out: &mut Vec<u8>,
@@ -699,8 +763,14 @@ pub fn put_hit_head(
     regs: RegMask,
     mem_present: u16,
     mem_ok: u16,
+    bytes: Option<usize>,
 ) {
-    put_header(out, MsgKind::Hit, flags, hit_len(regs, mem_present));
+    let flags = if bytes.is_some() {
+        flags | HIT_BYTES
+    } else {
+        flags & !HIT_BYTES
+    };
+    put_header(out, MsgKind::Hit, flags, hit_len(regs, mem_present, bytes));
     put_u32(out, probe);
     put_u32(out, vcpu);
     put_u64(out, seq);
@@ -715,6 +785,15 @@ pub fn put_hit_head(
 /// Append one value of a hit record.
 pub fn put_hit_value(out: &mut Vec<u8>, v: u64) {
     put_u64(out, v);
+}
+
+/// Append a hit record's byte range (after its values): length, completeness, the bytes,
+/// zeros up to a multiple of 8.
+pub fn put_hit_bytes(out: &mut Vec<u8>, data: &[u8], complete: bool) {
+    put_u32(out, u32::try_from(data.len()).unwrap_or(u32::MAX));
+    put_u32(out, u32::from(complete));
+    out.extend_from_slice(data);
+    out.resize(out.len() + data.len().div_ceil(8) * 8 - data.len(), 0);
 }
 
 impl Msg {
@@ -738,6 +817,7 @@ impl Msg {
                     h.regs,
                     h.mem_present,
                     h.mem_ok,
+                    h.bytes.as_ref().map(|b| b.data.len()),
                 );
                 for r in h.regs.iter() {
                     put_u64(out, h.reg_values[usize::from(r.index())]);
@@ -746,6 +826,9 @@ impl Msg {
                     if h.mem_present & (1 << i) != 0 {
                         put_u64(out, *v);
                     }
+                }
+                if let Some(b) = &h.bytes {
+                    put_hit_bytes(out, &b.data, b.complete);
                 }
             }
             Msg::VcpuInit(v) => {
@@ -763,11 +846,12 @@ impl Msg {
                 put_u64(out, e.detail);
             }
             Msg::Bye(b) => {
-                put_header(out, MsgKind::Bye, 0, 40);
+                put_header(out, MsgKind::Bye, 0, 48);
                 put_u64(out, b.hits);
                 put_u64(out, b.callback_ns);
                 put_u64(out, b.mem_ns);
                 put_u64(out, b.max_callback_ns);
+                put_u64(out, b.stall_ns);
             }
             Msg::Arm(a) => {
                 put_header(out, MsgKind::Arm, 0, ARM_LEN);
@@ -794,6 +878,9 @@ impl Msg {
                 for w in &a.spec.filter_bits {
                     put_u64(out, *w);
                 }
+                let b = a.spec.bytes;
+                out.extend_from_slice(&[b.start, b.end, 0, 0]);
+                put_u32(out, b.max);
             }
             Msg::Disarm(d) => {
                 put_header(out, MsgKind::Disarm, 0, 16);
@@ -907,11 +994,18 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
                 return Err(WireError::BadField("mem_present"));
             }
             let mem_ok = u16::try_from((packed >> 48) & 0xffff).unwrap_or(0);
-            if hit_len(regs, mem_present) != h.len {
+            let fixed = hit_len(regs, mem_present, None);
+            let has_bytes = h.flags & HIT_BYTES != 0;
+            let length_is_bad = if has_bytes {
+                h.len < fixed + 8
+            } else {
+                h.len != fixed
+            };
+            if length_is_bad {
                 return Err(WireError::BadLength {
                     kind: MsgKind::Hit as u16,
                     len: u32::try_from(h.len).unwrap_or(u32::MAX),
-                    expected: hit_len(regs, mem_present),
+                    expected: fixed,
                 });
             }
             let mut reg_values = [0u64; Reg::COUNT];
@@ -924,6 +1018,23 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
                     *v = r.u64()?;
                 }
             }
+            let bytes = if has_bytes {
+                let n = usize::try_from(r.u32()?).map_err(|_| WireError::BadField("bytes.len"))?;
+                let complete = match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::BadField("bytes.complete")),
+                };
+                if n > MAX_BYTES_READ as usize || hit_len(regs, mem_present, Some(n)) != h.len {
+                    return Err(WireError::BadField("bytes.len"));
+                }
+                Some(HitBytes {
+                    data: r.slice(n)?.to_vec(),
+                    complete,
+                })
+            } else {
+                None
+            };
             Msg::Hit(HitRecord {
                 flags: h.flags,
                 probe,
@@ -935,6 +1046,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
                 mem_ok,
                 reg_values,
                 mem_values,
+                bytes,
             })
         }
         MsgKind::VcpuInit => {
@@ -964,6 +1076,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
             callback_ns: r.u64()?,
             mem_ns: r.u64()?,
             max_callback_ns: r.u64()?,
+            stall_ns: r.u64()?,
         }),
         MsgKind::Arm => {
             let probe = r.u32()?;
@@ -1005,6 +1118,17 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
             for w in &mut filter_bits {
                 *w = r.u64()?;
             }
+            let b = r.bytes8()?;
+            let max = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            let reads = usize::from(b[0]).max(usize::from(b[1]));
+            if max > MAX_BYTES_READ || (max != 0 && reads >= MAX_MEM_READS) {
+                return Err(WireError::BadField("bytes"));
+            }
+            let bytes = BytesRead {
+                start: b[0],
+                end: b[1],
+                max,
+            };
             Msg::Arm(ArmRecord {
                 probe,
                 addr,
@@ -1015,6 +1139,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
                     hold: f[2] != 0,
                     filter,
                     filter_bits,
+                    bytes,
                 },
             })
         }
@@ -1094,6 +1219,16 @@ impl<'a> Reader<'a> {
     fn bytes8(&mut self) -> Result<[u8; 8], WireError> {
         self.take::<8>()
     }
+
+    fn slice(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let end = self.pos.saturating_add(n);
+        let got = self.buf.get(self.pos..end).ok_or(WireError::Short {
+            need: end,
+            got: self.buf.len(),
+        })?;
+        self.pos = end;
+        Ok(got)
+    }
 }
 
 #[cfg(test)]
@@ -1164,7 +1299,75 @@ mod tests {
             offset: 0x9a0,
             len: 8,
         };
+        spec.bytes = BytesRead {
+            start: 2,
+            end: 15,
+            max: 32 << 10,
+        };
         spec
+    }
+
+    #[test]
+    fn byte_ranges_are_checked() {
+        let hit = |data: Vec<u8>| {
+            Msg::Hit(HitRecord {
+                probe: 1,
+                seq: 1,
+                bytes: Some(HitBytes {
+                    data,
+                    complete: true,
+                }),
+                ..HitRecord::default()
+            })
+            .to_bytes()
+        };
+        let good = hit(b"abc".to_vec());
+        assert!(decode(&good).is_ok());
+        // The length inside says more bytes than the record holds.
+        let mut b = good.clone();
+        b[HIT_HEAD_LEN..HIT_HEAD_LEN + 4].copy_from_slice(&9u32.to_le_bytes());
+        assert_eq!(decode(&b), Err(WireError::BadField("bytes.len")));
+        // Completeness is 0 or 1.
+        let mut b = good.clone();
+        b[HIT_HEAD_LEN + 4] = 2;
+        assert_eq!(decode(&b), Err(WireError::BadField("bytes.complete")));
+        // The flag without room for the range's own header.
+        let mut b = hit(vec![]);
+        b.truncate(HIT_HEAD_LEN);
+        b[4..8].copy_from_slice(&u32::try_from(HIT_HEAD_LEN).expect("small").to_le_bytes());
+        assert!(matches!(decode(&b), Err(WireError::BadLength { .. })));
+        // Arm: more than MAX_BYTES_READ, or a read index out of range.
+        for (start, end, max) in [(0, 1, MAX_BYTES_READ + 1), (0, 16, 8), (16, 0, 8)] {
+            let spec = ProbeSpec {
+                bytes: BytesRead { start, end, max },
+                ..ProbeSpec::default()
+            };
+            let b = Msg::Arm(ArmRecord {
+                probe: 1,
+                addr: 0,
+                flags: ARM_ENABLED,
+                spec,
+            })
+            .to_bytes();
+            assert_eq!(
+                decode(&b),
+                Err(WireError::BadField("bytes")),
+                "{start} {end} {max}"
+            );
+        }
+        // The range from two reads: cut at max, refused when a read failed or end < start.
+        let r = BytesRead {
+            start: 3,
+            end: 4,
+            max: 16,
+        };
+        let vals = |a: Option<u64>, b: Option<u64>| move |i: usize| if i == 3 { a } else { b };
+        assert_eq!(r.range(vals(Some(100), Some(110))), Some((100, 10, false)));
+        assert_eq!(r.range(vals(Some(100), Some(117))), Some((100, 16, true)));
+        assert_eq!(r.range(vals(Some(100), Some(99))), None);
+        assert_eq!(r.range(vals(None, Some(110))), None);
+        assert!(!ProbeSpec::default().bytes.is_some());
+        assert_eq!(BytesRead::default().range(|_| Some(1)), None);
     }
 
     #[test]
@@ -1189,19 +1392,32 @@ mod tests {
                 (Reg::FsBase, 3),
             ]),
             mem_values: mems(&[(0, 0xffff_8880_0123_4000), (15, 9)]),
+            bytes: None,
         }));
         round_trip(Msg::Hit(HitRecord {
-            flags: 0,
-            probe: 0,
-            vcpu: 0,
             seq: 1,
-            mono_ns: 0,
-            regs: RegMask::NONE,
-            mem_present: 0,
-            mem_ok: 0,
-            reg_values: [0; Reg::COUNT],
-            mem_values: [0; MAX_MEM_READS],
+            ..HitRecord::default()
         }));
+        // A byte range: 13 bytes (padded to 16 on the wire), an empty one, a cut one.
+        for (data, complete) in [
+            (b"/bin/sh\0-c\0x\0".to_vec(), true),
+            (vec![], true),
+            (vec![7; 4096], false),
+        ] {
+            round_trip(Msg::Hit(HitRecord {
+                flags: HIT_BYTES,
+                probe: 3,
+                vcpu: 0,
+                seq: 2,
+                mono_ns: 5,
+                regs: RegMask::of(&[Reg::Rdi]),
+                mem_present: 0b11,
+                mem_ok: 0b11,
+                reg_values: vals(&[(Reg::Rdi, 0xffff_8880_0000_1000)]),
+                mem_values: mems(&[(0, 0x7ffd_0000_0000), (1, 0x7ffd_0000_000d)]),
+                bytes: Some(HitBytes { data, complete }),
+            }));
+        }
         round_trip(Msg::VcpuInit(VcpuInitRecord {
             vcpu: 3,
             resolved: RegMask::ALL,
@@ -1218,6 +1434,7 @@ mod tests {
             callback_ns: 12_345,
             mem_ns: 678,
             max_callback_ns: 900,
+            stall_ns: 99_999,
         }));
         round_trip(Msg::Ram(sample_ram()));
         round_trip(Msg::Arm(ArmRecord {
@@ -1240,7 +1457,18 @@ mod tests {
         let mut buf = Vec::new();
         Msg::Go.encode(&mut buf);
         Msg::Disarm(DisarmRecord { probe: 1 }).encode(&mut buf);
-        put_hit_head(&mut buf, 0, 2, 0, 1, 5, RegMask::of(&[Reg::Rdi]), 0, 0);
+        put_hit_head(
+            &mut buf,
+            0,
+            2,
+            0,
+            1,
+            5,
+            RegMask::of(&[Reg::Rdi]),
+            0,
+            0,
+            None,
+        );
         put_hit_value(&mut buf, 0xabc);
         let mut pos = 0;
         let mut got = Vec::new();
@@ -1276,6 +1504,7 @@ mod tests {
                 (Reg::KernelGsBase, 0xffff_8880_1fc0_0000),
             ]),
             mem_values: mems(&[(1, 11), (2, 22)]),
+            bytes: None,
         };
         let r = h.to_regs();
         assert_eq!(
@@ -1317,6 +1546,7 @@ mod tests {
             mem_ok: 0,
             reg_values: vals(&[(Reg::Rax, 1)]),
             mem_values: [0; MAX_MEM_READS],
+            bytes: None,
         })
         .to_bytes();
         b[32] = 0b11; // mask now says two registers, length says one
@@ -1454,7 +1684,7 @@ mod speed {
         let regs = RegMask::of(&[Reg::Rip, Reg::Rdi, Reg::Rsi, Reg::GsBase, Reg::Cr3]);
         let mut buf = Vec::new();
         for seq in 0..1_000_000u64 {
-            put_hit_head(&mut buf, 0, 1, 0, seq, seq, regs, 0, 0);
+            put_hit_head(&mut buf, 0, 1, 0, seq, seq, regs, 0, 0, None);
             for v in 0..5 {
                 put_hit_value(&mut buf, v);
             }

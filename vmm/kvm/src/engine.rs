@@ -288,6 +288,7 @@ fn on_vcpu_event(
             regs: r,
             held: hold,
             mem: [None; ornament_engine::wire::MAX_MEM_READS],
+            bytes: None,
         }));
         if tx.send(event).is_err() {
             return false;

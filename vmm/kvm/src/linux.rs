@@ -506,6 +506,7 @@ pub fn run_linux(
                     regs: regs_from_kvm(regs, sregs),
                     held: true,
                     mem: [None; ornament_engine::wire::MAX_MEM_READS],
+                    bytes: None,
                 };
                 match o.on_hit(&probe_hit) {
                     Action::Continue => {}

@@ -185,6 +185,8 @@ pub enum LinkEvent {
         mem_ns: u64,
         /// The longest single callback.
         max_callback_ns: u64,
+        /// All the time the vCPUs spent in those callbacks, sending and held included.
+        stall_ns: u64,
     },
 }
 
@@ -639,6 +641,8 @@ impl PluginLink {
                     callback_ns_per_hit = per(b.callback_ns),
                     mem_ns_per_hit = per(b.mem_ns),
                     max_callback_ns = b.max_callback_ns,
+                    stall_ns_per_hit = per(b.stall_ns),
+                    stall_ns = b.stall_ns,
                     "plugin done"
                 );
                 Some(LinkEvent::Bye {
@@ -646,6 +650,7 @@ impl PluginLink {
                     callback_ns: b.callback_ns,
                     mem_ns: b.mem_ns,
                     max_callback_ns: b.max_callback_ns,
+                    stall_ns: b.stall_ns,
                 })
             }
             _ => None,
@@ -672,6 +677,7 @@ impl PluginLink {
                 regs: h.to_regs(),
                 held: h.held(),
                 mem,
+                bytes: h.bytes.clone(),
             },
             mem,
             vcpu_seq: h.seq,
@@ -906,12 +912,12 @@ mod tests {
         // Two hits in one batch, then a held one.
         let mut batch = Vec::new();
         for seq in 1..=2 {
-            put_hit_head(&mut batch, 0, 1, 0, seq, 1_000 + seq, spec.regs, 0, 0);
+            put_hit_head(&mut batch, 0, 1, 0, seq, 1_000 + seq, spec.regs, 0, 0, None);
             // Values in register-bit order: rdi before rip.
             put_hit_value(&mut batch, 0xabc);
             put_hit_value(&mut batch, 0xffff_ffff_810b_0de0 + seq);
         }
-        put_hit_head(&mut batch, HIT_HELD, 2, 1, 1, 5_000, spec.regs, 0, 0);
+        put_hit_head(&mut batch, HIT_HELD, 2, 1, 1, 5_000, spec.regs, 0, 0, None);
         put_hit_value(&mut batch, 0xdef);
         put_hit_value(&mut batch, 0xffff_ffff_816e_dd10);
         p.s.write_all(&batch).expect("write");
@@ -984,6 +990,7 @@ mod tests {
             callback_ns: 3_000,
             mem_ns: 1_500,
             max_callback_ns: 2_000,
+            stall_ns: 9_000,
         }));
         assert!(matches!(
             link.recv(Duration::from_secs(5)),
@@ -996,6 +1003,7 @@ mod tests {
                 callback_ns: 3_000,
                 mem_ns: 1_500,
                 max_callback_ns: 2_000,
+                stall_ns: 9_000,
             })
         );
         drop(p);
@@ -1168,7 +1176,7 @@ mod tests {
         assert_eq!(p.recv(), Msg::Go);
 
         let mut b = Vec::new();
-        put_hit_head(&mut b, HIT_HELD, 5, 1, 7, 2_000, spec.regs, 1, 1);
+        put_hit_head(&mut b, HIT_HELD, 5, 1, 7, 2_000, spec.regs, 1, 1, None);
         for r in spec.regs.iter() {
             put_hit_value(
                 &mut b,
@@ -1223,6 +1231,7 @@ mod tests {
                 es.regs,
                 1,
                 1,
+                None,
             );
             for _ in es.regs.iter() {
                 put_hit_value(&mut b, 0);

@@ -191,6 +191,28 @@ impl<'a> Walker<'a> {
     }
 }
 
+impl Walker<'_> {
+    /// Fill `buf` from guest-virtual `va`, page by page; returns how many bytes were read
+    /// before the first page that does not translate (all of `buf` when none).
+    pub fn read_bytes(&mut self, va: u64, buf: &mut [u8]) -> usize {
+        let mut got = 0usize;
+        while got < buf.len() {
+            let Ok(off) = u64::try_from(got) else { break };
+            let at = va.wrapping_add(off);
+            let in_page = usize::try_from(PAGE_SIZE - (at & (PAGE_SIZE - 1))).unwrap_or(1);
+            let n = in_page.min(buf.len() - got);
+            let ok = self
+                .translate(at)
+                .and_then(|gpa| self.ram.read_into(gpa, &mut buf[got..got + n]));
+            if ok.is_none() {
+                break;
+            }
+            got += n;
+        }
+        got
+    }
+}
+
 /// Read `len` bytes (1..=8) at guest-virtual `va` as a little-endian value (zero-extended);
 /// a read crossing a 4 KiB page is split, each part translated on its own.
 pub fn read_virt(ram: &Ram<'_>, cr3: u64, la57: bool, va: u64, len: usize) -> Option<u64> {
@@ -372,6 +394,26 @@ mod tests {
         g.set(0x6000, 2, va2, 0x20_0000 | PTE_PS | P | (1 << 12)); // PAT bit in a large page
         let ram = g.ram();
         assert_eq!(translate(&ram, cr3, false, va2 + 0x1_2345), Some(0x21_2345));
+    }
+
+    #[test]
+    fn byte_ranges_cross_pages_and_stop_at_a_hole() {
+        let mut g = four_level();
+        // "ab\0" ending VA's page, "cd\0" starting the next (mapped elsewhere: 0x12000).
+        let i = usize::try_from(0x10000 + 0xffd).expect("i");
+        g.bytes[i..i + 3].copy_from_slice(b"ab\0");
+        g.bytes[0x12000..0x12003].copy_from_slice(b"cd\0");
+        let ram = g.ram();
+        let mut w = Walker::new(ram, 0x1000, false);
+        let mut buf = [0u8; 6];
+        assert_eq!(w.read_bytes(VA + 0xffd, &mut buf), 6);
+        assert_eq!(&buf, b"ab\0cd\0");
+        // The page after VA + 4K is not mapped: the read stops there.
+        let mut long = vec![0u8; 0x1000 + 16];
+        assert_eq!(w.read_bytes(VA + 0x1000 - 8, &mut long), 0x1000 + 8);
+        let mut none = [0u8; 4];
+        assert_eq!(w.read_bytes(VA + 0x2000, &mut none), 0);
+        assert_eq!(w.read_bytes(VA, &mut []), 0);
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub mod guestmem;
 use ffi::{Api, GArray, Insn, PluginId, QemuInfo, RegHandle, Tb};
 use guestmem::{RamMapping, CR4_LA57};
 use ornament_engine::wire::{
-    self, AnswerRecord, ArmRecord, ByeRecord, ErrorRecord, Hello, MemBase, MemRead, Msg,
+    self, AnswerRecord, ArmRecord, ByeRecord, ErrorRecord, Hello, HitBytes, MemBase, MemRead, Msg,
     PluginErrorCode, ProbeSpec, RamPaging, RamRecord, Reg, RegMask, VcpuInitRecord, ARM_ENABLED,
     HIT_HELD, MAX_MEM_READS,
 };
@@ -204,6 +204,8 @@ struct State {
     callback_ns: AtomicU64,
     mem_ns: AtomicU64,
     max_callback_ns: AtomicU64,
+    /// Sum of reported hits' whole time in the callback, sending and held waits included.
+    stall_ns: AtomicU64,
     /// Probe table by address; slots are leaked so callbacks can hold `&'static` to them.
     by_addr: RwLock<HashMap<u64, &'static ProbeSlot>>,
     by_id: Mutex<HashMap<u32, u64>>,
@@ -588,8 +590,8 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
         }
     }
     let t_mem = mono_ns();
-    let (mem_present, mem_ok, mem_vals) = if spec.mem_count() == 0 {
-        (0, 0, [0u64; MAX_MEM_READS])
+    let (mem_present, mem_ok, mem_vals, bytes) = if spec.mem_count() == 0 {
+        (0, 0, [0u64; MAX_MEM_READS], None)
     } else {
         let got = (&vals, regs_ok);
         let mut reg = |r| reg_value(s, v, arr, spec, got, r);
@@ -612,7 +614,39 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
                 .and_then(|w| w.read(addr, len))
                 .or_else(|| qemu_read(s, arr, addr, len))
         };
-        mem_reads(spec, &mut reg, &mut read)
+        let (present, ok, vals) = mem_reads(spec, &mut reg, &mut read);
+        let value = |i: usize| {
+            let bit = 1u16.checked_shl(u32::try_from(i).ok()?)?;
+            (present & ok & bit != 0)
+                .then(|| vals.get(i).copied())
+                .flatten()
+        };
+        let bytes = if spec.bytes.is_some() {
+            spec.bytes.range(value).map(|(start, n, cut)| {
+                let mut data = vec![0u8; n];
+                let mut got = match fast.as_mut() {
+                    Some(Some(w)) => w.read_bytes(start, &mut data),
+                    _ => 0,
+                };
+                // Where our walk stopped, QEMU's accessor gets its chance (as for the reads).
+                while got < n {
+                    let len = (n - got).min(8);
+                    let Some(x) = qemu_read(s, arr, start.wrapping_add(got as u64), len) else {
+                        break;
+                    };
+                    data[got..got + len].copy_from_slice(&x.to_le_bytes()[..len]);
+                    got += len;
+                }
+                data.truncate(got);
+                HitBytes {
+                    data,
+                    complete: !cut && got == n,
+                }
+            })
+        } else {
+            None
+        };
+        (present, ok, vals, bytes)
     };
     let seq = v.seq.fetch_add(1, Ordering::Relaxed) + 1;
     let time = mono_ns();
@@ -630,6 +664,7 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
             spec.regs,
             mem_present,
             mem_ok,
+            bytes.as_ref().map(|x| x.data.len()),
         );
         for r in spec.regs.iter() {
             wire::put_hit_value(&mut b, vals[usize::from(r.index())]);
@@ -638,6 +673,9 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
             if mem_present & (1 << i) != 0 {
                 wire::put_hit_value(&mut b, *val);
             }
+        }
+        if let Some(x) = &bytes {
+            wire::put_hit_bytes(&mut b, &x.data, x.complete);
         }
         b.len() >= s.args.batch_bytes
     };
@@ -649,6 +687,10 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
     if hold || full {
         s.flush();
     }
+    let stalled = || {
+        s.stall_ns
+            .fetch_add(mono_ns().saturating_sub(t_start), Ordering::Relaxed);
+    };
     if hold {
         let deadline = Instant::now() + s.args.hold_timeout;
         let mut ans = v.answered.lock().unwrap_or_else(|p| p.into_inner());
@@ -657,6 +699,7 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
             if now >= deadline {
                 drop(ans);
                 s.report(PluginErrorCode::HoldTimeout, vcpu_index, conf.probe, seq);
+                stalled();
                 return;
             }
             ans =
@@ -669,6 +712,7 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
         // it runs past its current translation block.
         s.maybe_reset();
     }
+    stalled();
 }
 
 extern "C" fn on_exec(vcpu_index: c_uint, udata: *mut c_void) {
@@ -806,6 +850,7 @@ extern "C" fn on_exit(_id: PluginId, _udata: *mut c_void) {
                 callback_ns: s.callback_ns.load(Ordering::Relaxed),
                 mem_ns: s.mem_ns.load(Ordering::Relaxed),
                 max_callback_ns: s.max_callback_ns.load(Ordering::Relaxed),
+                stall_ns: s.stall_ns.load(Ordering::Relaxed),
             })
             .to_bytes(),
         );
@@ -960,6 +1005,7 @@ fn install(id: PluginId, info: &QemuInfo, argv: &[&str]) -> Result<(), InstallEr
         callback_ns: AtomicU64::new(0),
         mem_ns: AtomicU64::new(0),
         max_callback_ns: AtomicU64::new(0),
+        stall_ns: AtomicU64::new(0),
         by_addr: RwLock::new(HashMap::new()),
         by_id: Mutex::new(HashMap::new()),
         vcpus: (0..nvcpus).map(|_| Vcpu::new()).collect(),

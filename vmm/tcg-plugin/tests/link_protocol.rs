@@ -40,7 +40,7 @@ fn link_throughput_million_hits() {
         std::io::Read::read_exact(&mut b, &mut go).expect("go");
         let mut buf = Vec::with_capacity(1 << 15);
         for seq in 1..=n {
-            put_hit_head(&mut buf, 0, 1, 0, seq, seq, regs, 0, 0);
+            put_hit_head(&mut buf, 0, 1, 0, seq, seq, regs, 0, 0, None);
             for v in 0..5 {
                 put_hit_value(&mut buf, v);
             }

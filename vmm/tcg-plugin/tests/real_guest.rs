@@ -644,6 +644,94 @@ fn exact_counts_two_vcpus() {
     counts_on(2);
 }
 
+/// `task->mm`, `mm->arg_start` and `mm->arg_end` offsets: `ORNAMENT_TEST_MM_OFFSETS`
+/// (`mm,arg_start,arg_end`), else from the committed profile of the default image's kernel.
+fn mm_offsets() -> (u64, u64, u64) {
+    if let Ok(v) = std::env::var("ORNAMENT_TEST_MM_OFFSETS") {
+        let o: Vec<u64> = v.split(',').filter_map(parse_num).collect();
+        assert_eq!(
+            o.len(),
+            3,
+            "ORNAMENT_TEST_MM_OFFSETS must be mm,arg_start,arg_end"
+        );
+        return (o[0], o[1], o[2]);
+    }
+    let p: serde_json::Value =
+        serde_json::from_str(include_str!("../../../profiles/6.1.0-50-cloud-amd64.json"))
+            .expect("committed profile");
+    let off = |s: &str, f: &str| {
+        p["structs"][s]["fields"][f]["offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{s}.{f} in the committed profile"))
+    };
+    (
+        off("task_struct", "mm"),
+        off("mm_struct", "arg_start"),
+        off("mm_struct", "arg_end"),
+    )
+}
+
+/// A byte range read at the hit: at `proc_exec_connector` the new command line between
+/// `mm->arg_start` and `mm->arg_end` (chained reads), whole, and cut at the probe's `max`.
+#[test]
+fn byte_range_is_the_exec_command_line() {
+    use ornament_engine::wire::{BytesRead, MemBase};
+    let e = require!(env());
+    let (mm, arg_start, arg_end) = mm_offsets();
+    let spec = |max: u32| {
+        let mut s = ProbeSpec::regs(RegMask::of(&[Reg::Rip, Reg::Rdi, Reg::Cr3, Reg::Cr4]));
+        s.mem[0] = MemRead::at_reg(Reg::Rdi, mm, 8);
+        s.mem[1] = MemRead {
+            base: MemBase::Mem(0),
+            offset: arg_start,
+            len: 8,
+        };
+        s.mem[2] = MemRead {
+            base: MemBase::Mem(0),
+            offset: arg_end,
+            len: 8,
+        };
+        s.bytes = BytesRead {
+            start: 1,
+            end: 2,
+            max,
+        };
+        s
+    };
+    for (max, want, complete) in [
+        (4096, &b"/init\0child\0"[..], true),
+        (8, &b"/init\0ch"[..], false),
+    ] {
+        let o = run(
+            &e,
+            &format!("bytes{max}"),
+            1,
+            "fork 3",
+            |l, _| {
+                l.arm(P_EXEC, e.sym("proc_exec_connector"), spec(max))
+                    .expect("arm");
+            },
+            |_, _| Action::Continue,
+        );
+        // The kernel's exec of /init (its own command line), then three of `/init child`.
+        let execs: Vec<_> = o.hits.iter().filter(|h| h.hit.probe == P_EXEC).collect();
+        assert_eq!(execs.len(), 4, "/init, then three execs of /init child");
+        for (i, h) in execs.iter().enumerate() {
+            assert!(!h.hit.held);
+            let b = h.hit.bytes.as_ref().expect("bytes read at the hit");
+            let got = (b.data.as_slice(), b.complete);
+            let text = String::from_utf8_lossy(&b.data);
+            if i == 0 {
+                assert!(b.data.starts_with(b"/init\0"), "{text:?}");
+                assert_ne!(got, (want, complete), "{text:?}");
+            } else {
+                assert_eq!(got, (want, complete), "{text:?}");
+            }
+        }
+        assert!(o.link.plugin_errors().is_empty());
+    }
+}
+
 /// Memory reads before and after the host hands the plugin guest RAM (its own page walk over
 /// the RAM file instead of QEMU's accessor) give the same values; chained reads follow the
 /// pointer they name, and fail when it failed.
