@@ -1,5 +1,5 @@
 //! Guest memory for the probe callbacks: QEMU's guest RAM file mapped read-only into the
-//! plugin, and the plugin's own x86-64 page walk over it.
+//! plugin, and page walks over it (the seam crate's `paging::walk`, entries read from the mapping).
 //!
 //! ```text
 //! RamRecord + fd (host)  ->  RamMapping::map (mmap, MAP_SHARED, PROT_READ, checked regions)
@@ -15,17 +15,12 @@
 //! table entry and data address is checked against the RAM regions before it is dereferenced,
 //! and anything that does not fit is a failed read (`None`), never a host fault.
 
+use ornament_engine::paging;
+pub use ornament_engine::paging::CR4_LA57;
 use ornament_engine::wire::{RamPaging, RamRecord, RamRegion, PAGE_SIZE};
 use std::fs::File;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
-
-/// CR4.LA57: 5-level paging.
-pub const CR4_LA57: u64 = 1 << 12;
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_PS: u64 = 1 << 7;
-/// Physical-address bits of a table entry (and of CR3): 12..52.
-const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// A read-only view of guest RAM: host bytes plus the guest-physical regions they back.
 #[derive(Debug, Clone, Copy)]
@@ -104,41 +99,16 @@ impl<'a> Ram<'a> {
     }
 }
 
-/// True when `va` is canonical for the paging mode (bits above 47, or 56, all equal).
-fn canonical(va: u64, la57: bool) -> bool {
-    let bits = if la57 { 57 } else { 48 };
-    let top = (va as i64) >> (bits - 1);
-    top == 0 || top == -1
-}
-
 /// Translate `va` through the page tables rooted at `cr3` (4-level, or 5-level with `la57`);
 /// `None` when a level is not present, an entry lies outside RAM, or `va` is not canonical.
 pub fn translate(ram: &Ram<'_>, cr3: u64, la57: bool, va: u64) -> Option<u64> {
     translate_page(ram, cr3, la57, va).map(|(gpa, _)| gpa)
 }
 
-/// [`translate`], with the size of the page that maps `va` (4 KiB, 2 MiB or 1 GiB).
+/// [`translate`], with the size of the page that maps `va` (4 KiB, 2 MiB or 1 GiB): the
+/// seam crate's walk, each entry read from the mapped RAM (bounds-checked, volatile).
 fn translate_page(ram: &Ram<'_>, cr3: u64, la57: bool, va: u64) -> Option<(u64, u64)> {
-    if !canonical(va, la57) {
-        return None;
-    }
-    let levels: u32 = if la57 { 5 } else { 4 };
-    let mut table = cr3 & PTE_ADDR;
-    for level in (1..=levels).rev() {
-        let shift = 12 + 9 * (level - 1);
-        let idx = (va >> shift) & 0x1ff;
-        let e = ram.read_u64(table + idx * 8)?;
-        if e & PTE_PRESENT == 0 {
-            return None;
-        }
-        // PS at level 3 (1 GiB) and level 2 (2 MiB); at level 1 the bit is PAT.
-        if (2..=3).contains(&level) && e & PTE_PS != 0 {
-            let size = 1u64 << shift;
-            return Some(((e & PTE_ADDR & !(size - 1)) | (va & (size - 1)), size));
-        }
-        table = e & PTE_ADDR;
-    }
-    Some((table | (va & (PAGE_SIZE - 1)), PAGE_SIZE))
+    paging::walk(|gpa| ram.read_u64(gpa), cr3, la57, va)
 }
 
 /// The page walks of one hit: `cr3`, the paging mode, and the last translation (valid only
@@ -313,6 +283,7 @@ impl RamMapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ornament_engine::paging::{PTE_PRESENT, PTE_PS};
 
     /// A synthetic guest: `pages` 4 KiB pages of RAM, file offset == gpa, with helpers to
     /// write tables.
