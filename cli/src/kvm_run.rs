@@ -54,6 +54,8 @@ pub struct KvmWatch {
     profile: Arc<Profile>,
     vcpus: u32,
     probes: Vec<LinuxProbe>,
+    /// The probe set `probes` came from, handed to the session when guest memory exists.
+    set: Mutex<Option<ProbeSet>>,
     session: Mutex<Option<Session>>,
     error: Mutex<Option<anyhow::Error>>,
 }
@@ -85,6 +87,7 @@ impl KvmWatch {
             profile,
             vcpus,
             probes,
+            set: Mutex::new(Some(set)),
             session: Mutex::new(None),
             error: Mutex::new(None),
         })
@@ -123,7 +126,12 @@ impl HitObserver for KvmWatch {
             control: Arc::new(RunControl::default()),
             regs: ornament_engine::Regs::default(),
         };
-        match Session::new(&self.plan, &view) {
+        let set = self.set.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let session = match set {
+            Some(set) => Session::with_probes(&self.plan, &view, set),
+            None => Session::new(&self.plan, &view),
+        };
+        match session {
             Ok(s) => *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(s),
             Err(e) => *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
         }

@@ -584,6 +584,16 @@ pub(crate) struct Session {
 impl Session {
     pub(crate) fn new(plan: &WatchPlan, view: &GuestView) -> Result<Self> {
         let probes = ProbeSet::new(&view.profile, view.layout, &plan.cfg)?;
+        Self::with_probes(plan, view, probes)
+    }
+
+    /// A session over a probe set built earlier (the KVM engine resolves its probe sites
+    /// before the guest boots, and the monitor must use the same ids).
+    pub(crate) fn with_probes(
+        plan: &WatchPlan,
+        view: &GuestView,
+        probes: ProbeSet,
+    ) -> Result<Self> {
         for w in probes.warnings() {
             eprintln!("ornament: warning: {w}");
         }
