@@ -39,11 +39,12 @@ use crate::kernel::{is_kernel_address, Kernel, KernelError};
 use crate::ornament::Registry;
 use crate::paging::PageRoot;
 use crate::probes::{
-    ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CHILD_FLAGS, MEM_CHILD_MM,
-    MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXEC_DENTRY, MEM_EXEC_EXE_FILE,
-    MEM_EXEC_MM, MEM_EXIT_CODE, MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED,
-    MEM_HDR_PID, MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS,
-    PROC_EVENT_GID, PROC_EVENT_UID,
+    dentry_stamp, ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CHILD_FLAGS,
+    MEM_CHILD_MM, MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXEC_DENTRY,
+    MEM_EXEC_EXE_FILE, MEM_EXEC_MM, MEM_EXEC_NAME_HASH, MEM_EXEC_PARENT, MEM_EXIT_CODE,
+    MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_PID, MEM_HDR_PPID,
+    MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID,
+    PROC_EVENT_UID,
 };
 use crate::profile::{Profile, ProfileError};
 use crate::task::{Argv, Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
@@ -117,6 +118,8 @@ pub struct Monitor {
     limits: Limits,
     exit_code: u64,
     signal_live: Option<u64>,
+    /// `d_name.hash` and `d_parent` offsets in `struct dentry` ([`dentry_stamp`]).
+    dentry_stamp: Option<(u64, u64)>,
     bprm: Option<BprmOffsets>,
     /// Syscall names and path-argument index, by number.
     syscalls: Vec<Option<(String, Option<usize>)>>,
@@ -185,6 +188,7 @@ impl Monitor {
         let task_off = TaskOffsets::from_profile(&profile).map_err(TaskError::from)?;
         let exit_code = profile.offset("task_struct", "exit_code")?;
         let signal_live = profile.offset("signal_struct", "live").ok();
+        let dentry_stamp = dentry_stamp(&profile);
         let bprm = (|| {
             Some(BprmOffsets {
                 filename: profile.offset("linux_binprm", "filename").ok()?,
@@ -210,6 +214,7 @@ impl Monitor {
             limits: Limits::default(),
             exit_code,
             signal_live,
+            dentry_stamp,
             bprm,
             syscalls,
             stats: MonitorStats::default(),
@@ -275,6 +280,21 @@ impl Monitor {
             action,
             pause: d.pause_requested(),
         }
+    }
+
+    /// True unless the dentry at `d` now reads differently from the stamps the hit carries
+    /// (its name hash and parent at the hit): then it was freed and reused since, and its
+    /// path is not the executable's. A stamp the hit does not carry is not checked.
+    fn same_dentry(&self, vm: &VirtMem<'_>, d: Gva, hit: &ProbeHit) -> bool {
+        let Some((hash, parent)) = self.dentry_stamp else {
+            return true;
+        };
+        let at_hit = |i: usize| hit.mem.get(i).copied().flatten();
+        let hash_ok = at_hit(MEM_EXEC_NAME_HASH)
+            .is_none_or(|h| vm.read_u32(d.wrapping_add(hash)).ok() == Some(low32(h)));
+        let parent_ok = at_hit(MEM_EXEC_PARENT)
+            .is_none_or(|p| vm.read_u64(d.wrapping_add(parent)).ok() == Some(p));
+        hash_ok && parent_ok
     }
 
     fn build(&self, spec: &ArmSpec, hit: &ProbeHit) -> Built {
@@ -357,7 +377,9 @@ impl Monitor {
                     ev.filename = match (mm, kptr_at_hit(m(MEM_EXEC_EXE_FILE))) {
                         (Some(None), _) | (Some(Some(_)), Some(None)) => None,
                         (Some(Some(_)), Some(Some(_))) => match kptr_at_hit(m(MEM_EXEC_DENTRY)) {
-                            Some(Some(d)) => reader.dentry_path(&vm, d).ok(),
+                            Some(Some(d)) if self.same_dentry(&vm, d, hit) => {
+                                reader.dentry_path(&vm, d).ok()
+                            }
                             _ => None,
                         },
                         _ => reader.exe_path(&vm, t).ok().flatten(),

@@ -117,8 +117,14 @@ pub const MEM_EXEC_DENTRY: usize = 2;
 /// ... `[3]` `mm->arg_start` and `[4]` `mm->arg_end`; the bytes between them (the new
 /// command line, at most [`MAX_ARGV_BYTES_AT_HIT`]) are the probe's byte range ([`hit_bytes`]).
 pub const MEM_EXEC_ARG_START: usize = 3;
-/// ... `[4]` `mm->arg_end`.
+/// ... `[4]` `mm->arg_end`, ...
 pub const MEM_EXEC_ARG_END: usize = 4;
+/// ... `[5]` the dentry's `d_name.hash` and `[15]` its `d_parent`: stamps the host checks
+/// when it reads the dentry's path after the vCPU ran on (a dentry freed and reused for
+/// another file in between reads differently, and the event then has no filename).
+pub const MEM_EXEC_NAME_HASH: usize = 5;
+/// ... `[15]` the dentry's `d_parent`.
+pub const MEM_EXEC_PARENT: usize = 15;
 /// Most bytes of `argv` an exec probe reads at the hit: the task reader's own default cap,
 /// so an event built from them is the one built from memory.
 pub const MAX_ARGV_BYTES_AT_HIT: u32 = 32 << 10;
@@ -139,6 +145,15 @@ pub fn captured_at_hit(kind: ProbeKind) -> bool {
             | ProbeKind::Exit(ExitHook::ProcExitConnector)
             | ProbeKind::Exec(ExecHook::ProcExecConnector)
     )
+}
+
+/// Offsets in `struct dentry` of `d_name.hash` (4 bytes) and `d_parent` (8 bytes): what an
+/// exec probe reads at the hit to recognise the same dentry later ([`MEM_EXEC_NAME_HASH`]).
+pub fn dentry_stamp(profile: &Profile) -> Option<(u64, u64)> {
+    let d_name = profile.offset("dentry", "d_name").ok()?;
+    let hash = profile.offset("qstr", "hash").ok()?;
+    let parent = profile.offset("dentry", "d_parent").ok()?;
+    Some((d_name.wrapping_add(hash), parent))
 }
 
 /// The byte range a probe of `kind` reads at the hit, beside [`hit_reads`]: for
@@ -234,6 +249,10 @@ pub fn hit_reads(
             m[MEM_EXEC_DENTRY] = chain(MEM_EXEC_EXE_FILE, dentry, 8);
             m[MEM_EXEC_ARG_START] = chain(MEM_EXEC_MM, mm("arg_start")?, 8);
             m[MEM_EXEC_ARG_END] = chain(MEM_EXEC_MM, mm("arg_end")?, 8);
+            if let Some((hash, parent)) = dentry_stamp(profile) {
+                m[MEM_EXEC_NAME_HASH] = chain(MEM_EXEC_DENTRY, hash, 4);
+                m[MEM_EXEC_PARENT] = chain(MEM_EXEC_DENTRY, parent, 8);
+            }
         }
         ProbeKind::Exec(ExecHook::BeginNewExec)
         | ProbeKind::Exit(ExitHook::DoExit)
@@ -1009,8 +1028,9 @@ mod tests {
                 let want = match kind {
                     ProbeKind::Fork(_) => 13,
                     ProbeKind::Exit(ExitHook::ProcExitConnector) => 12,
-                    // The task's 8-read header, mm, exe_file, its dentry, arg_start, arg_end.
-                    ProbeKind::Exec(ExecHook::ProcExecConnector) => 14,
+                    // The task's 8-read header, mm, exe_file, its dentry, arg_start, arg_end,
+                    // the dentry's name hash and parent.
+                    ProbeKind::Exec(ExecHook::ProcExecConnector) => 16,
                     // Six arguments, the current task and its 8-read header.
                     ProbeKind::Syscall(_) => 15,
                     _ => 1,

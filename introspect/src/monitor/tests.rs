@@ -665,6 +665,25 @@ fn fork_exec_and_exit_events_from_values_read_at_the_hit() {
             panic!("exec");
         };
         assert!(e.argv.is_empty() && e.argv_truncated);
+        // The executable's dentry freed and reused for another file before the path is
+        // read (its name hash or parent differ from the stamps read at the hit): no
+        // filename rather than a wrong one; argv is unaffected.
+        let dentry = Gva(at_hit.mem[crate::probes::MEM_EXEC_DENTRY].expect("dentry"));
+        let (hash_at, parent_at) = crate::probes::dentry_stamp(&w.g.profile).expect("stamp");
+        assert!(at_hit.mem[crate::probes::MEM_EXEC_NAME_HASH].is_some());
+        assert!(at_hit.mem[crate::probes::MEM_EXEC_PARENT].is_some());
+        for at in [hash_at, parent_at] {
+            let a = dentry.wrapping_add(at);
+            let old = w.g.read_u64(a).expect("r");
+            w.g.write_u64(a, old ^ 0x5a).expect("w");
+            let Event::Exec(e) = one(m.on_hit(&at_hit)) else {
+                panic!("exec");
+            };
+            assert_eq!(e.filename, None, "dentry field at {at:#x} changed");
+            assert_eq!(e.argv, ["mkdir", "/tmp/newdir", "-p"]);
+            w.g.write_u64(a, old).expect("w");
+        }
+        assert_eq!(one(m.on_hit(&at_hit)), from_ram);
         // The exec'd task's mm goes away (it exits at once): the event stays that of the hit.
         let mm_at = w.child.wrapping_add(task("mm"));
         let mm = w.g.read_u64(mm_at).expect("mm");
