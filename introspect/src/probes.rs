@@ -186,10 +186,8 @@ pub fn hit_reads(
     let current = cur.symbol_offset.wrapping_add(cur.field_offset);
     m[MEM_CURRENT_TASK] = MemRead::at_reg(Reg::GsBase, current, 8);
     let t = |f: &str| profile.offset("task_struct", f);
-    let chain = |j: usize, offset: u64, len: u8| MemRead {
-        base: MemBase::Mem(u8::try_from(j).unwrap_or(u8::MAX)),
-        offset,
-        len,
+    let chain = |j: usize, offset: u64, len: u8| {
+        MemRead::at_mem(u8::try_from(j).unwrap_or(u8::MAX), offset, len)
     };
     // The header of the task whose address is `base` (a read or a register).
     let header = |m: &mut [MemRead; MAX_MEM_READS], base: MemBase| -> Result<(), ProfileError> {

@@ -357,6 +357,15 @@ impl MemRead {
             len,
         }
     }
+
+    /// Read `len` bytes at the value of earlier read `j` + `offset` (a pointer chain).
+    pub const fn at_mem(j: u8, offset: u64, len: u8) -> Self {
+        Self {
+            base: MemBase::Mem(j),
+            offset,
+            len,
+        }
+    }
 }
 
 /// A byte range read at each hit, between the values of two of its memory reads (e.g. a
@@ -1294,11 +1303,7 @@ mod tests {
             offset: 0xffff_ffff_8239_6960,
             len: 4,
         };
-        spec.mem[15] = MemRead {
-            base: MemBase::Mem(0),
-            offset: 0x9a0,
-            len: 8,
-        };
+        spec.mem[15] = MemRead::at_mem(0, 0x9a0, 8);
         spec.bytes = BytesRead {
             start: 2,
             end: 15,

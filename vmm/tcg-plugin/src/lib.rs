@@ -1126,32 +1126,16 @@ mod tests {
         // 0: rdi + 8 (a pointer); 1: *(0) + 4; 2: *(1) + 0; 3: from rsi (unreadable);
         // 4: *(3) + 0 (fails with 3); 5: absolute; 7: *(5) (unmapped target).
         spec.mem[0] = MemRead::at_reg(Reg::Rdi, 8, 8);
-        spec.mem[1] = MemRead {
-            base: MemBase::Mem(0),
-            offset: 4,
-            len: 8,
-        };
-        spec.mem[2] = MemRead {
-            base: MemBase::Mem(1),
-            offset: 0,
-            len: 4,
-        };
+        spec.mem[1] = MemRead::at_mem(0, 4, 8);
+        spec.mem[2] = MemRead::at_mem(1, 0, 4);
         spec.mem[3] = MemRead::at_reg(Reg::Rsi, 0, 8);
-        spec.mem[4] = MemRead {
-            base: MemBase::Mem(3),
-            offset: 0,
-            len: 8,
-        };
+        spec.mem[4] = MemRead::at_mem(3, 0, 8);
         spec.mem[5] = MemRead {
             base: MemBase::Absolute,
             offset: 0x500,
             len: 8,
         };
-        spec.mem[7] = MemRead {
-            base: MemBase::Mem(5),
-            offset: 0,
-            len: 8,
-        };
+        spec.mem[7] = MemRead::at_mem(5, 0, 8);
         let mem: HashMap<u64, u64> = [
             (0x1008, 0x2000),
             (0x2004, 0x3000),

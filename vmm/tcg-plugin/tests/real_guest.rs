@@ -675,22 +675,14 @@ fn mm_offsets() -> (u64, u64, u64) {
 /// `mm->arg_start` and `mm->arg_end` (chained reads), whole, and cut at the probe's `max`.
 #[test]
 fn byte_range_is_the_exec_command_line() {
-    use ornament_engine::wire::{BytesRead, MemBase};
+    use ornament_engine::wire::BytesRead;
     let e = require!(env());
     let (mm, arg_start, arg_end) = mm_offsets();
     let spec = |max: u32| {
         let mut s = ProbeSpec::regs(RegMask::of(&[Reg::Rip, Reg::Rdi, Reg::Cr3, Reg::Cr4]));
         s.mem[0] = MemRead::at_reg(Reg::Rdi, mm, 8);
-        s.mem[1] = MemRead {
-            base: MemBase::Mem(0),
-            offset: arg_start,
-            len: 8,
-        };
-        s.mem[2] = MemRead {
-            base: MemBase::Mem(0),
-            offset: arg_end,
-            len: 8,
-        };
+        s.mem[1] = MemRead::at_mem(0, arg_start, 8);
+        s.mem[2] = MemRead::at_mem(0, arg_end, 8);
         s.bytes = BytesRead {
             start: 1,
             end: 2,
@@ -743,11 +735,7 @@ fn reads_through_the_ram_file_match_qemus() {
     let n = 400u64;
     let mut spec = ProbeSpec::regs(RegMask::of(&[Reg::GsBase, Reg::Cr3, Reg::Cr4]));
     spec.mem[0] = MemRead::at_reg(Reg::GsBase, e.current_task_offset(), 8);
-    let chain = |j: u8, offset: u64| MemRead {
-        base: MemBase::Mem(j),
-        offset,
-        len: 8,
-    };
+    let chain = |j: u8, offset: u64| MemRead::at_mem(j, offset, 8);
     spec.mem[1] = chain(0, e.comm_offset);
     // A read of the NULL page fails, and so does the read chained to it.
     spec.mem[2] = MemRead {
@@ -758,11 +746,7 @@ fn reads_through_the_ram_file_match_qemus() {
     spec.mem[3] = chain(2, 0);
     // A read that crosses into the next page (split by the plugin's walk).
     spec.mem[4] = chain(0, 0xffc);
-    spec.mem[5] = MemRead {
-        base: MemBase::Mem(0),
-        offset: 0xffc,
-        len: 4,
-    };
+    spec.mem[5] = MemRead::at_mem(0, 0xffc, 4);
     spec.mem[6] = chain(0, 0x1000);
     let file = RefCell::new(None);
     let mut sent = false;
