@@ -568,12 +568,18 @@ impl HitRecord {
 
     /// Value of memory read `i`, if it was requested and succeeded.
     pub fn mem(&self, i: usize) -> Option<u64> {
-        let bit = 1u16.checked_shl(u32::try_from(i).ok()?)?;
-        if self.mem_present & bit == 0 || self.mem_ok & bit == 0 {
-            return None;
-        }
-        self.mem_values.get(i).copied()
+        mem_value(self.mem_present, self.mem_ok, &self.mem_values, i)
     }
+}
+
+/// Value of memory read `i` among `values`, if bit `i` is set in both `present` (it was
+/// requested) and `ok` (it succeeded).
+pub fn mem_value(present: u16, ok: u16, values: &[u64; MAX_MEM_READS], i: usize) -> Option<u64> {
+    let bit = 1u16.checked_shl(u32::try_from(i).ok()?)?;
+    if present & ok & bit == 0 {
+        return None;
+    }
+    values.get(i).copied()
 }
 
 /// Plugin to host: vCPU `vcpu` started; `resolved` is the set of registers QEMU offered.

@@ -615,12 +615,7 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
                 .or_else(|| qemu_read(s, arr, addr, len))
         };
         let (present, ok, vals) = mem_reads(spec, &mut reg, &mut read);
-        let value = |i: usize| {
-            let bit = 1u16.checked_shl(u32::try_from(i).ok()?)?;
-            (present & ok & bit != 0)
-                .then(|| vals.get(i).copied())
-                .flatten()
-        };
+        let value = |i: usize| wire::mem_value(present, ok, &vals, i);
         let bytes = if spec.bytes.is_some() {
             spec.bytes.range(value).map(|(start, n, cut)| {
                 let mut data = vec![0u8; n];
