@@ -539,6 +539,34 @@ fn qemu_read(s: &State, arr: *mut GArray, addr: u64, len: usize) -> Option<u64> 
     ok.then(|| unsafe { garray_value(arr, len) })
 }
 
+/// A probe's byte range: `n` bytes at `start` through this hit's page walk, QEMU's accessor
+/// from where the walk stopped (as for the reads), up to the first unreadable page; `cut`:
+/// the range was longer than the probe's maximum.
+fn read_range(
+    s: &State,
+    arr: *mut GArray,
+    walker: Option<&mut guestmem::Walker<'_>>,
+    start: u64,
+    n: usize,
+    cut: bool,
+) -> HitBytes {
+    let mut data = vec![0u8; n];
+    let mut got = walker.map_or(0, |w| w.read_bytes(start, &mut data));
+    while got < n {
+        let len = (n - got).min(8);
+        let Some(x) = qemu_read(s, arr, start.wrapping_add(got as u64), len) else {
+            break;
+        };
+        data[got..got + len].copy_from_slice(&x.to_le_bytes()[..len]);
+        got += len;
+    }
+    data.truncate(got);
+    HitBytes {
+        data,
+        complete: !cut && got == n,
+    }
+}
+
 fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
     let Some(s) = STATE.get() else { return };
     s.maybe_reset();
@@ -616,31 +644,11 @@ fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
         };
         let (present, ok, vals) = mem_reads(spec, &mut reg, &mut read);
         let value = |i: usize| wire::mem_value(present, ok, &vals, i);
-        let bytes = if spec.bytes.is_some() {
-            spec.bytes.range(value).map(|(start, n, cut)| {
-                let mut data = vec![0u8; n];
-                let mut got = match fast.as_mut() {
-                    Some(Some(w)) => w.read_bytes(start, &mut data),
-                    _ => 0,
-                };
-                // Where our walk stopped, QEMU's accessor gets its chance (as for the reads).
-                while got < n {
-                    let len = (n - got).min(8);
-                    let Some(x) = qemu_read(s, arr, start.wrapping_add(got as u64), len) else {
-                        break;
-                    };
-                    data[got..got + len].copy_from_slice(&x.to_le_bytes()[..len]);
-                    got += len;
-                }
-                data.truncate(got);
-                HitBytes {
-                    data,
-                    complete: !cut && got == n,
-                }
-            })
-        } else {
-            None
-        };
+        let walker = fast.as_mut().and_then(Option::as_mut);
+        let bytes = spec
+            .bytes
+            .range(value)
+            .map(|(start, n, cut)| read_range(s, arr, walker, start, n, cut));
         (present, ok, vals, bytes)
     };
     let seq = v.seq.fetch_add(1, Ordering::Relaxed) + 1;
