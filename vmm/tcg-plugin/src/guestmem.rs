@@ -148,20 +148,9 @@ impl<'a> Walker<'a> {
     pub fn read(&mut self, va: u64, len: usize) -> Option<u64> {
         let len = len.clamp(1, 8);
         let mut b = [0u8; 8];
-        let in_page = usize::try_from(PAGE_SIZE - (va & (PAGE_SIZE - 1))).unwrap_or(len);
-        let first = len.min(in_page);
-        let gpa = self.translate(va)?;
-        self.ram.read_into(gpa, &mut b[..first])?;
-        if first < len {
-            let next = va.wrapping_add(u64::try_from(first).ok()?);
-            let gpa = self.translate(next)?;
-            self.ram.read_into(gpa, &mut b[first..len])?;
-        }
-        Some(u64::from_le_bytes(b))
+        (self.read_bytes(va, &mut b[..len]) == len).then(|| u64::from_le_bytes(b))
     }
-}
 
-impl Walker<'_> {
     /// Fill `buf` from guest-virtual `va`, page by page; returns how many bytes were read
     /// before the first page that does not translate (all of `buf` when none).
     pub fn read_bytes(&mut self, va: u64, buf: &mut [u8]) -> usize {
