@@ -543,7 +543,7 @@ fn arm_plugin(
                 };
                 let mut ps = ProbeSpec::regs(regs);
                 // Syscall arguments (pt_regs is overwritten at the task's next syscall), the
-                // current task, and for fork and exit everything the event reports.
+                // current task, and for fork, exec and exit everything the event reports.
                 ps.mem = hit_reads(spec.kind, p)?;
                 ps.bytes = hit_bytes(spec.kind);
                 let acts = exec_acts && matches!(spec.kind, ProbeKind::Exec(_));
