@@ -220,6 +220,12 @@ impl Env {
             .expect("current_task or pcpu_hot in System.map")
     }
 
+    /// Arm the mark probe: `getpid`, held, so the workload's `mark` steps the test.
+    fn arm_mark(&self, l: &mut PluginLink, regs: RegMask) {
+        l.arm(P_MARK, self.sym("__x64_sys_getpid"), held(regs))
+            .expect("arm mark");
+    }
+
     fn sym(&self, name: &str) -> Gva {
         Gva(*self
             .symbols
@@ -531,12 +537,7 @@ fn counts_on(vcpus: u32) {
                 .expect("cand");
             l.add_candidate(P_EXIT, e.sym("proc_exit_connector"), conn)
                 .expect("cand");
-            l.arm(
-                P_MARK,
-                e.sym("__x64_sys_getpid"),
-                held(RegMask::of(&[Reg::Rip])),
-            )
-            .expect("arm");
+            e.arm_mark(l, RegMask::of(&[Reg::Rip]));
         },
         |l, h| {
             // A child reaches `proc_exit_connector` only after `exit_notify` has woken its
@@ -759,12 +760,7 @@ fn reads_through_the_ram_file_match_qemus() {
             *file.borrow_mut() = Some(std::fs::File::open(ram).expect("open ram"));
             l.arm(P_GETPPID, e.sym("__x64_sys_getppid"), spec)
                 .expect("arm");
-            l.arm(
-                P_MARK,
-                e.sym("__x64_sys_getpid"),
-                held(RegMask::of(&[Reg::Rip])),
-            )
-            .expect("arm");
+            e.arm_mark(l, RegMask::of(&[Reg::Rip]));
         },
         |l, h| {
             if h.hit.probe == P_MARK && !sent {
@@ -844,8 +840,7 @@ fn arm_new_address_and_disarm_while_running() {
         2,
         "getppid 100 mark getppid 20000 mark getppid 300",
         |l, _| {
-            l.arm(P_MARK, e.sym("__x64_sys_getpid"), held(RegMask::NONE))
-                .expect("arm");
+            e.arm_mark(l, RegMask::NONE);
         },
         |l, h| {
             if h.hit.probe == P_MARK {
@@ -1038,8 +1033,7 @@ fn measure_per_hit_cost() {
                 "getppid {n} mark getppid {n} mark getppid {n} mark getppid {n} mark getppid {n}"
             ),
             |l, _| {
-                l.arm(P_MARK, e.sym("__x64_sys_getpid"), held(RegMask::NONE))
-                    .expect("arm");
+                e.arm_mark(l, RegMask::NONE);
             },
             |l, h| {
                 if h.hit.probe == P_MARK {
@@ -1092,8 +1086,7 @@ fn unanswered_hold_times_out_and_is_reported() {
         "mark getppid 10",
         &["hold_timeout_ms=700"],
         |l, _| {
-            l.arm(P_MARK, e.sym("__x64_sys_getpid"), held(RegMask::NONE))
-                .expect("arm");
+            e.arm_mark(l, RegMask::NONE);
             l.arm(
                 P_GETPPID,
                 e.sym("__x64_sys_getppid"),
