@@ -12,7 +12,8 @@
 //! patch).
 
 use crate::guest::{GuestView, RunControl};
-use crate::watch::{Session, WatchPlan};
+use crate::status;
+use crate::watch::{Record, Session, WatchPlan};
 use anyhow::{bail, Context, Result};
 use ornament_engine::{Action, ProbeHit};
 use ornament_introspect::kaslr::KernelLayout;
@@ -43,8 +44,11 @@ pub struct KvmBoot {
     pub mem_size_mib: u32,
     /// PVM compatibility mode.
     pub pvm_compat: bool,
-    /// Events to report, with the kernel's profile.
+    /// Events to observe and report, with the kernel's profile (`None`: no profile, so
+    /// nothing is observed and the guest's own status report is taken).
     pub watch: Option<(WatchPlan, Arc<Profile>)>,
+    /// Where events go, for messages.
+    pub output_target: String,
 }
 
 /// The monitor and ornaments of a `--watch` run on our VMM: built when guest memory
@@ -58,11 +62,17 @@ pub struct KvmWatch {
     set: Mutex<Option<ProbeSet>>,
     session: Mutex<Option<Session>>,
     error: Mutex<Option<anyhow::Error>>,
+    stop: Arc<AtomicBool>,
 }
 
 impl KvmWatch {
     /// Check that this engine can do what `plan` asks, and resolve its probes.
-    pub fn new(plan: WatchPlan, profile: Arc<Profile>, vcpus: u32) -> Result<Self> {
+    pub fn new(
+        plan: WatchPlan,
+        profile: Arc<Profile>,
+        vcpus: u32,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self> {
         if !plan.cfg.deny.is_empty() {
             bail!("--deny-syscall is not wired through --engine kvm yet; use --engine qemu");
         }
@@ -90,6 +100,7 @@ impl KvmWatch {
             set: Mutex::new(Some(set)),
             session: Mutex::new(None),
             error: Mutex::new(None),
+            stop,
         })
     }
 
@@ -98,19 +109,18 @@ impl KvmWatch {
         &self.probes
     }
 
-    /// Flush the ornaments (the tree, counters); the first error met, if any.
-    pub fn finish(&self) -> Result<()> {
-        if let Some(s) = self
+    /// Flush the ornaments (the tree, counters): what the session recorded (none if it
+    /// never started), or the first error met.
+    pub fn finish(&self) -> Result<Option<Record>> {
+        let record = self
             .session
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_mut()
-        {
-            s.finish();
-        }
+            .map(Session::finish);
         match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(record),
         }
     }
 }
@@ -128,8 +138,8 @@ impl HitObserver for KvmWatch {
         };
         let set = self.set.lock().unwrap_or_else(|p| p.into_inner()).take();
         let session = match set {
-            Some(set) => Session::with_probes(&self.plan, &view, set),
-            None => Session::new(&self.plan, &view),
+            Some(set) => Session::with_probes(&self.plan, &view, set, &self.stop),
+            None => Session::new(&self.plan, &view, &self.stop),
         };
         match session {
             Ok(s) => *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(s),
@@ -156,9 +166,14 @@ impl HitObserver for KvmWatch {
 pub const PVM_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Boot and run; returns the guest command's status.
-pub fn run(b: KvmBoot, stop: &AtomicBool, timeout: Option<Duration>) -> Result<u8> {
+pub fn run(b: KvmBoot, stop: &Arc<AtomicBool>, timeout: Option<Duration>) -> Result<u8> {
     let watch = match b.watch {
-        Some((plan, profile)) => Some(Arc::new(KvmWatch::new(plan, profile, b.vcpus)?)),
+        Some((plan, profile)) => Some(Arc::new(KvmWatch::new(
+            plan,
+            profile,
+            b.vcpus,
+            stop.clone(),
+        )?)),
         None => None,
     };
     let cfg = LinuxRunConfig {
@@ -180,9 +195,13 @@ pub fn run(b: KvmBoot, stop: &AtomicBool, timeout: Option<Duration>) -> Result<u
     };
     let out = run_linux(cfg, stop, timeout.unwrap_or(PVM_DEFAULT_TIMEOUT));
     // Events seen so far are written out even when the run failed.
-    let finished = watch.as_ref().map(|w| w.finish()).unwrap_or(Ok(()));
+    let record = watch.as_ref().map(|w| w.finish()).transpose()?.flatten();
+    if let Some(r) = &record {
+        if let Some(code) = status::check_output(r, &b.output_target)? {
+            return Ok(code);
+        }
+    }
     let out = out.context("running the guest on ornament's KVM VMM")?;
-    finished?;
     if let Some(t) = out.boot_to_init {
         eprintln!(
             "ornament: kvm: /init after {:.1} s; completions: {:?}",
@@ -190,12 +209,12 @@ pub fn run(b: KvmBoot, stop: &AtomicBool, timeout: Option<Duration>) -> Result<u
             out.fixups
         );
     }
-    match out.guest_status {
-        Some(code) => Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),
-        None => bail!(
-            "the guest stopped without reporting the command's exit status ({:?} after {:.0} s)",
-            out.stop,
-            out.wall.as_secs_f64()
-        ),
+    if watch.is_some() && record.is_none() {
+        bail!("the guest ran to its end but ornament never saw its memory to watch it");
     }
+    status::decide(
+        record.as_ref().map(|r| &r.command),
+        out.guest_status,
+        || format!("{:?} after {:.0} s", out.stop, out.wall.as_secs_f64()),
+    )
 }

@@ -11,6 +11,7 @@ mod guest;
 mod identify;
 mod kvm_run;
 mod select;
+mod status;
 mod watch;
 
 use clap::{Parser, Subcommand};

@@ -9,10 +9,13 @@
 use crate::guest::GuestView;
 use anyhow::{bail, Context, Result};
 use ornament_engine::wire::{ProbeSpec, Reg, RegMask};
+use ornament_images::overlay::COMMAND_ARGV;
+use ornament_introspect::command::{CommandMatch, CommandTracker, CommandView, InCommand};
 use ornament_introspect::event::{Event, EventMask};
 use ornament_introspect::monitor::Monitor;
 use ornament_introspect::ornament::{
-    self, Decision, DenySyscalls, EventWriter, Follow, Ornament, ProcessTree, TreeView,
+    self, Decision, DenySyscalls, EventWriter, Follow, Ornament, OutputHealth, ProcessTree,
+    TreeView,
 };
 use ornament_introspect::probes::{
     captured_at_hit, deny_rules, hit_bytes, hit_reads, parse_deny, syscall_numbers, ProbeKind,
@@ -71,6 +74,11 @@ pub struct WatchArgs {
     /// With --pid: also every descendant of PID, as they are forked.
     #[arg(long, requires = "pid")]
     follow: bool,
+    /// Report every task of the guest (boot-time kernel threads and ornament's /init
+    /// too), and apply --deny-syscall to all of them. By default events and denials
+    /// cover only COMMAND and its descendants.
+    #[arg(long, conflicts_with = "pid")]
+    all: bool,
     /// Print the process tree (forks, execs, exit codes) when the guest ends.
     #[arg(long)]
     tree: bool,
@@ -83,17 +91,28 @@ pub struct WatchArgs {
     pause_on_exec: Option<String>,
 }
 
+/// Whose events are reported and whose syscalls are denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The command's process and its descendants (the default).
+    Command,
+    /// Every task of the guest (`--all`).
+    All,
+    /// One pid (`--pid`), and with `true` its descendants (`--follow`).
+    Pid(i32, bool),
+}
+
 /// The parsed event options.
 #[derive(Debug, Clone)]
 pub struct WatchPlan {
+    /// Whose events count.
+    pub scope: Scope,
     /// What to trap (events, syscalls, deny rules), as introspect reads it.
     pub cfg: WatchConfig,
     /// Output format.
     pub format: Format,
     /// Output file.
     pub output: Option<PathBuf>,
-    /// Root pid filter and whether it follows children.
-    pub pid: Option<(i32, bool)>,
     /// Print a tree at the end.
     pub tree: bool,
     /// Trap backend asked for.
@@ -105,15 +124,25 @@ pub struct WatchPlan {
 }
 
 impl WatchArgs {
-    /// The plan, or `None` when no event option was given.
-    pub fn plan(&self) -> Result<Option<WatchPlan>> {
-        if self.watch.is_none()
-            && self.deny.is_empty()
-            && !self.tree
-            && self.pause_on_exec.is_none()
-        {
-            return Ok(None);
-        }
+    /// Did the user ask for any event option (beyond what every run observes)?
+    pub fn asked(&self) -> bool {
+        self.watch.is_some()
+            || !self.deny.is_empty()
+            || self.tree
+            || self.pause_on_exec.is_some()
+            || self.pid.is_some()
+            || self.all
+    }
+
+    /// `--output FILE`, if given.
+    pub fn output_path(&self) -> Option<&std::path::Path> {
+        self.output.as_deref()
+    }
+
+    /// The plan. Fork, exec and exit are always trapped, whatever was asked: they tell
+    /// which process is the command, which descend from it, and the command's exit
+    /// status, all from what the hypervisor sees.
+    pub fn plan(&self) -> Result<WatchPlan> {
         let mut cfg = WatchConfig::default();
         if let Some(w) = &self.watch {
             cfg.add_watch_list(w)
@@ -131,27 +160,30 @@ impl WatchArgs {
                 shown = shown | m;
             }
         }
-        cfg.exec |= self.pause_on_exec.is_some();
-        if self.tree || self.follow {
-            // The tree and the follow filter are built from lifecycle events.
-            cfg.fork = true;
-            cfg.exec |= self.tree;
-            cfg.exit = true;
-        }
+        // The command tracker, the tree and the follow filter are built from
+        // lifecycle events.
+        cfg.fork = true;
+        cfg.exec = true;
+        cfg.exit = true;
         for d in &self.deny {
             cfg.deny
                 .push(parse_deny(d).with_context(|| format!("--deny-syscall {d}"))?);
         }
-        Ok(Some(WatchPlan {
+        let scope = match (self.pid, self.all) {
+            (Some(p), _) => Scope::Pid(p, self.follow),
+            (None, true) => Scope::All,
+            (None, false) => Scope::Command,
+        };
+        Ok(WatchPlan {
+            scope,
             cfg,
             format: self.format,
             output: self.output.clone(),
-            pid: self.pid.map(|p| (p, self.follow)),
             tree: self.tree,
             trap: self.trap,
             shown,
             pause_on_exec: self.pause_on_exec.clone(),
-        }))
+        })
     }
 }
 
@@ -281,19 +313,46 @@ impl Tracer {
 
     /// Arm the probes (the guest is stopped after identification), run the guest,
     /// and deliver every hit until the guest ends.
+    ///
+    /// The outer error: the session could not start. Otherwise what the session recorded
+    /// (kept even when the run failed) and how the run ended.
     pub fn run(
         &mut self,
         machine: &mut QemuMachine,
         view: &Arc<GuestView>,
-        stop: &AtomicBool,
+        stop: &Arc<AtomicBool>,
         timeout: Option<Duration>,
-    ) -> Result<()> {
-        let mut session = Session::new(&self.plan, view)?;
-        let link = match &mut self.backend {
-            Backend::Plugin { link, .. } => link,
-            Backend::Gdbstub => return run_gdbstub(&mut session, machine, view, stop, timeout),
+    ) -> Result<(Record, Result<()>)> {
+        let mut session = Session::new(&self.plan, view, stop)?;
+        let ran = match &mut self.backend {
+            Backend::Plugin { link, .. } => run_plugin(
+                link,
+                &mut session,
+                machine,
+                view,
+                stop,
+                timeout,
+                self.plan.pause_on_exec.is_some(),
+            ),
+            Backend::Gdbstub => run_gdbstub(&mut session, machine, view, stop, timeout),
         };
-        arm_plugin(link, &session, view, self.plan.pause_on_exec.is_some())?;
+        Ok((session.finish(), ran))
+    }
+}
+
+/// The plugin backend: arm, run, deliver every hit (answering held ones) until the
+/// guest ends.
+fn run_plugin(
+    link: &mut PluginLink,
+    session: &mut Session,
+    machine: &mut QemuMachine,
+    view: &Arc<GuestView>,
+    stop: &AtomicBool,
+    timeout: Option<Duration>,
+    exec_acts: bool,
+) -> Result<()> {
+    {
+        arm_plugin(link, session, view, exec_acts)?;
         machine.resume()?;
         let begin = Instant::now();
         let result = loop {
@@ -309,7 +368,7 @@ impl Tracer {
             }
             let control = &view.control;
             if control.pause_requested.swap(false, Ordering::SeqCst) {
-                pause_guest(machine, link, &mut session, control, stop)?;
+                pause_guest(machine, link, session, control, stop)?;
             }
             match link.next_hit(Duration::from_millis(20)) {
                 Ok(Some(hit)) => {
@@ -321,7 +380,7 @@ impl Tracer {
                     }
                     if pause {
                         eprintln!("ornament: an ornament paused the guest; resume it with `ornament resume --control SOCKET`");
-                        pause_guest(machine, link, &mut session, control, stop)?;
+                        pause_guest(machine, link, session, control, stop)?;
                     }
                     continue;
                 }
@@ -341,7 +400,6 @@ impl Tracer {
                 Err(e) => break Err(e),
             }
         };
-        session.finish();
         Ok(result?)
     }
 }
@@ -479,7 +537,6 @@ fn run_gdbstub(
             Err(e) => break Err(e.into()),
         }
     };
-    session.finish();
     result
 }
 
@@ -579,20 +636,43 @@ pub(crate) struct Session {
     probes: ProbeSet,
     tree: Option<TreeView>,
     tree_out: Option<PathBuf>,
+    command: CommandView,
+    output: Option<OutputHealth>,
+}
+
+/// What a session recorded, for the end of the run.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The command's process and how it ended, as the hypervisor saw them.
+    pub command: CommandView,
+    /// The event output's health, when events were written.
+    pub output: Option<OutputHealth>,
+}
+
+/// Restrict `inner` to the events of `scope`.
+fn scoped(scope: Scope, command: &CommandView, inner: Box<dyn Ornament>) -> Box<dyn Ornament> {
+    match scope {
+        Scope::Command => Box::new(InCommand::new(command.clone(), inner)),
+        Scope::All => inner,
+        Scope::Pid(root, true) => Box::new(Follow::new(root, inner)),
+        Scope::Pid(pid, false) => Box::new(OnlyPid { pid, inner }),
+    }
 }
 
 impl Session {
-    pub(crate) fn new(plan: &WatchPlan, view: &GuestView) -> Result<Self> {
+    pub(crate) fn new(plan: &WatchPlan, view: &GuestView, stop: &Arc<AtomicBool>) -> Result<Self> {
         let probes = ProbeSet::new(&view.profile, view.layout, &plan.cfg)?;
-        Self::with_probes(plan, view, probes)
+        Self::with_probes(plan, view, probes, stop)
     }
 
     /// A session over a probe set built earlier (the KVM engine resolves its probe sites
-    /// before the guest boots, and the monitor must use the same ids).
+    /// before the guest boots, and the monitor must use the same ids). A failing event
+    /// output sets `stop`.
     pub(crate) fn with_probes(
         plan: &WatchPlan,
         view: &GuestView,
         probes: ProbeSet,
+        stop: &Arc<AtomicBool>,
     ) -> Result<Self> {
         for w in probes.warnings() {
             eprintln!("ornament: warning: {w}");
@@ -603,29 +683,20 @@ impl Session {
             view.layout,
             probes.clone(),
         )?;
-        let out: Box<dyn std::io::Write + Send> = match &plan.output {
-            // Line-buffered: a file being followed (tail -f) sees each event as it comes.
-            Some(path) => Box::new(std::io::LineWriter::new(
-                std::fs::File::create(path)
-                    .with_context(|| format!("--output {}", path.display()))?,
-            )),
-            None => Box::new(std::io::LineWriter::new(std::io::stdout())),
-        };
-        let format = match plan.format {
-            Format::Text => ornament::Format::Text,
-            Format::Json => ornament::Format::Json,
-        };
-        let writer: Box<dyn Ornament> =
-            Box::new(EventWriter::new(out, format).with_mask(plan.shown));
+        let tracker = CommandTracker::new(CommandMatch {
+            parent_tgid: 1,
+            argv_prefix: COMMAND_ARGV.iter().map(|s| (*s).to_owned()).collect(),
+        });
+        let command = tracker.view();
+        let scope = plan.scope;
         let reg = monitor.registry_mut();
-        // Built-in ornaments, in delivery order, one line each.
-        match plan.pid {
-            Some((root, true)) => reg.attach(Box::new(Follow::new(root, writer))),
-            Some((pid, false)) => reg.attach(Box::new(OnlyPid { pid, inner: writer })),
-            None => reg.attach(writer),
-        };
+        // Built-in ornaments, in delivery order, one line each: the tracker first (every
+        // later one sees the command's tree as it is at the event), the writer last (it
+        // reports what the others decided).
+        reg.attach(Box::new(tracker));
         if !probes.deny_rules().is_empty() {
-            reg.attach(Box::new(DenySyscalls::new(probes.deny_rules().clone())));
+            let deny = Box::new(DenySyscalls::new(probes.deny_rules().clone()));
+            reg.attach(scoped(scope, &command, deny));
         }
         if let Some(path) = &plan.pause_on_exec {
             reg.attach(Box::new(PauseOnExec { path: path.clone() }));
@@ -633,19 +704,39 @@ impl Session {
         let tree = plan.tree.then(|| {
             let t = ProcessTree::new();
             let v = t.view();
-            reg.attach(Box::new(t));
+            reg.attach(scoped(scope, &command, Box::new(t)));
             v
         });
+        let output = if plan.shown == EventMask::NONE {
+            None
+        } else {
+            let out: Box<dyn std::io::Write + Send> = match &plan.output {
+                // Line-buffered: a file being followed (tail -f) sees each event as it comes.
+                Some(path) => Box::new(std::io::LineWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("--output {}", path.display()))?,
+                )),
+                None => Box::new(std::io::LineWriter::new(std::io::stdout())),
+            };
+            let format = match plan.format {
+                Format::Text => ornament::Format::Text,
+                Format::Json => ornament::Format::Json,
+            };
+            let writer = EventWriter::new(out, format)
+                .with_mask(plan.shown)
+                .stop_on_error(stop.clone());
+            let health = writer.health();
+            reg.attach(scoped(scope, &command, Box::new(writer)));
+            Some(health)
+        };
         Ok(Self {
             monitor,
             probes,
             tree,
             tree_out: plan.output.clone(),
+            command,
+            output,
         })
-    }
-
-    fn deliver(&mut self, hit: &ornament_engine::ProbeHit) -> ornament_engine::Action {
-        self.deliver_full(hit).0
     }
 
     /// The action and whether an ornament asked to pause the guest.
@@ -663,7 +754,12 @@ impl Session {
         (action, pause)
     }
 
-    pub(crate) fn finish(&mut self) {
+    fn deliver(&mut self, hit: &ornament_engine::ProbeHit) -> ornament_engine::Action {
+        self.deliver_full(hit).0
+    }
+
+    /// Flush the ornaments, print the tree; what the session recorded.
+    pub(crate) fn finish(&mut self) -> Record {
         self.monitor.finish();
         if let Some(t) = &self.tree {
             let text = t.render();
@@ -679,6 +775,10 @@ impl Session {
         }
         let s = self.monitor.stats();
         tracing::info!(?s, "monitor");
+        Record {
+            command: self.command.clone(),
+            output: self.output.clone(),
+        }
     }
 }
 

@@ -26,10 +26,21 @@ pub enum OverlayError {
     },
 }
 
+/// Where a run's command script lies in the guest.
+pub const COMMAND_SCRIPT: &str = "/ornament/cmd";
+
+/// The command line ornament's `/init` (`init.sh`) gives the command's process, a child
+/// of `/init`, before the script execs the command: how the host recognises that
+/// process from outside, at its first exec.
+pub const COMMAND_ARGV: [&str; 2] = ["sh", COMMAND_SCRIPT];
+
+/// The script run when no command is given: the built-in demo.
+const DEMO_SCRIPT: &str = "echo 'ornament: no command given; running the built-in demo (/ornament/bin/demo)'\nexec /ornament/bin/demo\n";
+
 /// What a run adds to the image's initramfs.
 #[derive(Debug, Clone, Default)]
 pub struct RunOverlay {
-    /// The command and its arguments (empty: the built-in demo).
+    /// The command and its arguments (empty: the built-in demo, through the same script).
     pub command: Vec<String>,
     /// Host files to add: (host path, guest path).
     pub add: Vec<(PathBuf, String)>,
@@ -86,13 +97,14 @@ impl RunOverlay {
         let mut w = CpioWriter::new(dst);
         (|| -> io::Result<()> {
             w.dir("/ornament", 0o755)?;
-            if !self.command.is_empty() {
-                w.file(
-                    "/ornament/cmd",
-                    0o644,
-                    command_script(&self.command).as_bytes(),
-                )?;
-            }
+            // Always a script, the demo included: the command's process is recognised
+            // by `sh /ornament/cmd` whatever it runs.
+            let script = if self.command.is_empty() {
+                DEMO_SCRIPT.to_owned()
+            } else {
+                command_script(&self.command)
+            };
+            w.file(COMMAND_SCRIPT, 0o644, script.as_bytes())?;
             Ok(())
         })()
         .map_err(io_at(out))?;

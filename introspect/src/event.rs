@@ -210,6 +210,10 @@ pub struct SyscallEvent {
     /// take one (`open`, `openat`, `execve`, `mkdirat`, ...); `null` for other syscalls
     /// or when the string was not readable (not yet paged in).
     pub path: Option<String>,
+    /// The errno the syscall was made to fail with, without running, when an ornament
+    /// denied it (`--deny-syscall`); `null` when it ran.
+    #[serde(default)]
+    pub denied: Option<i32>,
     /// False when the syscall is not watched and was trapped only because a deny rule
     /// covers it: ornaments still see it (to deny it), event writers skip it. Not part
     /// of the JSON (always true there).
@@ -229,6 +233,7 @@ impl Default for SyscallEvent {
             name: None,
             args: [0; 6],
             path: None,
+            denied: None,
             reported: true,
         }
     }
@@ -337,13 +342,55 @@ impl<T: fmt::Display> fmt::Display for Opt<'_, T> {
     }
 }
 
-/// A string quoted like JSON (so spaces and control bytes stay unambiguous).
+/// A string from the guest in double quotes, every byte that could end a line or
+/// steer a terminal escaped (see [`write_escaped`]).
 struct Quoted<'a>(&'a str);
 
 impl fmt::Display for Quoted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&serde_json::to_string(self.0).unwrap_or_default())
+        f.write_str("\"")?;
+        write_escaped(f, self.0)?;
+        f.write_str("\"")
     }
+}
+
+/// A `comm` in the text form: bare when it is plain (letters, digits, `-_./:+@()`),
+/// quoted and escaped otherwise, so that it can neither end the line nor pose as
+/// another field.
+struct Comm<'a>(&'a Option<String>);
+
+impl fmt::Display for Comm<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("?"),
+            Some(c)
+                if !c.is_empty()
+                    && c.chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || "-_./:+@()".contains(ch)) =>
+            {
+                f.write_str(c)
+            }
+            Some(c) => Quoted(c).fmt(f),
+        }
+    }
+}
+
+/// Writes `s` with `\\`, `\"`, `\n`, `\r`, `\t` and `\u{..}` for every other control
+/// character (C0, DEL, C1: what a terminal acts on), so that nothing the guest wrote can
+/// start a new line or an escape sequence in ornament's text output.
+pub fn write_escaped(f: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    for ch in s.chars() {
+        match ch {
+            '\\' => f.write_str("\\\\")?,
+            '"' => f.write_str("\\\"")?,
+            '\n' => f.write_str("\\n")?,
+            '\r' => f.write_str("\\r")?,
+            '\t' => f.write_str("\\t")?,
+            c if c.is_control() => write!(f, "\\u{{{:x}}}", u32::from(c))?,
+            c => f.write_char(c)?,
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for TaskHeader {
@@ -354,7 +401,7 @@ impl fmt::Display for TaskHeader {
             self.time_ns / 1_000_000_000,
             self.time_ns % 1_000_000_000,
             self.vcpu,
-            Opt(&self.comm),
+            Comm(&self.comm),
             Opt(&self.tgid),
         )?;
         if self.pid != self.tgid {
@@ -432,6 +479,12 @@ impl fmt::Display for Event {
                 f.write_str(")")?;
                 if let Some(p) = &e.path {
                     write!(f, " path={}", Quoted(p))?;
+                }
+                if let Some(errno) = e.denied {
+                    match crate::probes::errno_name(errno) {
+                        Some(n) => write!(f, " denied={n}")?,
+                        None => write!(f, " denied={errno}")?,
+                    }
                 }
                 Ok(())
             }
@@ -515,6 +568,7 @@ mod tests {
                 name: Some("mkdirat".into()),
                 args: [0xffff_ff9c, 0x1000, 0o755, 0, 0, 0],
                 path: Some("/tmp/x".into()),
+                denied: None,
                 reported: true,
             }),
             Event::Setid(SetidEvent {
@@ -553,6 +607,30 @@ mod tests {
             "1.500000000 cpu1 sh[42] ppid=1 uid=0 exec \"/bin/ls\" argv=[\"ls\",\"-l\"]"
         );
         assert!(Event::from_json("{\"event\":\"nope\"}").is_err());
+    }
+
+    #[test]
+    fn guest_strings_cannot_forge_a_line_or_reach_the_terminal() {
+        let mut h = header();
+        h.comm = Some("a\n9.999 cpu0 ss".into());
+        let ev = Event::Exec(ExecEvent {
+            task: h,
+            filename: Some("/tmp/a\n9.999 cpu0 ss[1] exit\u{1b}[2J\u{9b}1m\\".into()),
+            argv: vec!["x\"y\r".into()],
+            argv_truncated: false,
+        });
+        let text = ev.to_text();
+        assert!(!text.contains(['\n', '\r', '\u{1b}', '\u{9b}']), "{text}");
+        assert_eq!(
+            text,
+            r#"1.500000000 cpu1 "a\n9.999 cpu0 ss"[42] ppid=1 uid=0 exec "/tmp/a\n9.999 cpu0 ss[1] exit\u{1b}[2J\u{9b}1m\\" argv=["x\"y\r"]"#
+        );
+        // A plain comm stays bare; an odd one is quoted so it cannot pose as fields.
+        let mut h = header();
+        h.comm = Some("kworker/0:1".into());
+        assert!(h.to_string().contains(" kworker/0:1[42]"));
+        h.comm = Some("x] ppid=9".into());
+        assert!(h.to_string().contains(r#" "x] ppid=9"[42]"#), "{h}");
     }
 
     #[test]

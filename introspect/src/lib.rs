@@ -60,6 +60,7 @@
 #![forbid(unsafe_code)]
 
 pub mod btf;
+pub mod command;
 pub mod elf;
 pub mod event;
 pub mod identity;

@@ -502,6 +502,7 @@ impl Monitor {
                     name: known.map(|(n, _)| n.clone()),
                     args,
                     path,
+                    denied: None,
                     reported: self.probes.reports_syscall(nr),
                 })
             }

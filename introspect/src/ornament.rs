@@ -47,10 +47,12 @@ use crate::event::{
 use crate::probes::MAX_ERRNO;
 use ornament_engine::Action;
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+mod writer;
+pub use writer::{EventWriter, Format, OutputHealth, OutputReport};
 
 /// Why an ornament request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
@@ -570,92 +572,6 @@ impl Ornament for Follow {
     }
 }
 
-/// Output format of [`EventWriter`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Format {
-    /// The one-line text form.
-    #[default]
-    Text,
-    /// JSON lines (the schema of `introspect/EVENTS.md`).
-    Json,
-}
-
-/// Writes each event as one line (text or JSON) to a writer. Write errors are counted
-/// and warned about once; delivery goes on.
-pub struct EventWriter {
-    out: Box<dyn Write + Send>,
-    format: Format,
-    mask: EventMask,
-    errors: u64,
-}
-
-impl std::fmt::Debug for EventWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventWriter")
-            .field("format", &self.format)
-            .field("mask", &self.mask)
-            .field("errors", &self.errors)
-            .finish()
-    }
-}
-
-impl EventWriter {
-    /// Every event, in `format`, to `out`.
-    pub fn new(out: Box<dyn Write + Send>, format: Format) -> Self {
-        Self {
-            out,
-            format,
-            mask: EventMask::ALL,
-            errors: 0,
-        }
-    }
-
-    /// Only the kinds in `mask`.
-    pub fn with_mask(mut self, mask: EventMask) -> Self {
-        self.mask = mask;
-        self
-    }
-
-    fn write(&mut self, ev: &Event) {
-        if !ev.is_reported() {
-            return;
-        }
-        let line = match self.format {
-            Format::Text => ev.to_text(),
-            Format::Json => ev.to_json(),
-        };
-        if let Err(e) = writeln!(self.out, "{line}") {
-            if self.errors == 0 {
-                tracing::warn!(error = %e, "cannot write events");
-            }
-            self.errors += 1;
-        }
-    }
-
-    /// Failed writes so far.
-    pub fn errors(&self) -> u64 {
-        self.errors
-    }
-}
-
-impl Ornament for EventWriter {
-    fn name(&self) -> &str {
-        "event-writer"
-    }
-    fn mask(&self) -> EventMask {
-        self.mask
-    }
-    fn on_event(&mut self, ev: &Event, _: &mut Decision) {
-        self.write(ev);
-    }
-    fn finish(&mut self) {
-        if let Err(e) = self.out.flush() {
-            tracing::warn!(error = %e, "cannot flush events");
-            self.errors += 1;
-        }
-    }
-}
-
 /// Refuses syscalls: syscall number -> errno.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DenySyscalls {
@@ -945,6 +861,7 @@ impl Ornament for Counter {
 mod tests {
     use super::*;
     use crate::event::TaskHeader;
+    use std::io::Write;
 
     type Log = Arc<Mutex<Vec<String>>>;
 

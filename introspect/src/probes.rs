@@ -527,6 +527,14 @@ pub const ERRNO_NAMES: &[(&str, i32)] = &[
     ("ECANCELED", 125),
 ];
 
+/// The first name of an errno number (`EPERM` for 1), if it has one here.
+pub fn errno_name(n: i32) -> Option<&'static str> {
+    ERRNO_NAMES
+        .iter()
+        .find(|&&(_, v)| v == n)
+        .map(|&(name, _)| name)
+}
+
 /// An errno from a name (`EPERM`, case-insensitive) or a number, checked to be in
 /// 1..=4095.
 pub fn parse_errno(text: &str) -> Result<i32, ProbesError> {

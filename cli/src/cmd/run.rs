@@ -3,11 +3,13 @@
 use crate::banner::{self, Verdict};
 use crate::identify;
 use crate::select::{self, EngineChoice, Selected};
+use crate::status;
 use anyhow::{bail, Context, Result};
 use ornament_images::image::files;
 use ornament_images::kernel_file;
 use ornament_images::overlay::{parse_add, RunOverlay};
 use ornament_images::{build_image, BuildOptions, DEFAULT_IMAGE};
+use ornament_introspect::command::CommandView;
 use ornament_qemu::{Accel, MachineError, QemuConfig, QemuMachine, RunPaths};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -209,18 +211,16 @@ pub fn run(a: RunArgs) -> Result<u8> {
     tracing::info!(?kind, "kernel");
 
     let watch = a.watch.plan()?;
-    let needs_view = watch.is_some() || a.control.is_some();
-    let profile = if needs_view {
-        let p = match (&a.profile, &boot.image_dir) {
-            (Some(p), _) => identify::load_profile(p)?,
-            (None, Some(dir)) => identify::image_profile(dir)?,
-            (None, None) => bail!(
-                "--watch, --deny-syscall and --control need the kernel's profile: boot an --image, or give --profile FILE (ornament profile generate)"
-            ),
-        };
-        Some(Arc::new(p))
-    } else {
-        None
+    let profile = match (&a.profile, &boot.image_dir) {
+        (Some(p), _) => Some(Arc::new(identify::load_profile(p)?)),
+        (None, Some(dir)) => Some(Arc::new(identify::image_profile(dir)?)),
+        (None, None) if a.watch.asked() || a.control.is_some() => bail!(
+            "--watch, --deny-syscall, --tree, --pid and --control need the kernel's profile: boot an --image, or give --profile FILE (ornament profile generate)"
+        ),
+        (None, None) => {
+            eprintln!("ornament: warning: no profile for {}: ornament cannot observe the command's exit, and takes the status the guest reports (give --profile FILE to observe it)", boot.kernel.display());
+            None
+        }
     };
     if let Selected::Kvm { pvm_compat } = selected {
         if a.control.is_some() {
@@ -240,15 +240,12 @@ pub fn run(a: RunArgs) -> Result<u8> {
         let initrd = dir.path().join("initramfs");
         write_initrd(&a, &add, &boot.initrd, &initrd)?;
         let mut cmdline = kernel_cmdline(a.append.as_deref());
-        let watch = match (watch, profile) {
-            (Some(plan), Some(p)) => {
-                // The events need the kernel's layout: without KASLR it is the
-                // link-time one.
-                cmdline.push_str(" nokaslr");
-                Some((plan, p))
-            }
-            _ => None,
-        };
+        let watch = profile.map(|p| {
+            // The events need the kernel's layout: without KASLR it is the link-time
+            // one.
+            cmdline.push_str(" nokaslr");
+            (watch, p)
+        });
         let stop = stop_flag()?;
         return crate::kvm_run::run(
             crate::kvm_run::KvmBoot {
@@ -260,6 +257,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
                 mem_size_mib: a.memory,
                 pvm_compat,
                 watch,
+                output_target: output_target(&a),
             },
             &stop,
             a.timeout.map(Duration::from_secs),
@@ -269,9 +267,9 @@ pub fn run(a: RunArgs) -> Result<u8> {
     let qemu = ornament_qemu::qemu_binary(a.qemu.as_deref());
     let qemu_info = ornament_qemu::probe(&qemu)?;
     tracing::info!(version = %qemu_info.version_line, "QEMU");
-    let mut tracer = match (&watch, &profile) {
-        (Some(plan), Some(p)) => Some(crate::watch::Tracer::prepare(plan, p, &qemu_info)?),
-        _ => None,
+    let mut tracer = match &profile {
+        Some(p) => Some(crate::watch::Tracer::prepare(&watch, p, &qemu_info)?),
+        None => None,
     };
     let paths = RunPaths::new()?;
     let initrd = paths.dir.path().join("initramfs");
@@ -303,7 +301,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
         Some(Box::new(std::io::stderr())),
         tracer.as_mut().and_then(|t| t.link_mut()),
     )?;
-    if let Some(profile) = profile {
+    if let (Some(profile), Some(tracer)) = (profile, tracer.as_mut()) {
         // Identify the kernel (guest stopped once), then arm and serve, then run.
         let view = Arc::new(identify::identify(&mut machine, profile, &stop)?);
         let _control = match &a.control {
@@ -311,13 +309,15 @@ pub fn run(a: RunArgs) -> Result<u8> {
             None => None,
         };
         let timeout = a.timeout.map(Duration::from_secs);
-        let waited: Result<()> = match tracer.as_mut() {
-            Some(t) => t.run(&mut machine, &view, &stop, timeout),
-            None => machine
-                .resume()
-                .and_then(|()| machine.wait_in_place(&stop, timeout))
-                .map_err(Into::into),
-        };
+        let (record, waited) = tracer.run(&mut machine, &view, &stop, timeout)?;
+        match status::check_output(&record, &output_target(&a)) {
+            Ok(None) => {}
+            lost => {
+                // Events were lost: the run ends here, whatever the guest does.
+                machine.kill();
+                return lost.map(|code| code.unwrap_or(status::BROKEN_PIPE_STATUS));
+            }
+        }
         if let Err(e) = waited {
             machine.kill();
             if matches!(
@@ -328,7 +328,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
             }
             return Err(e);
         }
-        return exit_status(machine.finish());
+        return exit_status(machine.finish(), Some(&record.command));
     }
     let mismatch: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let done = Arc::new(AtomicBool::new(false));
@@ -387,25 +387,36 @@ pub fn run(a: RunArgs) -> Result<u8> {
         }
         .into());
     }
-    exit_status(outcome)
+    exit_status(outcome, None)
 }
 
-/// The process exit status for a run's outcome.
-fn exit_status(outcome: Result<ornament_qemu::RunOutcome, MachineError>) -> Result<u8> {
+/// Where events go, for messages: the `--output` file or stdout.
+fn output_target(a: &RunArgs) -> String {
+    match a.watch.output_path() {
+        Some(p) => p.display().to_string(),
+        None => "stdout".to_owned(),
+    }
+}
+
+/// The process exit status for a run's outcome: the command's observed status (see
+/// [`status::decide`]).
+fn exit_status(
+    outcome: Result<ornament_qemu::RunOutcome, MachineError>,
+    observed: Option<&CommandView>,
+) -> Result<u8> {
     let outcome = match outcome {
         Err(MachineError::Interrupted) => return Err(Interrupted.into()),
         other => other?,
     };
-    match outcome.guest_status {
-        Some(code) => Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),
-        None => bail!(
-            "the guest stopped without reporting the command's exit status (kernel panic, or no ornament /init in the initramfs?); QEMU exit code {:?}{}",
+    status::decide(observed, outcome.guest_status, || {
+        format!(
+            "QEMU exit code {:?}{}",
             outcome.qemu_code,
             if outcome.qemu_stderr.is_empty() {
                 String::new()
             } else {
                 format!("; QEMU said:\n{}", outcome.qemu_stderr)
             }
-        ),
-    }
+        )
+    })
 }

@@ -327,6 +327,7 @@ fn syscall_events_args_and_paths() {
                 name: Some("mkdirat".into()),
                 args: [0xffff_ff9c, path_at, 0o755, 4, 5, 6],
                 path: Some("/tmp/newdir".into()),
+                denied: None,
                 reported: true,
             })
         );
