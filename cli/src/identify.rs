@@ -19,7 +19,7 @@ const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// File name of the generated profile inside an image directory; the number
 /// changes whenever the generator records more, so older caches are regenerated.
-pub const PROFILE_FILE: &str = "profile-r2.json";
+pub const PROFILE_FILE: &str = "profile-r3.json";
 
 /// The profile for an image directory: `profile.json` there, generated from the
 /// image's System.map and vmlinux on first use.

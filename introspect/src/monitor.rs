@@ -376,12 +376,16 @@ impl Monitor {
                     let mm = kptr_at_hit(m(MEM_EXEC_MM));
                     ev.filename = match (mm, kptr_at_hit(m(MEM_EXEC_EXE_FILE))) {
                         (Some(None), _) | (Some(Some(_)), Some(None)) => None,
-                        (Some(Some(_)), Some(Some(_))) => match kptr_at_hit(m(MEM_EXEC_DENTRY)) {
-                            Some(Some(d)) if self.same_dentry(&vm, d, hit) => {
-                                reader.dentry_path(&vm, d).ok()
+                        (Some(Some(_)), Some(Some(file))) => {
+                            match kptr_at_hit(m(MEM_EXEC_DENTRY)) {
+                                // The file's mount is read now, from the file that still
+                                // names that dentry.
+                                Some(Some(d)) if self.same_dentry(&vm, d, hit) => {
+                                    reader.path_of_file_at(&vm, file, d).ok()
+                                }
+                                _ => None,
                             }
-                            _ => None,
-                        },
+                        }
                         _ => reader.exe_path(&vm, t).ok().flatten(),
                     };
                     // The command line: the bytes read at the hit, else from memory now.

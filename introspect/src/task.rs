@@ -229,6 +229,12 @@ pub struct TaskOffsets {
     pub cred_egid: u64,
     pub file_f_path: u64,
     pub path_dentry: u64,
+    pub path_mnt: u64,
+    /// The mount tree, where the profile has it: paths then cross mount points.
+    pub mounts: Option<MountOffsets>,
+    /// `dentry.d_hash.pprev` (NULL for an unhashed, i.e. deleted, dentry), where the
+    /// profile has it.
+    pub dentry_d_hash_pprev: Option<u64>,
     pub dentry_d_name: u64,
     pub dentry_d_parent: u64,
     pub qstr_name: u64,
@@ -237,6 +243,30 @@ pub struct TaskOffsets {
     /// (offset, size) of each of [`UserRegs::MEMBERS`] in `pt_regs`.
     pub pt_regs: [(u64, u64); 11],
     pub thread_size: u64,
+}
+
+/// Offsets of the mount tree (`struct mount` of fs/mount.h, and `struct vfsmount`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MountOffsets {
+    /// `mount.mnt`: the `vfsmount` embedded in its `mount` (`real_mount()`).
+    pub mnt: u64,
+    /// `mount.mnt_parent`: the mount this one is mounted on (itself at the root).
+    pub mnt_parent: u64,
+    /// `mount.mnt_mountpoint`: the dentry it is mounted on, in the parent mount.
+    pub mnt_mountpoint: u64,
+    /// `vfsmount.mnt_root`: the root dentry of the mounted tree.
+    pub mnt_root: u64,
+}
+
+impl MountOffsets {
+    fn from_profile(p: &Profile) -> Option<Self> {
+        Some(Self {
+            mnt: p.offset("mount", "mnt").ok()?,
+            mnt_parent: p.offset("mount", "mnt_parent").ok()?,
+            mnt_mountpoint: p.offset("mount", "mnt_mountpoint").ok()?,
+            mnt_root: p.offset("vfsmount", "mnt_root").ok()?,
+        })
+    }
 }
 
 impl TaskOffsets {
@@ -267,6 +297,13 @@ impl TaskOffsets {
             cred_egid: p.offset("cred", "egid")?,
             file_f_path: p.offset("file", "f_path")?,
             path_dentry: p.offset("path", "dentry")?,
+            path_mnt: p.offset("path", "mnt")?,
+            mounts: MountOffsets::from_profile(p),
+            dentry_d_hash_pprev: p
+                .offset("dentry", "d_hash")
+                .ok()
+                .zip(p.offset("hlist_bl_node", "pprev").ok())
+                .map(|(h, pp)| h + pp),
             dentry_d_name: p.offset("dentry", "d_name")?,
             dentry_d_parent: p.offset("dentry", "d_parent")?,
             qstr_name: p.offset("qstr", "name")?,
@@ -289,6 +326,19 @@ impl TaskOffsets {
             thread_size: p.thread_size,
         })
     }
+}
+
+/// `/a/b/c` from the components leaf first (`["c", "b", "a"]`); `/` for none.
+fn join_path(mut names: Vec<String>) -> String {
+    if names.is_empty() {
+        return "/".into();
+    }
+    names.reverse();
+    names.iter().fold(String::new(), |mut acc, n| {
+        acc.push('/');
+        acc.push_str(n);
+        acc
+    })
 }
 
 /// Reads tasks of one kernel.
@@ -419,7 +469,8 @@ impl<'k> TaskReader<'k> {
     }
 
     /// Path of a dentry, following `d_parent` to the root of its file system (mount
-    /// points are not crossed: for the initramfs root file system this is the full path).
+    /// points are not crossed: for the initramfs root file system this is the full path;
+    /// [`TaskReader::file_path`] crosses them).
     pub fn dentry_path(&self, vm: &VirtMem<'_>, dentry: Gva) -> Field<String> {
         let mut names = Vec::new();
         let mut cur = dentry;
@@ -432,27 +483,77 @@ impl<'k> TaskReader<'k> {
                 // Deeper than the cap, or a d_parent cycle: no trustworthy path.
                 return Err(Unreadable { at: cur });
             }
-            let qstr = at(cur, self.off.dentry_d_name);
-            let len = Self::u32(vm, at(qstr, self.off.qstr_len))?;
-            let name = Self::kptr_nonnull(vm, at(qstr, self.off.qstr_name))?;
-            let cap = usize::try_from(len)
-                .unwrap_or(usize::MAX)
-                .min(self.limits.max_name_bytes);
-            let s = vm
-                .read_cstr(name, cap)
-                .map_err(|_| Unreadable { at: name })?;
-            names.push(s.text);
+            names.push(self.dentry_name(vm, cur)?);
             cur = parent;
         }
-        if names.is_empty() {
-            return Ok("/".into());
+        Ok(join_path(names))
+    }
+
+    /// A dentry's own name (`d_name`), capped.
+    fn dentry_name(&self, vm: &VirtMem<'_>, dentry: Gva) -> Field<String> {
+        let qstr = at(dentry, self.off.dentry_d_name);
+        let len = Self::u32(vm, at(qstr, self.off.qstr_len))?;
+        let name = Self::kptr_nonnull(vm, at(qstr, self.off.qstr_name))?;
+        let cap = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .min(self.limits.max_name_bytes);
+        vm.read_cstr(name, cap)
+            .map(|s| s.text)
+            .map_err(|_| Unreadable { at: name })
+    }
+
+    /// The path of a file (`struct path`: a `vfsmount` and a dentry) as the kernel's
+    /// `d_path` gives it from the root of the mount tree: mount points are crossed
+    /// (`/tmp/x` on a tmpfs at `/tmp`), a deleted file ends in ` (deleted)`, and a file
+    /// with no name in any tree (a memfd, an anonymous file) is `/NAME (deleted)`, as
+    /// the kernel's `simple_dname` names it (`/memfd:NAME (deleted)`). Without the mount
+    /// offsets in the profile, the path within the file's own file system
+    /// ([`TaskReader::dentry_path`]).
+    pub fn file_path(&self, vm: &VirtMem<'_>, vfsmount: Gva, dentry: Gva) -> Field<String> {
+        let Some(mo) = self.off.mounts else {
+            return self.dentry_path(vm, dentry);
+        };
+        let root_of = |m: Gva| Self::kptr_nonnull(vm, at(m, mo.mnt_root));
+        let is_root = |d: Gva| -> Field<bool> {
+            Ok(Self::kptr_nonnull(vm, at(d, self.off.dentry_d_parent))? == d)
+        };
+        let unhashed = match self.off.dentry_d_hash_pprev {
+            Some(o) => Self::kptr(vm, at(dentry, o), true)?.is_none(),
+            None => false,
+        };
+        if is_root(dentry)? && dentry != root_of(vfsmount)? {
+            return Ok(format!("/{} (deleted)", self.dentry_name(vm, dentry)?));
         }
-        names.reverse();
-        Ok(names.iter().fold(String::new(), |mut acc, n| {
-            acc.push('/');
-            acc.push_str(n);
-            acc
-        }))
+        let mut names = Vec::new();
+        let (mut mnt, mut cur) = (vfsmount, dentry);
+        // Each step either names a component or climbs one mount: both bounded.
+        for _ in 0..self.limits.max_path_depth.saturating_mul(2) {
+            if cur == root_of(mnt)? {
+                let mount = mnt.wrapping_sub(mo.mnt);
+                let parent = Self::kptr_nonnull(vm, at(mount, mo.mnt_parent))?;
+                if parent == mount {
+                    // The root of the mount tree.
+                    let mut path = join_path(names);
+                    if unhashed && !is_root(dentry)? {
+                        path.push_str(" (deleted)");
+                    }
+                    return Ok(path);
+                }
+                cur = Self::kptr_nonnull(vm, at(mount, mo.mnt_mountpoint))?;
+                mnt = parent.wrapping_add(mo.mnt);
+                continue;
+            }
+            let parent = Self::kptr_nonnull(vm, at(cur, self.off.dentry_d_parent))?;
+            if parent == cur || names.len() >= self.limits.max_path_depth {
+                // A root that is not its mount's (the kernel's d_path stops there too,
+                // with an unreachable path), deeper than the cap, or a cycle: no
+                // trustworthy path.
+                return Err(Unreadable { at: cur });
+            }
+            names.push(self.dentry_name(vm, cur)?);
+            cur = parent;
+        }
+        Err(Unreadable { at: cur })
     }
 
     /// `mm->exe_file->f_path.dentry`, as a path.
@@ -463,8 +564,26 @@ impl<'k> TaskReader<'k> {
         let Some(file) = Self::kptr(vm, at(mm, self.off.mm_exe_file), true)? else {
             return Ok(None);
         };
+        self.path_of_file(vm, file).map(Some)
+    }
+
+    /// `file->f_path` as a path ([`TaskReader::file_path`]).
+    pub fn path_of_file(&self, vm: &VirtMem<'_>, file: Gva) -> Field<String> {
         let dentry = Self::kptr_nonnull(vm, at(file, self.off.file_f_path + self.off.path_dentry))?;
-        self.dentry_path(vm, dentry).map(Some)
+        if self.off.mounts.is_none() {
+            return self.dentry_path(vm, dentry);
+        }
+        let mnt = Self::kptr_nonnull(vm, at(file, self.off.file_f_path + self.off.path_mnt))?;
+        self.file_path(vm, mnt, dentry)
+    }
+
+    /// `file->f_path` as a path, only if the file still points at `dentry`.
+    pub fn path_of_file_at(&self, vm: &VirtMem<'_>, file: Gva, dentry: Gva) -> Field<String> {
+        let now = Self::kptr_nonnull(vm, at(file, self.off.file_f_path + self.off.path_dentry))?;
+        if now != dentry {
+            return Err(Unreadable { at: file });
+        }
+        self.path_of_file(vm, file)
     }
 
     /// The user address space of `mm` (through `mm->pgd` and the direct map).
@@ -883,6 +1002,69 @@ mod tests {
         g.write_u64(w.child.wrapping_add(r.offsets().mm), 0)
             .expect("w");
         assert_eq!(r.is_kernel_thread(&vm, w.child), Ok(true));
+    }
+
+    #[test]
+    fn file_paths_cross_mounts_and_name_deleted_and_memfd_files() {
+        for p in committed_profiles() {
+            let mut g = SynthGuest::new(p, SynthConfig::default()).expect("guest");
+            // / (the root mount), /tmp a directory on it, a tmpfs mounted there.
+            let root = g.add_dentry(None, "/", false).expect("root");
+            let tmp = g.add_dentry(Some(root), "tmp", false).expect("tmp");
+            let root_mnt = g.add_mount(None, root).expect("root mount");
+            let tmpfs_root = g.add_dentry(None, "/", false).expect("tmpfs root");
+            let tmpfs = g
+                .add_mount(Some((root_mnt, tmp)), tmpfs_root)
+                .expect("tmpfs");
+            let evil = g.add_dentry(Some(tmpfs_root), "evil", false).expect("evil");
+            let gone = g.add_dentry(Some(tmpfs_root), "gone", true).expect("gone");
+            // A memfd: a root dentry of its own on an internal mount whose root it is not.
+            let shm_root = g.add_dentry(None, "/", false).expect("shm root");
+            let shm = g.add_mount(None, shm_root).expect("shm");
+            let memfd = g.add_dentry(None, "memfd:payload", true).expect("memfd");
+            let files = [
+                (g.add_file(tmpfs, evil).expect("f"), "/tmp/evil"),
+                (g.add_file(tmpfs, gone).expect("f"), "/tmp/gone (deleted)"),
+                (
+                    g.add_file(shm, memfd).expect("f"),
+                    "/memfd:payload (deleted)",
+                ),
+                (g.add_file(root_mnt, tmp).expect("f"), "/tmp"),
+                (g.add_file(tmpfs, tmpfs_root).expect("f"), "/tmp"),
+                (g.add_file(root_mnt, root).expect("f"), "/"),
+            ];
+            // Two mounts each mounted on the other's root: a cycle, bounded, unreadable.
+            let (ra, rb) = (
+                g.add_dentry(None, "/", false).expect("a"),
+                g.add_dentry(None, "/", false).expect("b"),
+            );
+            let a = g.add_mount(None, ra).expect("mount a");
+            let b = g.add_mount(Some((a, ra)), rb).expect("mount b");
+            let mo = TaskOffsets::from_profile(&g.profile)
+                .expect("offsets")
+                .mounts
+                .expect("the profile has the mount tree");
+            let mount_a = a.wrapping_sub(mo.mnt);
+            let mount_b = b.wrapping_sub(mo.mnt);
+            g.write(
+                mount_a.wrapping_add(mo.mnt_parent),
+                &mount_b.raw().to_le_bytes(),
+            )
+            .expect("w");
+            g.write(
+                mount_a.wrapping_add(mo.mnt_mountpoint),
+                &rb.raw().to_le_bytes(),
+            )
+            .expect("w");
+            let looped = g.add_file(a, ra).expect("f");
+            let k = Kernel::new(&g.phys.mem, &g.profile, g.layout);
+            let r = TaskReader::new(&k).expect("reader");
+            let vm = k.kernel_vm(&g.regs_kernel(0, Gva(0)));
+            for (file, want) in files {
+                assert_eq!(r.path_of_file(&vm, file).as_deref(), Ok(want));
+            }
+            assert!(r.path_of_file(&vm, looped).is_err());
+        }
     }
 
     #[test]

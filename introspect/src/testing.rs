@@ -573,11 +573,9 @@ impl SynthGuest {
             USER_ARGS + args.len() as u64,
         )?;
         if let Some(path) = &spec.exe_path {
-            let dentry = self.dentry_chain(path)?;
-            let file_size = self.profile.structs.get("file").map_or(256, |s| s.size);
-            let file = self.alloc(file_size)?;
-            let at = self.off("file", "f_path")? + self.off("path", "dentry")?;
-            self.write_u64(file.wrapping_add(at), dentry.raw())?;
+            let (root, dentry) = self.dentry_chain_from_root(path)?;
+            let mnt = self.add_mount(None, root)?;
+            let file = self.add_file(mnt, dentry)?;
             self.write_u64(mm.wrapping_add(mm_off("exe_file")?), file.raw())?;
         }
         self.write_u64(task.wrapping_add(o("mm")?), mm.raw())?;
@@ -622,6 +620,91 @@ impl SynthGuest {
 
     /// Dentries for `path` (`/a/b/c`): returns the last; the root is its own parent.
     pub fn dentry_chain(&mut self, path: &str) -> Result<Gva, TestingError> {
+        Ok(self.dentry_chain_from_root(path)?.1)
+    }
+
+    /// A `struct mount` whose root dentry is `root`, mounted at `on` = (parent vfsmount,
+    /// mount-point dentry), or the root of the tree (its own parent) when `on` is
+    /// `None`; returns its `vfsmount`. A no-op returning 0 where the profile has no
+    /// mount offsets.
+    pub fn add_mount(&mut self, on: Option<(Gva, Gva)>, root: Gva) -> Result<Gva, TestingError> {
+        let (Ok(mnt), Ok(parent), Ok(point), Ok(mnt_root)) = (
+            self.off("mount", "mnt"),
+            self.off("mount", "mnt_parent"),
+            self.off("mount", "mnt_mountpoint"),
+            self.off("vfsmount", "mnt_root"),
+        ) else {
+            return Ok(Gva(0));
+        };
+        let size = self.profile.structs.get("mount").map_or(512, |s| s.size);
+        let mount = self.alloc(size)?;
+        let vfsmount = mount.wrapping_add(mnt);
+        let (parent_mount, mountpoint) = match on {
+            Some((pm, d)) => (pm.wrapping_sub(mnt), d),
+            None => (mount, root),
+        };
+        self.write_u64(mount.wrapping_add(parent), parent_mount.raw())?;
+        self.write_u64(mount.wrapping_add(point), mountpoint.raw())?;
+        self.write_u64(vfsmount.wrapping_add(mnt_root), root.raw())?;
+        Ok(vfsmount)
+    }
+
+    /// A `struct file` whose `f_path` is (`vfsmount`, `dentry`).
+    pub fn add_file(&mut self, vfsmount: Gva, dentry: Gva) -> Result<Gva, TestingError> {
+        let file_size = self.profile.structs.get("file").map_or(256, |s| s.size);
+        let file = self.alloc(file_size)?;
+        let f_path = self.off("file", "f_path")?;
+        self.write_u64(
+            file.wrapping_add(f_path + self.off("path", "dentry")?),
+            dentry.raw(),
+        )?;
+        self.write_u64(
+            file.wrapping_add(f_path + self.off("path", "mnt")?),
+            vfsmount.raw(),
+        )?;
+        Ok(file)
+    }
+
+    /// A dentry named `name` under `parent` (its own parent when `None`: a root, or a
+    /// file with no place in any tree such as a memfd), hashed (in the dentry cache,
+    /// not deleted) unless `deleted`.
+    pub fn add_dentry(
+        &mut self,
+        parent: Option<Gva>,
+        name: &str,
+        deleted: bool,
+    ) -> Result<Gva, TestingError> {
+        let size = self.profile.structs.get("dentry").map_or(256, |s| s.size);
+        let d = self.alloc(size)?;
+        let s = self.alloc_str(name)?;
+        let name_off = self.off("dentry", "d_name")?;
+        let (qname, qlen) = (self.off("qstr", "name")?, self.off("qstr", "len")?);
+        self.write_u64(
+            d.wrapping_add(self.off("dentry", "d_parent")?),
+            parent.unwrap_or(d).raw(),
+        )?;
+        self.write_u64(d.wrapping_add(name_off + qname), s.raw())?;
+        let len = u32::try_from(name.len()).map_err(|_| TestingError::OutOfMemory)?;
+        self.write_u32(d.wrapping_add(name_off + qlen), len)?;
+        self.hash_dentry(d, !deleted)?;
+        Ok(d)
+    }
+
+    /// Mark `d` hashed (its `d_hash.pprev` non-NULL) or unhashed, where the profile
+    /// records it.
+    fn hash_dentry(&mut self, d: Gva, hashed: bool) -> Result<(), TestingError> {
+        if let (Ok(h), Ok(pprev)) = (
+            self.off("dentry", "d_hash"),
+            self.off("hlist_bl_node", "pprev"),
+        ) {
+            // Any kernel address will do for the previous link: it is only tested for NULL.
+            self.write_u64(d.wrapping_add(h + pprev), if hashed { d.raw() } else { 0 })?;
+        }
+        Ok(())
+    }
+
+    /// As [`SynthGuest::dentry_chain`], and the root dentry.
+    pub fn dentry_chain_from_root(&mut self, path: &str) -> Result<(Gva, Gva), TestingError> {
         let size = self.profile.structs.get("dentry").map_or(256, |s| s.size);
         let parent_off = self.off("dentry", "d_parent")?;
         let name_off = self.off("dentry", "d_name")?;
@@ -639,9 +722,10 @@ impl SynthGuest {
             self.write_u64(d.wrapping_add(name_off + qname), s.raw())?;
             let len = u32::try_from(part.len()).map_err(|_| TestingError::OutOfMemory)?;
             self.write_u32(d.wrapping_add(name_off + qlen), len)?;
+            self.hash_dentry(d, true)?;
             cur = d;
         }
-        Ok(cur)
+        Ok((root, cur))
     }
 }
 

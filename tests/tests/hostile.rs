@@ -248,3 +248,84 @@ fn a_closed_pipe_ends_the_run_quietly_but_not_with_success() {
     assert_eq!(out.status.code(), Some(141), "{stderr}");
     assert!(!stderr.contains("ERROR"), "not quiet: {stderr}");
 }
+
+/// A static program that copies itself into a memfd and runs that (`fexecve`): a
+/// fileless exec, as attackers do it.
+const MEMFD_EXEC_C: &str = r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "child") == 0) return 0;
+    int src = open("/proc/self/exe", O_RDONLY);
+    int fd = memfd_create("payload", 0);
+    char buf[65536];
+    ssize_t n;
+    while ((n = read(src, buf, sizeof buf)) > 0)
+        if (write(fd, buf, (size_t)n) != n) return 2;
+    char *args[] = {"memfd-child", "child", NULL};
+    char *env[] = {NULL};
+    fexecve(fd, args, env);
+    perror("fexecve");
+    return 1;
+}
+"#;
+
+#[test]
+fn exec_file_names_cross_mounts_and_name_fileless_execs() {
+    if !requirements() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = dir.path().join("memfd-exec.c");
+    let bin = dir.path().join("memfd-exec");
+    std::fs::write(&src, MEMFD_EXEC_C).expect("write source");
+    let cc = std::process::Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output();
+    if !ornament_tests::require(
+        "a C compiler with static glibc (cc, libc6-dev)",
+        cc.as_ref().is_ok_and(|o| o.status.success()),
+    ) {
+        return;
+    }
+    let add = format!("{}:/bin/memfd-exec", bin.display());
+    let (r, rt) = run(
+        &["--add", &add, "--watch", "exec", "--format", "json"],
+        &[
+            "sh",
+            "-c",
+            "cp /bin/busybox /tmp/evil; /tmp/evil true; /bin/memfd-exec",
+        ],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let evs = json_lines(&r.stdout);
+    let names: Vec<(&str, &Value)> = evs
+        .iter()
+        .map(|e| (e["filename"].as_str().unwrap_or("<null>"), &e["argv"]))
+        .collect();
+    // /tmp is a tmpfs mounted on the initramfs: the path crosses the mount point (busybox
+    // has no applet `evil`: it exits 127, the exec happened).
+    assert_eq!(
+        names[2],
+        ("/tmp/evil", &serde_json::json!(["/tmp/evil", "true"])),
+        "{names:?}"
+    );
+    assert_eq!(names[3].0, "/bin/memfd-exec", "{names:?}");
+    // The kernel's own name for a memfd file (as /proc/PID/exe shows it).
+    assert_eq!(
+        names[4],
+        (
+            "/memfd:payload (deleted)",
+            &serde_json::json!(["memfd-child", "child"])
+        ),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert_nothing_left(&r, rt.path());
+}

@@ -112,7 +112,11 @@ const STRUCT_FIELDS: &[(&str, &[&str], &[&str])] = &[
     ),
     ("file", &["f_path"], &["f_inode"]),
     ("path", &["dentry", "mnt"], &[]),
-    ("dentry", &["d_name", "d_parent"], &["d_iname"]),
+    ("dentry", &["d_name", "d_parent"], &["d_iname", "d_hash"]),
+    ("hlist_bl_node", &[], &["pprev"]),
+    // The mount tree, for paths across mount points (fs/mount.h).
+    ("mount", &[], &["mnt_parent", "mnt_mountpoint", "mnt"]),
+    ("vfsmount", &[], &["mnt_root"]),
     ("qstr", &["name", "len"], &["hash"]),
     ("list_head", &["next", "prev"], &[]),
     ("signal_struct", &[], &["thread_head", "nr_threads", "live"]),
