@@ -136,7 +136,7 @@ pub struct TaskHeader {
     pub tgid: Option<i32>,
     /// Parent's process id (`task->real_parent->tgid`; `getppid()` in the guest).
     pub ppid: Option<i32>,
-    /// `task->comm` (at most 15 bytes, decoded lossily).
+    /// `task->comm` (at most 15 bytes, decoded by [`crate::guest_text::decode`]).
     pub comm: Option<String>,
     /// Real user id.
     pub uid: Option<u32>,
@@ -376,8 +376,9 @@ impl fmt::Display for Comm<'_> {
 }
 
 /// Writes `s` with `\\`, `\"`, `\n`, `\r`, `\t` and `\u{..}` for every other control
-/// character (C0, DEL, C1: what a terminal acts on), so that nothing the guest wrote can
-/// start a new line or an escape sequence in ornament's text output.
+/// character (C0, DEL, C1: what a terminal acts on), and `\xNN` for a byte that was not
+/// UTF-8 ([`crate::guest_text`]), so that nothing the guest wrote can start a new line or
+/// an escape sequence in ornament's text output, and every byte shows as itself.
 pub fn write_escaped(f: &mut impl fmt::Write, s: &str) -> fmt::Result {
     for ch in s.chars() {
         match ch {
@@ -387,7 +388,10 @@ pub fn write_escaped(f: &mut impl fmt::Write, s: &str) -> fmt::Result {
             '\r' => f.write_str("\\r")?,
             '\t' => f.write_str("\\t")?,
             c if c.is_control() => write!(f, "\\u{{{:x}}}", u32::from(c))?,
-            c => f.write_char(c)?,
+            c => match crate::guest_text::raw_byte(c) {
+                Some(b) => write!(f, "\\x{b:02x}")?,
+                None => f.write_char(c)?,
+            },
         }
     }
     Ok(())
@@ -625,6 +629,10 @@ mod tests {
             text,
             r#"1.500000000 cpu1 "a\n9.999 cpu0 ss"[42] ppid=1 uid=0 exec "/tmp/a\n9.999 cpu0 ss[1] exit\u{1b}[2J\u{9b}1m\\" argv=["x\"y\r"]"#
         );
+        // Bytes that are not UTF-8 show as themselves, and a backslash as itself.
+        let mut h = header();
+        h.comm = Some(crate::guest_text::decode(b"x\xff\\x41"));
+        assert!(h.to_string().contains(r#" "x\xff\\x41"[42]"#), "{h}");
         // A plain comm stays bare; an odd one is quoted so it cannot pose as fields.
         let mut h = header();
         h.comm = Some("kworker/0:1".into());

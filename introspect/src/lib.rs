@@ -63,6 +63,7 @@ pub mod btf;
 pub mod command;
 pub mod elf;
 pub mod event;
+pub mod guest_text;
 pub mod identity;
 pub mod kaslr;
 pub mod kernel;

@@ -163,7 +163,7 @@ fn comm_at_hit(lo: Option<u64>, hi: Option<u64>, size: u64) -> Option<String> {
     b[..8].copy_from_slice(&lo?.to_le_bytes());
     b[8..].copy_from_slice(&hi?.to_le_bytes());
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    Some(String::from_utf8_lossy(&b[..end]).into_owned())
+    Some(crate::guest_text::decode(&b[..end]))
 }
 
 /// The last path component, cut to `TASK_COMM_LEN - 1` bytes (what exec sets `comm` to).

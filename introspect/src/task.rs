@@ -56,7 +56,7 @@ impl Default for Limits {
 /// Command-line arguments of a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Argv {
-    /// The arguments (split on NUL, decoded lossily).
+    /// The arguments (split on NUL, decoded by [`crate::guest_text::decode`]).
     pub args: Vec<String>,
     /// True when the area was longer than the cap, or its tail could not be read.
     pub truncated: bool,
@@ -64,11 +64,11 @@ pub struct Argv {
 
 impl Argv {
     /// The arguments in the bytes of `mm->arg_start..arg_end` (or a prefix of them: then
-    /// `truncated`): split on NUL, each decoded lossily; a final NUL ends the last one.
+    /// `truncated`): split on NUL, each decoded by [`crate::guest_text::decode`]; a final NUL ends the last one.
     pub fn from_bytes(bytes: &[u8], truncated: bool) -> Self {
         let mut args: Vec<String> = bytes
             .split(|&b| b == 0)
-            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .map(crate::guest_text::decode)
             .collect();
         if bytes.last() == Some(&0) || bytes.is_empty() {
             args.pop();

@@ -117,7 +117,8 @@ impl<'a> VirtMem<'a> {
         self.read_u64(gva).map(Gva)
     }
 
-    /// A NUL-terminated string of at most `max` bytes (without the NUL), decoded lossily.
+    /// A NUL-terminated string of at most `max` bytes (without the NUL), decoded as
+    /// [`crate::guest_text::decode`] does (losslessly).
     /// Reads page by page, so an unmapped page after the NUL does no harm.
     pub fn read_cstr(&self, gva: Gva, max: usize) -> Result<CapString, PagingError> {
         let mut out = Vec::new();
@@ -130,7 +131,7 @@ impl<'a> VirtMem<'a> {
             if let Some(nul) = chunk.iter().position(|&b| b == 0) {
                 out.extend_from_slice(&chunk[..nul]);
                 return Ok(CapString {
-                    text: String::from_utf8_lossy(&out).into_owned(),
+                    text: crate::guest_text::decode(&out),
                     truncated: false,
                 });
             }
@@ -141,7 +142,7 @@ impl<'a> VirtMem<'a> {
             })?;
         }
         Ok(CapString {
-            text: String::from_utf8_lossy(&out).into_owned(),
+            text: crate::guest_text::decode(&out),
             truncated: true,
         })
     }
@@ -202,7 +203,7 @@ mod tests {
     }
 
     #[test]
-    fn cstr_is_bounded_and_lossy() {
+    fn cstr_is_bounded_and_keeps_every_byte() {
         let (a, root) = setup();
         let cache = TranslationCache::new();
         let vm = VirtMem::new(&a.mem, root).with_cache(&cache);
@@ -217,9 +218,10 @@ mod tests {
         );
         a.write_virt(root, Gva(0x40_0ffe), b"x\xffyz\0").expect("w");
         let s = vm.read_cstr(Gva(0x40_0ffe), 100).expect("crosses");
-        assert_eq!(s.text, "x\u{fffd}yz");
+        assert_eq!(s.text, "x\u{10ffff}yz");
+        assert_eq!(crate::guest_text::encode(&s.text), b"x\xffyz");
         let s = vm.read_cstr(Gva(0x40_0ffe), 2).expect("capped");
-        assert_eq!((s.text.as_str(), s.truncated), ("x\u{fffd}", true));
+        assert_eq!((s.text.as_str(), s.truncated), ("x\u{10ffff}", true));
         // No NUL before the mapping ends: an error, not a runaway read.
         a.write_virt(root, Gva(0x40_1ff0), &[b'a'; 16]).expect("w");
         assert!(matches!(

@@ -78,6 +78,7 @@ fn a_power_off_from_inside_is_not_a_success() {
 
 #[test]
 fn guest_chosen_names_cannot_forge_a_line_or_reach_the_terminal() {
+    // A newline and a fake event, an escape sequence, and a byte that is not UTF-8.
     if !requirements() {
         return;
     }
@@ -86,7 +87,7 @@ fn guest_chosen_names_cannot_forge_a_line_or_reach_the_terminal() {
         &[
             "sh",
             "-c",
-            r#"f=$(printf '/tmp/a\n9.999 cpu0 ss\033[2J'); cp /bin/busybox "$f"; "$f" true"#,
+            r#"f=$(printf '/tmp/a\n9.999 cpu0 ss\033[2J\377'); cp /bin/busybox "$f"; "$f" true"#,
         ],
     );
     // busybox has no applet of that name: 127, as the shell says.
@@ -108,7 +109,7 @@ fn guest_chosen_names_cannot_forge_a_line_or_reach_the_terminal() {
     }
     assert!(
         lines[2].contains(r#" "a\n9.999 cpu0 ss"["#)
-            && lines[2].contains(r#"argv=["/tmp/a\n9.999 cpu0 ss\u{1b}[2J","true"]"#),
+            && lines[2].contains(r#"argv=["/tmp/a\n9.999 cpu0 ss\u{1b}[2J\xff","true"]"#),
         "{}",
         lines[2]
     );
