@@ -19,6 +19,7 @@ pub mod hit;
 pub mod mem;
 pub mod paging;
 pub mod regs;
+pub mod report;
 pub mod wire;
 
 pub use action::Action;

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 /// Where the kernel's text mapping starts: with `nokaslr`, gpa = gva - this.
 pub const KERNEL_MAP_START: u64 = 0xffff_ffff_8000_0000;
-/// The line ornament's /init writes on ttyS1.
-pub const EXIT_REPORT: &str = "ornament-exit ";
+use ornament_engine::report::last_exit_report;
+pub use ornament_engine::report::EXIT_REPORT;
 
 /// What to boot and how.
 pub struct LinuxRunConfig {
@@ -252,15 +252,6 @@ pub fn symbol_address(map: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// `N` from the first complete `ornament-exit N` line.
-pub fn parse_exit_report(ttys1: &[u8]) -> Option<i32> {
-    let text = String::from_utf8_lossy(ttys1);
-    let at = text.find(EXIT_REPORT)?;
-    let rest = &text[at + EXIT_REPORT.len()..];
-    let line = rest.split_once('\n')?.0;
-    line.trim().parse().ok()
-}
-
 /// The site of a kernel-text address under `nokaslr`.
 pub fn kernel_site(gva: u64) -> Site {
     Site {
@@ -453,7 +444,7 @@ pub fn run_linux(
     let hits: Vec<AtomicU64> = cfg.probes.iter().map(|_| AtomicU64::new(0)).collect();
     let (outcomes, watcher_stop, status) = std::thread::scope(|s| {
         let watcher = s.spawn(|| loop {
-            if let Some(st) = parse_exit_report(&serial2.contents()) {
+            if let Some(st) = last_exit_report(&serial2.contents()) {
                 control.request_stop();
                 return (LinuxStop::Reported, Some(st));
             }
@@ -608,14 +599,6 @@ mod tests {
             Some(0xffff_ffff_816e_de30)
         );
         assert_eq!(symbol_address(MAP, "proc_exit_connector"), None);
-    }
-
-    #[test]
-    fn exit_report_needs_a_whole_line() {
-        assert_eq!(parse_exit_report(b"ornament-exit 0\n"), Some(0));
-        assert_eq!(parse_exit_report(b"junk\r\nornament-exit 42\r\n"), Some(42));
-        assert_eq!(parse_exit_report(b"ornament-exit 4"), None);
-        assert_eq!(parse_exit_report(b"nothing\n"), None);
     }
 
     #[test]

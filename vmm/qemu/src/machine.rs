@@ -491,9 +491,9 @@ impl QemuMachine {
         if let Some(t) = self.console.take() {
             let _ = t.join();
         }
-        let guest_status = std::fs::read_to_string(&self.status_path)
+        let guest_status = std::fs::read(&self.status_path)
             .ok()
-            .and_then(|s| parse_status(&s));
+            .and_then(|s| ornament_engine::report::last_exit_report(&s));
         Ok(RunOutcome {
             guest_status,
             qemu_code: code,
@@ -537,14 +537,6 @@ fn tail(buf: &Arc<Mutex<Vec<u8>>>) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// Parse /init's status channel: the last `ornament-exit N` line.
-pub fn parse_status(text: &str) -> Option<i32> {
-    text.lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix("ornament-exit "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,14 +547,6 @@ mod tests {
         w.write_all(b"a\r\nb\r").expect("vec");
         w.write_all(b"\nc\rd").expect("vec");
         assert_eq!(w.inner, b"a\nb\nc\rd");
-    }
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(parse_status("ornament-exit 7\n"), Some(7));
-        assert_eq!(parse_status("noise\r\nornament-exit 137\r\n"), Some(137));
-        assert_eq!(parse_status(""), None);
-        assert_eq!(parse_status("ornament-exit x"), None);
     }
 
     #[test]
