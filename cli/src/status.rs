@@ -63,21 +63,29 @@ pub fn decide(
     }
 }
 
-/// Fail the run when events were lost; print the summary line when events were written.
-/// A closed pipe ends quietly with [`BROKEN_PIPE_STATUS`] (`Some`); any other output error
-/// is an error.
+/// Fail the run when events were lost; else print the summary line: what the watched
+/// processes did, the events written, the time. A closed pipe ends quietly with
+/// [`BROKEN_PIPE_STATUS`] (`Some`); any other output error is an error.
 pub fn check_output(record: &Record, target: &str) -> Result<Option<u8>> {
+    let summary = |events: String| {
+        eprintln!(
+            "ornament: {}{events}; {:.1} s",
+            record.summary,
+            record.elapsed.as_secs_f64()
+        );
+    };
     let Some(health) = &record.output else {
+        summary(String::new());
         return Ok(None);
     };
     let r = health.report();
     match r.error {
         None => {
             let s = if r.written == 1 { "" } else { "s" };
-            eprintln!(
-                "ornament: {} event{s} written to {target}, 0 lost",
+            summary(format!(
+                "; {} event{s} written to {target}, 0 lost",
                 r.written
-            );
+            ));
             Ok(None)
         }
         Some(ErrorKind::BrokenPipe) => Ok(Some(BROKEN_PIPE_STATUS)),

@@ -15,7 +15,7 @@ use ornament_introspect::event::{Event, EventMask};
 use ornament_introspect::monitor::Monitor;
 use ornament_introspect::ornament::{
     self, Decision, DenySyscalls, EventWriter, Follow, Ornament, OutputHealth, ProcessTree,
-    TreeView,
+    RunSummary, SummaryCounts, TreeView,
 };
 use ornament_introspect::probes::{
     captured_at_hit, deny_rules, hit_bytes, hit_reads, parse_deny, syscall_numbers, ProbeKind,
@@ -638,6 +638,8 @@ pub(crate) struct Session {
     tree_out: Option<PathBuf>,
     command: CommandView,
     output: Option<OutputHealth>,
+    summary: Arc<std::sync::Mutex<SummaryCounts>>,
+    began: Instant,
 }
 
 /// What a session recorded, for the end of the run.
@@ -647,6 +649,10 @@ pub struct Record {
     pub command: CommandView,
     /// The event output's health, when events were written.
     pub output: Option<OutputHealth>,
+    /// What the watched processes did.
+    pub summary: SummaryCounts,
+    /// How long the session ran.
+    pub elapsed: Duration,
 }
 
 /// Restrict `inner` to the events of `scope`.
@@ -729,6 +735,9 @@ impl Session {
             reg.attach(scoped(scope, &command, Box::new(writer)));
             Some(health)
         };
+        let summary = RunSummary::new();
+        let counts = summary.counts();
+        reg.attach(scoped(scope, &command, Box::new(summary)));
         Ok(Self {
             monitor,
             probes,
@@ -736,6 +745,8 @@ impl Session {
             tree_out: plan.output.clone(),
             command,
             output,
+            summary: counts,
+            began: Instant::now(),
         })
     }
 
@@ -778,6 +789,12 @@ impl Session {
         Record {
             command: self.command.clone(),
             output: self.output.clone(),
+            summary: self
+                .summary
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            elapsed: self.began.elapsed(),
         }
     }
 }

@@ -51,7 +51,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod summary;
 mod writer;
+pub use summary::{RunSummary, SummaryCounts};
 pub use writer::{EventWriter, Format, OutputHealth, OutputReport};
 
 /// Why an ornament request failed.

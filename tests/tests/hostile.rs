@@ -151,7 +151,8 @@ fn a_denied_syscall_says_so_and_denials_cover_only_the_command() {
     assert_eq!(e["path"], "/tmp/d");
     assert_eq!(e["denied"], 13, "{e}");
     assert!(
-        r.stderr.contains("ornament: 1 event written to"),
+        r.stderr
+            .contains("1 syscall (1 denied); 1 event written to"),
         "{}",
         r.stderr
     );
@@ -194,8 +195,9 @@ fn events_by_default_are_the_commands_own() {
         assert_eq!(e["seq"].as_u64(), Some(i as u64 + 1), "{e}");
     }
     assert!(
-        r.stderr
-            .contains("ornament: 5 events written to stdout, 0 lost"),
+        r.stderr.contains(
+            "ornament: 2 processes, 0 threads, 2 execs, exits 0 x1 3 x1; 5 events written to stdout, 0 lost; "
+        ),
         "{}",
         r.stderr
     );
