@@ -1,14 +1,22 @@
 //! One QEMU guest from start to power-off: process, console, RAM file (handed to the TCG
 //! plugin once mapped), gdbstub, and the cleanup of all of them on every exit path.
+//!
+//! Nothing of a run keeps a name once QEMU has started: guest RAM is a memfd that QEMU
+//! inherits, and the run directory (gdbstub socket, status file, initramfs) is removed as
+//! soon as QEMU has opened what is in it, so a SIGKILL leaves at most a directory from
+//! start-up, which the next start removes (`debris`).
 
+use crate::debris;
 use crate::gdb::{GdbClient, GdbError, StopReply};
 use crate::launch::QemuConfig;
 use crate::plugin_link::PluginLink;
 use crate::ram::{RamError, RamFile, RamMap};
-use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,11 +38,29 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
-    /// QEMU exited during start-up: {stderr}
+    /// QEMU {end} during start-up{stderr}
     EarlyExit {
+        /// How QEMU ended.
+        end: QemuEnd,
         /// What QEMU printed.
-        stderr: String,
+        stderr: QemuSaid,
     },
+    /// QEMU {end} while the guest ran (QEMU itself died: not a guest kernel panic){stderr}
+    QemuDied {
+        /// How QEMU ended.
+        end: QemuEnd,
+        /// What QEMU printed.
+        stderr: QemuSaid,
+    },
+    /// the guest kernel panicked: {message}
+    GuestPanic {
+        /// The kernel's panic line from the console.
+        message: String,
+    },
+    /// cannot create the guest RAM memfd
+    Memfd(#[source] std::io::Error),
+    /// cannot open the status file {0} that QEMU writes
+    Status(PathBuf, #[source] std::io::Error),
     /// gdbstub of QEMU failed
     Gdb(#[from] GdbError),
     /// guest RAM file failed
@@ -55,6 +81,50 @@ pub enum MachineError {
     Wait(#[source] std::io::Error),
 }
 
+/// How a QEMU process ended, in words: "exited with code N" or "was killed by signal N (NAME)".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QemuEnd(pub ExitStatus);
+
+impl std::fmt::Display for QemuEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0.code(), self.0.signal()) {
+            (Some(c), _) => write!(f, "exited with code {c}"),
+            (None, Some(s)) => write!(f, "was killed by signal {s} ({})", signal_name(s)),
+            (None, None) => write!(f, "ended ({:?})", self.0),
+        }
+    }
+}
+
+/// QEMU's last lines on stderr, shown after "; QEMU said:" (nothing when it said nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QemuSaid(pub String);
+
+impl std::fmt::Display for QemuSaid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.trim() {
+            "" => Ok(()),
+            said => write!(f, "; QEMU said:\n{said}"),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "another signal",
+    }
+}
+
 /// How the run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
@@ -73,76 +143,72 @@ pub type ConsoleSink = Box<dyn Write + Send>;
 #[derive(Debug)]
 pub struct QemuMachine {
     child: Option<Child>,
-    paths: Option<RunPaths>,
-    status_path: PathBuf,
+    /// /init's status channel, opened before its name was removed.
+    status: File,
     gdb: GdbClient,
     ram: Arc<RamFile>,
     vcpus: u32,
     console: Option<JoinHandle<()>>,
+    err_thread: Option<JoinHandle<()>>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The kernel's panic line, once the console showed one.
+    panic: Arc<Mutex<Option<String>>>,
     started: Instant,
 }
 
-/// A private directory for sockets and files of one run (mode 0700).
+/// A private directory for sockets and files of one run (mode 0700), in
+/// `$XDG_RUNTIME_DIR` (else the temporary directory), named with this process's pid and
+/// start time. Run directories (and `/dev/shm` RAM files of older versions) whose owner
+/// is gone are removed first.
 pub fn run_dir() -> Result<tempfile::TempDir, MachineError> {
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
     use std::os::unix::fs::PermissionsExt;
-    tempfile::Builder::new()
-        .prefix("ornament-")
+    let dir = tempfile::Builder::new()
+        .prefix(&debris::Owner::me().run_dir_prefix())
         .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir_in(base)
-        .map_err(MachineError::RunDir)
+        .tempdir_in(&base)
+        .map_err(MachineError::RunDir)?;
+    debris::sweep_run_dirs(&base, dir.path());
+    debris::sweep_legacy_ram_files(Path::new("/dev/shm"), dir.path());
+    Ok(dir)
 }
 
-/// A path for the RAM file: in /dev/shm when it exists (it is unlinked as soon as
-/// both QEMU and we have mapped it).
-fn ram_path(run_dir: &Path) -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let name = format!(
-        "ornament-ram-{}-{}",
-        std::process::id(),
-        run_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
-    if shm.is_dir() {
-        shm.join(name)
-    } else {
-        run_dir.join(name)
+/// Guest RAM: an anonymous memfd (no name anywhere in the file system). QEMU inherits
+/// it and opens it as `/proc/self/fd/N`; we map it, and the plugin gets it over its socket.
+fn ram_memfd() -> Result<OwnedFd, MachineError> {
+    // SAFETY: memfd_create takes a NUL-terminated name (a C string literal) and flags;
+    // it returns a new descriptor or -1, checked below.
+    let fd = unsafe { libc::memfd_create(c"ornament-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MachineError::Memfd(std::io::Error::last_os_error()));
     }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Files of one run, chosen before QEMU starts.
 #[derive(Debug)]
 pub struct RunPaths {
-    /// Private directory (removed on drop).
+    /// Private directory (removed on drop, and as soon as QEMU has started).
     pub dir: tempfile::TempDir,
     /// gdbstub socket.
     pub gdb_socket: PathBuf,
     /// /init's status channel.
     pub status: PathBuf,
-    /// RAM file.
-    pub ram: PathBuf,
-}
-
-impl Drop for RunPaths {
-    fn drop(&mut self) {
-        // Normally unlinked right after mapping; this covers the early exits.
-        let _ = std::fs::remove_file(&self.ram);
-    }
+    /// Guest RAM (a memfd, close-on-exec; QEMU gets it at spawn).
+    pub ram: OwnedFd,
 }
 
 impl RunPaths {
-    /// Create the private directory and name the files in it.
+    /// Create the private directory and name the files in it, and the RAM memfd.
     pub fn new() -> Result<Self, MachineError> {
         let dir = run_dir()?;
         let gdb_socket = dir.path().join("gdb.sock");
         let status = dir.path().join("status");
-        let ram = ram_path(dir.path());
+        let ram = ram_memfd()?;
         Ok(Self {
             dir,
             gdb_socket,
@@ -190,11 +256,75 @@ impl<W: Write> Write for CrlfToLf<W> {
     }
 }
 
+/// The start of the kernel's panic message on the console.
+const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
+/// How long a panicked guest may go on (printing its trace, rebooting by `panic=`)
+/// before QEMU is stopped: with `panic=0` the kernel would spin forever.
+const PANIC_GRACE: Duration = Duration::from_secs(2);
+/// Longest console line kept while looking for the panic line.
+const LINE_MAX: usize = 512;
+
+/// Finds the kernel's panic line in the console stream: a line that starts with
+/// `Kernel panic - not syncing`, after the printk time stamp `[    1.234567] ` if any.
+#[derive(Debug, Default)]
+struct PanicScan {
+    line: Vec<u8>,
+}
+
+impl PanicScan {
+    /// Feed console bytes; the panic line (from the mark on, control bytes dropped) when
+    /// one ends in them.
+    fn feed(&mut self, bytes: &[u8]) -> Option<String> {
+        let mut found = None;
+        for &b in bytes {
+            if b == b'\n' || b == b'\r' {
+                if found.is_none() {
+                    found = Self::panic_line(&self.line);
+                }
+                self.line.clear();
+            } else if self.line.len() < LINE_MAX {
+                self.line.push(b);
+            }
+        }
+        found
+    }
+
+    fn panic_line(line: &[u8]) -> Option<String> {
+        let mut rest = line;
+        if let Some(after) = rest.strip_prefix(b"[") {
+            let end = after.iter().position(|&b| b == b']')?;
+            if !after[..end]
+                .iter()
+                .all(|&b| b == b' ' || b == b'.' || b.is_ascii_digit())
+            {
+                return None;
+            }
+            rest = after[end + 1..].strip_prefix(b" ")?;
+        }
+        rest.starts_with(PANIC_MARK).then(|| {
+            rest.iter()
+                .filter(|b| (0x20..0x7f).contains(*b))
+                .map(|&b| char::from(b))
+                .collect()
+        })
+    }
+}
+
+/// What a console reader does besides keeping and forwarding the bytes: look for the
+/// kernel's panic line and, once seen, stop QEMU after `PANIC_GRACE` (through a pidfd,
+/// so a reaped and reused pid is never signalled).
+struct PanicWatch {
+    scan: PanicScan,
+    seen: Arc<Mutex<Option<String>>>,
+    qemu: Option<OwnedFd>,
+}
+
 fn spawn_reader<R: Read + Send + 'static>(
     mut r: R,
     mut sink: Option<ConsoleSink>,
     keep: Arc<Mutex<Vec<u8>>>,
     keep_max: usize,
+    mut panic: Option<PanicWatch>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 8192];
@@ -206,11 +336,28 @@ fn spawn_reader<R: Read + Send + 'static>(
                         let _ = s.write_all(&buf[..n]);
                         let _ = s.flush();
                     }
-                    let mut k = keep.lock().unwrap_or_else(|p| p.into_inner());
-                    k.extend_from_slice(&buf[..n]);
-                    if k.len() > keep_max {
-                        let cut = k.len() - keep_max;
-                        k.drain(..cut);
+                    if let Some(w) = panic.as_mut() {
+                        if let Some(line) = w.scan.feed(&buf[..n]) {
+                            let mut seen = w.seen.lock().unwrap_or_else(|p| p.into_inner());
+                            if seen.is_none() {
+                                tracing::debug!(%line, "guest kernel panic on the console");
+                                *seen = Some(line);
+                                if let Some(fd) = w.qemu.take() {
+                                    std::thread::spawn(move || {
+                                        std::thread::sleep(PANIC_GRACE);
+                                        pidfd_kill(&fd);
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    if keep_max > 0 {
+                        let mut k = keep.lock().unwrap_or_else(|p| p.into_inner());
+                        k.extend_from_slice(&buf[..n]);
+                        if k.len() > keep_max {
+                            let cut = k.len() - keep_max;
+                            k.drain(..cut);
+                        }
                     }
                 }
             }
@@ -218,11 +365,39 @@ fn spawn_reader<R: Read + Send + 'static>(
     })
 }
 
+/// A pidfd for our (not yet reaped) child, or None where the kernel has no pidfd_open.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open(pid, 0) takes two integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// SIGKILL the process of a pidfd (nothing when it has already ended).
+fn pidfd_kill(fd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(fd, sig, NULL, 0) on a pidfd we own; the result is ignored
+    // (ESRCH when the process has already exited).
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
 impl QemuMachine {
     /// Start QEMU (stopped, `-S`), attach the gdbstub, map the RAM file.
     /// The guest has not run an instruction when this returns; call `resume`.
     /// With `plugin`, QEMU loads ornament's TCG plugin, which connects to that link
     /// before QEMU finishes starting; the link is accepted here.
+    /// The run directory is gone when this returns (QEMU and we hold what was in it).
+    /// Whatever fails after QEMU was spawned, a QEMU that died on its own is reported
+    /// with its exit code or signal and its own message.
     pub fn start(
         mut cfg: QemuConfig,
         paths: RunPaths,
@@ -231,7 +406,8 @@ impl QemuMachine {
     ) -> Result<Self, MachineError> {
         cfg.gdb_socket = paths.gdb_socket.clone();
         cfg.status_path = paths.status.clone();
-        cfg.ram_path = paths.ram.clone();
+        let ram_fd = paths.ram.as_raw_fd();
+        cfg.ram_path = PathBuf::from(format!("/proc/self/fd/{ram_fd}"));
         cfg.start_paused = true;
         let so = cfg.plugin.as_ref().map(|(so, _)| so.clone());
         if let (Some(link), Some(so)) = (plugin.as_deref(), so) {
@@ -245,12 +421,21 @@ impl QemuMachine {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the child between fork and exec and only
-        // calls async-signal-safe prctl; it allocates nothing.
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // async-signal-safe prctl, setpgid and fcntl on integers; it allocates nothing.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // QEMU dies with us, even if we are SIGKILLed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Its own process group: a Ctrl-C to ours is ours to handle (we stop
+                // QEMU), not a second, racing death of QEMU.
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The RAM memfd stays open across exec (QEMU opens /proc/self/fd/N).
+                if libc::fcntl(ram_fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -265,77 +450,67 @@ impl QemuMachine {
         let err_thread = child
             .stderr
             .take()
-            .map(|e| spawn_reader(e, None, stderr.clone(), 64 * 1024));
+            .map(|e| spawn_reader(e, None, stderr.clone(), 64 * 1024, None));
         let console: Option<ConsoleSink> =
             console.map(|c| Box::new(CrlfToLf::new(c)) as ConsoleSink);
+        let panic = Arc::new(Mutex::new(None));
+        let watch = PanicWatch {
+            scan: PanicScan::default(),
+            seen: panic.clone(),
+            qemu: pidfd_open(child.id()),
+        };
         let console_thread = child
             .stdout
             .take()
-            .map(|o| spawn_reader(o, console, Arc::new(Mutex::new(Vec::new())), 0));
+            .map(|o| spawn_reader(o, console, Arc::new(Mutex::new(Vec::new())), 0, Some(watch)));
         let started = Instant::now();
         // From here on, any error must kill QEMU: wrap it first.
         let mut guard = ChildGuard(Some(child));
-        if let Some(link) = plugin.as_deref_mut() {
-            // QEMU installs plugins before it opens the gdbstub, and ours waits for us.
-            // Poll, so that a QEMU that could not load the plugin is reported at once.
-            let accepted = loop {
-                match link.accept(Duration::from_millis(200)) {
-                    Err(crate::plugin_link::PluginLinkError::AcceptTimeout(_))
-                        if started.elapsed() < Duration::from_secs(30) =>
-                    {
-                        let exited = guard
-                            .0
-                            .as_mut()
-                            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-                        if exited {
-                            if let Some(t) = err_thread {
-                                let _ = t.join();
+        let mut err_thread = err_thread;
+        let attached = Self::attach(&mut guard, &paths, plugin.as_deref_mut(), started);
+        let (gdb, ram) = match attached {
+            Ok(v) => v,
+            Err(e) => {
+                // QEMU may have died on its own (a bad option, too much memory): that,
+                // with its own words, is the story, not the gdbstub or plugin error it caused.
+                let ended = guard.0.as_mut().and_then(|c| {
+                    let deadline = Instant::now() + Duration::from_secs(1);
+                    loop {
+                        match c.try_wait() {
+                            Ok(Some(st)) => break Some(st),
+                            Ok(None) if Instant::now() < deadline => {
+                                std::thread::sleep(Duration::from_millis(20))
                             }
-                            return Err(MachineError::EarlyExit {
-                                stderr: tail(&stderr),
-                            });
+                            _ => break None,
                         }
                     }
-                    other => break other,
-                }
-            };
-            if let Err(e) = accepted {
-                if let Some(c) = guard.0.as_mut() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                if let Some(t) = err_thread {
+                });
+                drop(guard);
+                if let Some(t) = err_thread.take() {
                     let _ = t.join();
                 }
-                return Err(MachineError::Plugin {
-                    source: e,
-                    stderr: tail(&stderr),
+                return Err(match (ended, e) {
+                    (_, MachineError::EarlyExit { end, .. }) => MachineError::EarlyExit {
+                        end,
+                        stderr: QemuSaid(tail(&stderr)),
+                    },
+                    (Some(st), _) => MachineError::EarlyExit {
+                        end: QemuEnd(st),
+                        stderr: QemuSaid(tail(&stderr)),
+                    },
+                    (None, MachineError::Plugin { source, .. }) => MachineError::Plugin {
+                        source,
+                        stderr: tail(&stderr),
+                    },
+                    (None, e) => e,
                 });
             }
-        }
-        let gdb = loop {
-            if let Some(c) = guard.0.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    if let Some(t) = err_thread {
-                        let _ = t.join();
-                    }
-                    return Err(MachineError::EarlyExit {
-                        stderr: tail(&stderr),
-                    });
-                }
-            }
-            match GdbClient::connect(&paths.gdb_socket, Duration::from_millis(200)) {
-                Ok(g) => break g,
-                Err(GdbError::Connect { .. }) if started.elapsed() < Duration::from_secs(20) => {}
-                Err(e) => return Err(e.into()),
-            }
         };
-        let mut gdb = gdb;
-        let mtree = gdb.monitor("info mtree -f")?;
-        let map = RamMap::from_mtree(&mtree, RAM_REGION)?;
-        let ram = RamFile::map(&paths.ram, map)?;
-        // Both QEMU and we hold the mapping now: nothing needs the name.
-        let _ = std::fs::remove_file(&paths.ram);
+        // QEMU has opened its serial file and read the kernel and initramfs; the gdbstub
+        // is connected. Keep the status file open and remove the run directory.
+        let status =
+            File::open(&paths.status).map_err(|e| MachineError::Status(paths.status.clone(), e))?;
+        drop(paths);
         if let Some(link) = plugin {
             // The plugin reads guest memory from this file from now on (its own page walk);
             // without it, it keeps QEMU's slower accessor. The guest has not set up paging
@@ -357,20 +532,78 @@ impl QemuMachine {
                 tracing::warn!(%why, "guest RAM not given to the plugin; it reads through QEMU");
             }
         }
+        let mut gdb = gdb;
         let vcpus = u32::try_from(gdb.vcpus()?.len()).unwrap_or(0);
         Ok(Self {
             child: guard.0.take(),
-            status_path: paths.status.clone(),
-            paths: Some(paths),
+            status,
             gdb,
             ram: Arc::new(ram),
             vcpus,
             console: console_thread,
+            err_thread,
             stderr,
+            panic,
             started,
         })
     }
 
+    /// The part of `start` after the spawn: the plugin's connection, the gdbstub (whose
+    /// socket is unlinked once connected), and guest RAM.
+    fn attach(
+        guard: &mut ChildGuard,
+        paths: &RunPaths,
+        plugin: Option<&mut PluginLink>,
+        started: Instant,
+    ) -> Result<(GdbClient, RamFile), MachineError> {
+        let exited = |guard: &mut ChildGuard| {
+            guard
+                .0
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .map(|st| MachineError::EarlyExit {
+                    end: QemuEnd(st),
+                    stderr: QemuSaid::default(),
+                })
+        };
+        if let Some(link) = plugin {
+            // QEMU installs plugins before it opens the gdbstub, and ours waits for us.
+            // Poll, so that a QEMU that could not load the plugin is reported at once.
+            let accepted = loop {
+                match link.accept(Duration::from_millis(200)) {
+                    Err(crate::plugin_link::PluginLinkError::AcceptTimeout(_))
+                        if started.elapsed() < Duration::from_secs(30) =>
+                    {
+                        if let Some(e) = exited(guard) {
+                            return Err(e);
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            accepted.map_err(|source| MachineError::Plugin {
+                source,
+                stderr: String::new(),
+            })?;
+        }
+        let mut gdb = loop {
+            if let Some(e) = exited(guard) {
+                return Err(e);
+            }
+            match GdbClient::connect(&paths.gdb_socket, Duration::from_millis(200)) {
+                Ok(g) => break g,
+                Err(GdbError::Connect { .. }) if started.elapsed() < Duration::from_secs(20) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // Connected: nothing needs the socket's name any more.
+        let _ = std::fs::remove_file(&paths.gdb_socket);
+        let mtree = gdb.monitor("info mtree -f")?;
+        let map = RamMap::from_mtree(&mtree, RAM_REGION)?;
+        let file = File::from(paths.ram.try_clone().map_err(MachineError::Memfd)?);
+        let ram = RamFile::from_file(file, Path::new("memfd:ornament-ram"), map)?;
+        Ok((gdb, ram))
+    }
     /// Guest RAM (readable while the guest runs).
     pub fn ram(&self) -> Arc<RamFile> {
         self.ram.clone()
@@ -435,6 +668,11 @@ impl QemuMachine {
                 }
             }
             match self.poll_exit(Duration::from_millis(100)) {
+                // A Ctrl-C that also reached the guest's end is still a Ctrl-C.
+                Ok(true) if stop.load(Ordering::Relaxed) => {
+                    self.kill();
+                    return Err(MachineError::Interrupted);
+                }
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => {
@@ -469,19 +707,21 @@ impl QemuMachine {
 
     /// Reap QEMU and collect what the run produced.
     pub fn finish(mut self) -> Result<RunOutcome, MachineError> {
-        let code = match self.child.take() {
+        let mut killed_here = false;
+        let status = match self.child.take() {
             Some(mut c) => {
                 // QEMU exits on its own after power-off; give it a moment.
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
                     match c.try_wait().map_err(MachineError::Wait)? {
-                        Some(st) => break st.code(),
+                        Some(st) => break Some(st),
                         None if Instant::now() < deadline => {
                             std::thread::sleep(Duration::from_millis(20))
                         }
                         None => {
                             let _ = c.kill();
-                            break c.wait().map_err(MachineError::Wait)?.code();
+                            killed_here = true;
+                            break Some(c.wait().map_err(MachineError::Wait)?);
                         }
                     }
                 }
@@ -491,13 +731,44 @@ impl QemuMachine {
         if let Some(t) = self.console.take() {
             let _ = t.join();
         }
-        let guest_status = std::fs::read_to_string(&self.status_path)
+        if let Some(t) = self.err_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(message) = self.panic_line() {
+            return Err(MachineError::GuestPanic { message });
+        }
+        if let Some(st) = status.filter(|st| st.signal().is_some() && !killed_here) {
+            return Err(MachineError::QemuDied {
+                end: QemuEnd(st),
+                stderr: QemuSaid(tail(&self.stderr)),
+            });
+        }
+        let guest_status = read_tail(&mut self.status, STATUS_TAIL)
             .ok()
             .and_then(|s| parse_status(&s));
         Ok(RunOutcome {
             guest_status,
-            qemu_code: code,
+            qemu_code: status.and_then(|st| st.code()),
             qemu_stderr: tail(&self.stderr),
+        })
+    }
+
+    /// The kernel's panic line, if the console has shown one.
+    pub fn panic_line(&self) -> Option<String> {
+        self.panic.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Why the guest ended early, when it has: a kernel panic, or QEMU's own death (with
+    /// its exit code or signal and message). None while QEMU runs or if it exited cleanly
+    /// without a panic on the console.
+    pub fn early_end(&mut self) -> Option<MachineError> {
+        if let Some(message) = self.panic_line() {
+            return Some(MachineError::GuestPanic { message });
+        }
+        let st = self.child.as_mut()?.try_wait().ok().flatten()?;
+        (!st.success()).then(|| MachineError::QemuDied {
+            end: QemuEnd(st),
+            stderr: QemuSaid(tail(&self.stderr)),
         })
     }
 
@@ -510,11 +781,21 @@ impl QemuMachine {
     }
 }
 
+/// Most of the status channel read at the end (the guest can write any amount to it).
+const STATUS_TAIL: u64 = 64 * 1024;
+
+/// The last `max` bytes of a file, as text.
+fn read_tail(f: &mut File, max: u64) -> std::io::Result<String> {
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut buf = Vec::new();
+    f.take(max).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 impl Drop for QemuMachine {
     fn drop(&mut self) {
         self.kill();
-        // RunPaths removes the RAM file (if still named) and the run directory.
-        drop(self.paths.take());
     }
 }
 
@@ -563,6 +844,47 @@ mod tests {
         assert_eq!(parse_status("noise\r\nornament-exit 137\r\n"), Some(137));
         assert_eq!(parse_status(""), None);
         assert_eq!(parse_status("ornament-exit x"), None);
+    }
+
+    #[test]
+    fn panic_line_is_found_in_any_chunking() {
+        let console = b"[    1.000000] ok\r\n[    5.174918] Kernel panic - not syncing: sysrq triggered crash\r\nCPU: 0\r\n";
+        for cut in 0..console.len() {
+            let mut scan = PanicScan::default();
+            let found = [scan.feed(&console[..cut]), scan.feed(&console[cut..])];
+            assert_eq!(
+                found.into_iter().flatten().collect::<Vec<_>>(),
+                vec!["Kernel panic - not syncing: sysrq triggered crash".to_owned()],
+                "cut at {cut}"
+            );
+        }
+        let mut scan = PanicScan::default();
+        assert_eq!(
+            scan.feed(b"Kernel panic - not syncing: Attempted to kill init!\n"),
+            Some("Kernel panic - not syncing: Attempted to kill init!".into())
+        );
+        // Not at the start of a line (after a time stamp): a command's output, not the kernel.
+        assert_eq!(scan.feed(b"grep: Kernel panic - not syncing\n"), None);
+        assert_eq!(scan.feed(b"[x] Kernel panic - not syncing\n"), None);
+        // The end-of-trace line does not count again.
+        assert_eq!(
+            scan.feed(b"---[ end Kernel panic - not syncing: x ]---\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn qemu_end_in_words() {
+        assert_eq!(
+            QemuEnd(ExitStatus::from_raw(1 << 8)).to_string(),
+            "exited with code 1"
+        );
+        assert_eq!(
+            QemuEnd(ExitStatus::from_raw(9)).to_string(),
+            "was killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(QemuSaid(" \n".into()).to_string(), "");
+        assert_eq!(QemuSaid("no".into()).to_string(), "; QEMU said:\nno");
     }
 
     #[test]
