@@ -759,13 +759,26 @@ impl QemuMachine {
     }
 
     /// Why the guest ended early, when it has: a kernel panic, or QEMU's own death (with
-    /// its exit code or signal and message). None while QEMU runs or if it exited cleanly
+    /// its exit code or signal and message). QEMU gets up to a second to finish exiting
+    /// (its gdbstub closes first). None while QEMU runs on, or if it exited cleanly
     /// without a panic on the console.
     pub fn early_end(&mut self) -> Option<MachineError> {
-        if let Some(message) = self.panic_line() {
-            return Some(MachineError::GuestPanic { message });
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let st = loop {
+            if let Some(message) = self.panic_line() {
+                return Some(MachineError::GuestPanic { message });
+            }
+            match self.child.as_mut()?.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => return None,
+            }
+        };
+        if let Some(t) = self.err_thread.take() {
+            let _ = t.join();
         }
-        let st = self.child.as_mut()?.try_wait().ok().flatten()?;
         (!st.success()).then(|| MachineError::QemuDied {
             end: QemuEnd(st),
             stderr: QemuSaid(tail(&self.stderr)),
