@@ -190,6 +190,8 @@ fn resolve(a: &RunArgs) -> Result<Boot> {
 /// Run; returns the exit status for the process.
 pub fn run(a: RunArgs) -> Result<u8> {
     let signals = Signals::install()?;
+    // What killed runs left (run directories, old RAM files) goes first.
+    ornament_qemu::machine::sweep_debris();
     if a.vcpus == 0 || a.vcpus > MAX_VCPUS {
         bail!("--vcpus {}: must be between 1 and {MAX_VCPUS}", a.vcpus);
     }

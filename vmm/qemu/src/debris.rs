@@ -71,13 +71,18 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Remove the run directories in `base` whose owner is gone and that belong to the
-/// same user as `mine` (a directory just created by this process). Returns what was
-/// removed. Directories of live processes, of other users, and anything else in
-/// `base` are left alone.
-pub fn sweep_run_dirs(base: &Path, mine: &Path) -> Vec<PathBuf> {
+/// The effective uid of this process (the owner of `/proc/self`).
+fn my_uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(uid) = fs::metadata(mine).map(|m| m.uid()) else {
+    fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Remove the run directories in `base` whose owner is gone and that belong to this
+/// user. Returns what was removed. Directories of live processes, of other users, and
+/// anything else in `base` are left alone.
+pub fn sweep_run_dirs(base: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(uid) = my_uid() else {
         return Vec::new();
     };
     let Ok(entries) = fs::read_dir(base) else {
@@ -86,9 +91,6 @@ pub fn sweep_run_dirs(base: &Path, mine: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
-        if path == mine {
-            continue;
-        }
         let name = e.file_name();
         let Some(owner) = name.to_str().and_then(Owner::from_run_dir_name) else {
             continue;
@@ -112,10 +114,10 @@ pub fn sweep_run_dirs(base: &Path, mine: &Path) -> Vec<PathBuf> {
 }
 
 /// Remove `ornament-ram-<pid>-*` files in `shm` (older versions named the RAM file in
-/// `/dev/shm`) whose pid no longer runs, if they belong to the user of `mine`.
-pub fn sweep_legacy_ram_files(shm: &Path, mine: &Path) -> Vec<PathBuf> {
+/// `/dev/shm`) whose pid no longer runs, if they belong to this user.
+pub fn sweep_legacy_ram_files(shm: &Path) -> Vec<PathBuf> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(uid) = fs::metadata(mine).map(|m| m.uid()) else {
+    let Some(uid) = my_uid() else {
         return Vec::new();
     };
     let Ok(entries) = fs::read_dir(shm) else {
@@ -201,7 +203,7 @@ mod tests {
         fs::create_dir(&unrelated).expect("mkdir");
         let dead_file = base.path().join(format!("{}file", dead.run_dir_prefix()));
         fs::write(&dead_file, b"not a directory").expect("write");
-        assert_eq!(sweep_run_dirs(base.path(), &mine), vec![dead_dir.clone()]);
+        assert_eq!(sweep_run_dirs(base.path()), vec![dead_dir.clone()]);
         assert!(!dead_dir.exists());
         assert!(mine.is_dir() && live_dir.is_dir() && unrelated.is_dir());
         assert!(dead_file.is_file());
@@ -221,10 +223,7 @@ mod tests {
         for f in [&dead, &live, &other] {
             fs::write(f, b"ram").expect("write");
         }
-        assert_eq!(
-            sweep_legacy_ram_files(shm.path(), shm.path()),
-            vec![dead.clone()]
-        );
+        assert_eq!(sweep_legacy_ram_files(shm.path()), vec![dead.clone()]);
         assert!(!dead.exists() && live.exists() && other.exists());
     }
 }

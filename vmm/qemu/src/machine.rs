@@ -161,19 +161,28 @@ pub struct QemuMachine {
 /// start time. Run directories (and `/dev/shm` RAM files of older versions) whose owner
 /// is gone are removed first.
 pub fn run_dir() -> Result<tempfile::TempDir, MachineError> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
+    sweep_debris();
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix(&debris::Owner::me().run_dir_prefix())
         .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir_in(&base)
-        .map_err(MachineError::RunDir)?;
-    debris::sweep_run_dirs(&base, dir.path());
-    debris::sweep_legacy_ram_files(Path::new("/dev/shm"), dir.path());
-    Ok(dir)
+        .tempdir_in(runtime_base())
+        .map_err(MachineError::RunDir)
+}
+
+/// Where run directories go: `$XDG_RUNTIME_DIR`, else the temporary directory.
+pub fn runtime_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Remove what killed runs left: their run directories, and the `/dev/shm` RAM files
+/// of older versions. Cheap (two directory listings); every start calls it.
+pub fn sweep_debris() {
+    debris::sweep_run_dirs(&runtime_base());
+    debris::sweep_legacy_ram_files(Path::new("/dev/shm"));
 }
 
 /// Guest RAM: an anonymous memfd (no name anywhere in the file system). QEMU inherits
