@@ -6,17 +6,25 @@
 //! soon as QEMU has opened what is in it, so a SIGKILL leaves at most a directory from
 //! start-up, which the next start removes (`debris`).
 
-use crate::debris;
+mod console;
+mod end;
+mod run_paths;
+
 use crate::gdb::{GdbClient, GdbError, StopReply};
 use crate::launch::QemuConfig;
 use crate::plugin_link::PluginLink;
 use crate::ram::{RamError, RamFile, RamMap};
+pub use console::CrlfToLf;
+use console::{pidfd_open, spawn_reader, PanicScan, PanicWatch};
+use end::{read_tail, STATUS_TAIL};
+pub use end::{QemuEnd, QemuSaid};
+pub use run_paths::{run_dir, runtime_base, sweep_debris, RunPaths};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -81,50 +89,6 @@ pub enum MachineError {
     Wait(#[source] std::io::Error),
 }
 
-/// How a QEMU process ended, in words: "exited with code N" or "was killed by signal N (NAME)".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QemuEnd(pub ExitStatus);
-
-impl std::fmt::Display for QemuEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (self.0.code(), self.0.signal()) {
-            (Some(c), _) => write!(f, "exited with code {c}"),
-            (None, Some(s)) => write!(f, "was killed by signal {s} ({})", signal_name(s)),
-            (None, None) => write!(f, "ended ({:?})", self.0),
-        }
-    }
-}
-
-/// QEMU's last lines on stderr, shown after "; QEMU said:" (nothing when it said nothing).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QemuSaid(pub String);
-
-impl std::fmt::Display for QemuSaid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.trim() {
-            "" => Ok(()),
-            said => write!(f, "; QEMU said:\n{said}"),
-        }
-    }
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGTERM => "SIGTERM",
-        _ => "another signal",
-    }
-}
-
 /// How the run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
@@ -154,249 +118,6 @@ pub struct QemuMachine {
     /// The kernel's panic line, once the console showed one.
     panic: Arc<Mutex<Option<String>>>,
     started: Instant,
-}
-
-/// A private directory for sockets and files of one run (mode 0700), in
-/// `$XDG_RUNTIME_DIR` (else the temporary directory), named with this process's pid and
-/// start time. Run directories (and `/dev/shm` RAM files of older versions) whose owner
-/// is gone are removed first.
-pub fn run_dir() -> Result<tempfile::TempDir, MachineError> {
-    sweep_debris();
-    use std::os::unix::fs::PermissionsExt;
-    tempfile::Builder::new()
-        .prefix(&debris::Owner::me().run_dir_prefix())
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir_in(runtime_base())
-        .map_err(MachineError::RunDir)
-}
-
-/// Where run directories go: `$XDG_RUNTIME_DIR`, else the temporary directory.
-pub fn runtime_base() -> PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir)
-}
-
-/// Remove what killed runs left: their run directories, and the `/dev/shm` RAM files
-/// of older versions. Cheap (two directory listings); every start calls it.
-pub fn sweep_debris() {
-    debris::sweep_run_dirs(&runtime_base());
-    debris::sweep_legacy_ram_files(Path::new("/dev/shm"));
-}
-
-/// Guest RAM: an anonymous memfd (no name anywhere in the file system). QEMU inherits
-/// it and opens it as `/proc/self/fd/N`; we map it, and the plugin gets it over its socket.
-fn ram_memfd() -> Result<OwnedFd, MachineError> {
-    // SAFETY: memfd_create takes a NUL-terminated name (a C string literal) and flags;
-    // it returns a new descriptor or -1, checked below.
-    let fd = unsafe { libc::memfd_create(c"ornament-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MachineError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Files of one run, chosen before QEMU starts.
-#[derive(Debug)]
-pub struct RunPaths {
-    /// Private directory (removed on drop, and as soon as QEMU has started).
-    pub dir: tempfile::TempDir,
-    /// gdbstub socket.
-    pub gdb_socket: PathBuf,
-    /// /init's status channel.
-    pub status: PathBuf,
-    /// Guest RAM (a memfd, close-on-exec; QEMU gets it at spawn).
-    pub ram: OwnedFd,
-}
-
-impl RunPaths {
-    /// Create the private directory and name the files in it, and the RAM memfd.
-    pub fn new() -> Result<Self, MachineError> {
-        let dir = run_dir()?;
-        let gdb_socket = dir.path().join("gdb.sock");
-        let status = dir.path().join("status");
-        let ram = ram_memfd()?;
-        Ok(Self {
-            dir,
-            gdb_socket,
-            status,
-            ram,
-        })
-    }
-}
-
-/// Turns the serial console's `\r\n` line ends into `\n` (a lone `\r` stays).
-#[derive(Debug)]
-pub struct CrlfToLf<W: Write> {
-    inner: W,
-    pending_cr: bool,
-}
-
-impl<W: Write> CrlfToLf<W> {
-    /// Wrap a writer.
-    pub fn new(inner: W) -> Self {
-        Self {
-            inner,
-            pending_cr: false,
-        }
-    }
-}
-
-impl<W: Write> Write for CrlfToLf<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = Vec::with_capacity(buf.len() + 1);
-        for &b in buf {
-            if self.pending_cr && b != b'\n' {
-                out.push(b'\r');
-            }
-            self.pending_cr = b == b'\r';
-            if !self.pending_cr {
-                out.push(b);
-            }
-        }
-        self.inner.write_all(&out)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// The start of the kernel's panic message on the console.
-const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
-/// How long a panicked guest may go on (printing its trace, rebooting by `panic=`)
-/// before QEMU is stopped: with `panic=0` the kernel would spin forever.
-const PANIC_GRACE: Duration = Duration::from_secs(2);
-/// Longest console line kept while looking for the panic line.
-const LINE_MAX: usize = 512;
-
-/// Finds the kernel's panic line in the console stream: a line that starts with
-/// `Kernel panic - not syncing`, after the printk time stamp `[    1.234567] ` if any.
-#[derive(Debug, Default)]
-struct PanicScan {
-    line: Vec<u8>,
-}
-
-impl PanicScan {
-    /// Feed console bytes; the panic line (from the mark on, control bytes dropped) when
-    /// one ends in them.
-    fn feed(&mut self, bytes: &[u8]) -> Option<String> {
-        let mut found = None;
-        for &b in bytes {
-            if b == b'\n' || b == b'\r' {
-                if found.is_none() {
-                    found = Self::panic_line(&self.line);
-                }
-                self.line.clear();
-            } else if self.line.len() < LINE_MAX {
-                self.line.push(b);
-            }
-        }
-        found
-    }
-
-    fn panic_line(line: &[u8]) -> Option<String> {
-        let mut rest = line;
-        if let Some(after) = rest.strip_prefix(b"[") {
-            let end = after.iter().position(|&b| b == b']')?;
-            if !after[..end]
-                .iter()
-                .all(|&b| b == b' ' || b == b'.' || b.is_ascii_digit())
-            {
-                return None;
-            }
-            rest = after[end + 1..].strip_prefix(b" ")?;
-        }
-        rest.starts_with(PANIC_MARK).then(|| {
-            rest.iter()
-                .filter(|b| (0x20..0x7f).contains(*b))
-                .map(|&b| char::from(b))
-                .collect()
-        })
-    }
-}
-
-/// What a console reader does besides keeping and forwarding the bytes: look for the
-/// kernel's panic line and, once seen, stop QEMU after `PANIC_GRACE` (through a pidfd,
-/// so a reaped and reused pid is never signalled).
-struct PanicWatch {
-    scan: PanicScan,
-    seen: Arc<Mutex<Option<String>>>,
-    qemu: Option<OwnedFd>,
-}
-
-fn spawn_reader<R: Read + Send + 'static>(
-    mut r: R,
-    mut sink: Option<ConsoleSink>,
-    keep: Arc<Mutex<Vec<u8>>>,
-    keep_max: usize,
-    mut panic: Option<PanicWatch>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if let Some(s) = sink.as_mut() {
-                        let _ = s.write_all(&buf[..n]);
-                        let _ = s.flush();
-                    }
-                    if let Some(w) = panic.as_mut() {
-                        if let Some(line) = w.scan.feed(&buf[..n]) {
-                            let mut seen = w.seen.lock().unwrap_or_else(|p| p.into_inner());
-                            if seen.is_none() {
-                                tracing::debug!(%line, "guest kernel panic on the console");
-                                *seen = Some(line);
-                                if let Some(fd) = w.qemu.take() {
-                                    std::thread::spawn(move || {
-                                        std::thread::sleep(PANIC_GRACE);
-                                        pidfd_kill(&fd);
-                                    });
-                                }
-                            }
-                        }
-                    }
-                    if keep_max > 0 {
-                        let mut k = keep.lock().unwrap_or_else(|p| p.into_inner());
-                        k.extend_from_slice(&buf[..n]);
-                        if k.len() > keep_max {
-                            let cut = k.len() - keep_max;
-                            k.drain(..cut);
-                        }
-                    }
-                }
-            }
-        }
-    })
-}
-
-/// A pidfd for our (not yet reaped) child, or None where the kernel has no pidfd_open.
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).ok()?;
-    // SAFETY: pidfd_open(pid, 0) takes two integers and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// SIGKILL the process of a pidfd (nothing when it has already ended).
-fn pidfd_kill(fd: &OwnedFd) {
-    // SAFETY: pidfd_send_signal(fd, sig, NULL, 0) on a pidfd we own; the result is ignored
-    // (ESRCH when the process has already exited).
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
-    }
 }
 
 impl QemuMachine {
@@ -803,18 +524,6 @@ impl QemuMachine {
     }
 }
 
-/// Most of the status channel read at the end (the guest can write any amount to it).
-const STATUS_TAIL: u64 = 64 * 1024;
-
-/// The last `max` bytes of a file, as text.
-fn read_tail(f: &mut File, max: u64) -> std::io::Result<String> {
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
-    let mut buf = Vec::new();
-    f.take(max).read_to_end(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
 impl Drop for QemuMachine {
     fn drop(&mut self) {
         self.kill();
@@ -853,74 +562,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn console_line_ends() {
-        let mut w = CrlfToLf::new(Vec::new());
-        w.write_all(b"a\r\nb\r").expect("vec");
-        w.write_all(b"\nc\rd").expect("vec");
-        assert_eq!(w.inner, b"a\nb\nc\rd");
-    }
-
-    #[test]
     fn status_lines() {
         assert_eq!(parse_status("ornament-exit 7\n"), Some(7));
         assert_eq!(parse_status("noise\r\nornament-exit 137\r\n"), Some(137));
         assert_eq!(parse_status(""), None);
         assert_eq!(parse_status("ornament-exit x"), None);
-    }
-
-    #[test]
-    fn panic_line_is_found_in_any_chunking() {
-        let console = b"[    1.000000] ok\r\n[    5.174918] Kernel panic - not syncing: sysrq triggered crash\r\nCPU: 0\r\n";
-        for cut in 0..console.len() {
-            let mut scan = PanicScan::default();
-            let found = [scan.feed(&console[..cut]), scan.feed(&console[cut..])];
-            assert_eq!(
-                found.into_iter().flatten().collect::<Vec<_>>(),
-                vec!["Kernel panic - not syncing: sysrq triggered crash".to_owned()],
-                "cut at {cut}"
-            );
-        }
-        let mut scan = PanicScan::default();
-        assert_eq!(
-            scan.feed(b"Kernel panic - not syncing: Attempted to kill init!\n"),
-            Some("Kernel panic - not syncing: Attempted to kill init!".into())
-        );
-        // Not at the start of a line (after a time stamp): a command's output, not the kernel.
-        assert_eq!(scan.feed(b"grep: Kernel panic - not syncing\n"), None);
-        assert_eq!(scan.feed(b"[x] Kernel panic - not syncing\n"), None);
-        // The end-of-trace line does not count again.
-        assert_eq!(
-            scan.feed(b"---[ end Kernel panic - not syncing: x ]---\n"),
-            None
-        );
-    }
-
-    #[test]
-    fn qemu_end_in_words() {
-        assert_eq!(
-            QemuEnd(ExitStatus::from_raw(1 << 8)).to_string(),
-            "exited with code 1"
-        );
-        assert_eq!(
-            QemuEnd(ExitStatus::from_raw(9)).to_string(),
-            "was killed by signal 9 (SIGKILL)"
-        );
-        assert_eq!(QemuSaid(" \n".into()).to_string(), "");
-        assert_eq!(QemuSaid("no".into()).to_string(), "; QEMU said:\nno");
-    }
-
-    #[test]
-    fn run_paths_are_private_and_removed() {
-        let p = RunPaths::new().expect("run dir");
-        let dir = p.dir.path().to_path_buf();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&dir)
-            .expect("exists")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "run dir must be private");
-        assert!(p.gdb_socket.starts_with(&dir));
-        drop(p);
-        assert!(!dir.exists());
     }
 }
