@@ -332,7 +332,15 @@ pub fn run(a: RunArgs) -> Result<u8> {
         paths,
         Some(Box::new(std::io::stderr())),
         tracer.as_mut().and_then(|t| t.link_mut()),
-    )?;
+    )
+    .map_err(|e| {
+        // QEMU was started and stopped again: a Ctrl-C meanwhile is still a Ctrl-C.
+        if stop.load(Ordering::Relaxed) {
+            anyhow::Error::from(Interrupted)
+        } else {
+            e.into()
+        }
+    })?;
     if let Some(profile) = profile {
         // Identify the kernel (guest stopped once), then arm and serve, then run.
         let view = match identify::identify(&mut machine, profile, &stop) {
