@@ -60,9 +60,12 @@ pub fn identify(
     let mut rounds = 0u32;
     while begin.elapsed() < IDENTIFY_TIMEOUT {
         if stop.load(Ordering::Relaxed) {
-            bail!("interrupted while waiting for the kernel");
+            return Err(crate::cmd::run::Interrupted.into());
         }
         if machine.poll_exit(Duration::from_millis(15))? {
+            if let Some(why) = machine.early_end() {
+                return Err(why.into());
+            }
             bail!("the guest ended before its kernel could be identified");
         }
         // Look for a banner elsewhere about once a second: another kernel's banner

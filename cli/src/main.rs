@@ -67,7 +67,19 @@ fn init_logging(verbose: u8) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; a usage error is
+            // ornament failing before it started (clap would exit 2).
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_ORNAMENT_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Run(a) => cmd::run::run(*a),
@@ -86,7 +98,7 @@ fn main() -> ExitCode {
             }
             eprintln!("{msg}");
             if e.downcast_ref::<cmd::run::Interrupted>().is_some() {
-                return ExitCode::from(130);
+                return ExitCode::from(cmd::run::EXIT_INTERRUPTED);
             }
             ExitCode::from(EXIT_ORNAMENT_FAILED)
         }

@@ -145,6 +145,11 @@ impl WatchArgs {
     pub fn plan(&self) -> Result<WatchPlan> {
         let mut cfg = WatchConfig::default();
         if let Some(w) = &self.watch {
+            if w.split(',').all(|name| name.trim().is_empty()) {
+                bail!(
+                    "--watch {w:?} names no event: give fork, exec, exit, setid, syscall or syscall=NAME,... (comma-separated)"
+                );
+            }
             cfg.add_watch_list(w)
                 .with_context(|| format!("--watch {w}"))?;
         }

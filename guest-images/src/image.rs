@@ -141,6 +141,13 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
         .join("images")
         .join(spec.name);
     let suffix = add_suffix(&opts.add)?;
+    // Partial builds of builders that died (a SIGKILL mid-build) go at the next start,
+    // unless a build is running now (it holds the lock; it sweeps them itself).
+    if let Ok(lock) = fs::File::open(root.join(LOCK_FILE)) {
+        if lock.try_lock().is_ok() {
+            sweep_partials(&root);
+        }
+    }
     if !opts.rebuild {
         if let Some(img) = find_cached(spec, &root, &suffix) {
             tracing::info!(image = spec.name, dir = %img.dir.display(), "using cached image");
@@ -150,16 +157,19 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
     fs::create_dir_all(&root).map_err(io_err(&root))?;
     // One builder at a time per image (parallel runs and tests share the cache);
     // whoever waited finds the image the first one built.
-    let lock_path = root.join(".lock");
+    let lock_path = root.join(LOCK_FILE);
     let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
     lock.lock().map_err(io_err(&lock_path))?;
+    // Every builder holds the lock until it has renamed its partial directory: those
+    // left now are of builders that died.
+    sweep_partials(&root);
     if !opts.rebuild {
         if let Some(img) = find_cached(spec, &root, &suffix) {
             return Ok(img);
         }
     }
     let work = tempfile::Builder::new()
-        .prefix(".partial-")
+        .prefix(PARTIAL_PREFIX)
         .tempdir_in(&root)
         .map_err(io_err(&root))?;
     let version = build_into(spec, work.path(), &opts.add)?;
@@ -179,6 +189,37 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
     })
 }
 
+/// The lock file of an image's cache directory: held (flock) by its builder for the
+/// whole build, released by the kernel when the builder dies.
+const LOCK_FILE: &str = ".lock";
+/// Prefix of a build in progress (renamed to its version when complete).
+const PARTIAL_PREFIX: &str = ".partial-";
+
+/// Remove the partial builds in `root`; call with the lock held.
+fn sweep_partials(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let partial = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(PARTIAL_PREFIX));
+        if !partial {
+            continue;
+        }
+        let path = e.path();
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(dir = %path.display(), "removed the partial build of a builder that died")
+            }
+            Err(err) => {
+                tracing::warn!(dir = %path.display(), error = %err, "cannot remove a dead builder's partial build")
+            }
+        }
+    }
+}
+
 /// Images with `--add` files are cached apart: the directory name carries a hash
 /// of the added files' names and contents.
 fn add_suffix(add: &[(PathBuf, String)]) -> Result<String, ImageError> {
@@ -193,10 +234,13 @@ fn add_suffix(add: &[(PathBuf, String)]) -> Result<String, ImageError> {
         })?;
         desc.push_str(&format!("{guest}:{}\n", e.sha256));
     }
-    let tmp = tempfile::NamedTempFile::new().map_err(io_err(Path::new("/tmp")))?;
-    fs::write(tmp.path(), desc).map_err(io_err(tmp.path()))?;
-    let h = cache::hash_file(tmp.path())?;
-    Ok(format!("+add-{}", &h.sha256[..12]))
+    // Hashed in memory: a temporary file here would outlive a SIGKILL.
+    use sha2::Digest;
+    let h: String = sha2::Sha256::digest(desc.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!("+add-{}", &h[..12]))
 }
 
 fn find_cached(spec: &ImageSpec, root: &Path, suffix: &str) -> Option<Image> {
@@ -406,6 +450,31 @@ fn is_static_elf(b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_builds_of_dead_builders_go_at_the_next_start() {
+        let root = tempfile::tempdir().expect("tmp");
+        let partial = root.path().join(format!("{PARTIAL_PREFIX}abc123"));
+        fs::create_dir_all(partial.join("debs")).expect("mkdir");
+        fs::write(partial.join("debs/x.deb"), b"half a download").expect("write");
+        let built = root.path().join("6.1.176-1");
+        fs::create_dir(&built).expect("mkdir");
+        sweep_partials(root.path());
+        assert!(!partial.exists());
+        assert!(built.is_dir(), "complete images stay");
+    }
+
+    #[test]
+    fn add_suffix_hashes_names_and_contents() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("f");
+        fs::write(&f, b"abc").expect("write");
+        // sha256("/x:" + sha256("abc") + "\n"), as the cache has always named it.
+        let s = add_suffix(&[(f.clone(), "/x".into())]).expect("hash");
+        assert_eq!(s, "+add-054bda346c90");
+        assert_ne!(s, add_suffix(&[(f, "/y".into())]).expect("hash"));
+        assert_eq!(add_suffix(&[]).expect("empty"), "");
+    }
 
     #[test]
     fn busybox_static_check() {

@@ -14,6 +14,8 @@ pub enum OverlayError {
     BadGuestPath(String),
     /// --add {0}: expected HOST:GUEST
     BadAddSpec(String),
+    /// guest path {0} is ornament's own: /init and /ornament/ run the command and report its status; add the file elsewhere
+    ReservedGuestPath(String),
     /// building the overlay failed
     Image(#[from] ImageError),
     /// I/O on {path} failed
@@ -59,6 +61,14 @@ pub fn parse_add(spec: &str) -> Result<(PathBuf, String), OverlayError> {
 fn check_guest_path(p: &str) -> Result<(), OverlayError> {
     if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p == "/" {
         return Err(OverlayError::BadGuestPath(p.to_owned()));
+    }
+    // `//init` and `/./ornament/x` are the same files.
+    let comps: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if comps == ["init"] || comps.first() == Some(&"ornament") {
+        return Err(OverlayError::ReservedGuestPath(p.to_owned()));
     }
     Ok(())
 }
@@ -181,5 +191,23 @@ mod tests {
         assert!(parse_add("/tmp/x:rel").is_err());
         assert!(parse_add("/tmp/x:/a/../b").is_err());
         assert!(parse_add(":/a").is_err());
+        for reserved in [
+            "/init",
+            "//init",
+            "/./init",
+            "/ornament",
+            "/ornament/cmd",
+            "/ornament/x/y",
+        ] {
+            assert!(
+                matches!(
+                    parse_add(&format!("/tmp/x:{reserved}")),
+                    Err(OverlayError::ReservedGuestPath(p)) if p == reserved
+                ),
+                "{reserved}"
+            );
+        }
+        assert!(parse_add("/tmp/x:/init.d/x").is_ok());
+        assert!(parse_add("/tmp/x:/opt/ornament").is_ok());
     }
 }

@@ -3,14 +3,16 @@
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Seconds any test guest may run before ornament stops it.
 pub const GUEST_TIMEOUT_SECS: u64 = 300;
 
-/// True when running under CI (`CI=true`): missing prerequisites fail the test.
+/// True when running under CI (`CI` set, non-empty, and not `0` or `false`): missing
+/// prerequisites fail the test.
 pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
 /// Skip (outside CI) or fail (in CI) with a message saying what is missing.
@@ -180,4 +182,170 @@ pub fn assert_nothing_left(r: &Ran, dir: &Path) {
         })
         .unwrap_or_default();
     assert!(shm.is_empty(), "RAM files left in /dev/shm: {shm:?}");
+}
+
+/// The processes (pid, command line) whose command line mentions `needle`, other
+/// than this test process.
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if pid != me && cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// Poll `cond` every 50 ms until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Send `signal` (a name for kill(1): INT, KILL, ...) to `target` (a pid, or `-PGID`).
+pub fn send_signal(signal: &str, target: &str) {
+    let st = Command::new("kill")
+        .args([&format!("-{signal}"), "--", target])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{signal} {target} failed");
+}
+
+/// An `ornament` started in the background, in its own process group (as a shell
+/// starts a job), with a private runtime/temp directory and its output in files;
+/// SIGKILLed if the test fails.
+#[derive(Debug)]
+pub struct Background {
+    child: Option<Child>,
+    /// Process id (and process group id) of ornament.
+    pub pid: u32,
+    rt: Option<tempfile::TempDir>,
+    logs: tempfile::TempDir,
+}
+
+impl Background {
+    /// Start `ornament ARGS` with extra environment variables.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_in(tempfile::tempdir().expect("runtime dir"), args, env)
+    }
+
+    /// As `start`, with the runtime directory `rt` (to run again where a run was killed).
+    pub fn start_in(rt: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::os::unix::process::CommandExt;
+        let logs = tempfile::tempdir().expect("log dir");
+        let file = |name: &str| std::fs::File::create(logs.path().join(name)).expect("log file");
+        let mut c = Command::new(ornament_bin());
+        c.args(args)
+            .env("XDG_RUNTIME_DIR", rt.path())
+            .env("TMPDIR", rt.path())
+            .stdin(Stdio::null())
+            .stdout(file("stdout"))
+            .stderr(file("stderr"))
+            .process_group(0);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c.spawn().expect("start ornament");
+        Background {
+            pid: child.id(),
+            child: Some(child),
+            rt: Some(rt),
+            logs,
+        }
+    }
+
+    /// Its private runtime directory.
+    pub fn rt(&self) -> &Path {
+        self.rt.as_ref().expect("runtime dir").path()
+    }
+
+    /// Take the runtime directory (after `kill9`, to start again in it).
+    pub fn into_rt(mut self) -> tempfile::TempDir {
+        self.rt.take().expect("runtime dir")
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.logs.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Wait until stderr contains `needle`; panics (with stderr) after `timeout`.
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        let ok = wait_until(timeout, || {
+            self.stderr().contains(needle) || self.has_exited()
+        });
+        assert!(
+            ok && self.stderr().contains(needle),
+            "{needle:?} not on stderr within {timeout:?}:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Has ornament exited?
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// The QEMU processes of this run (their command line names its runtime directory).
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        processes_mentioning(&self.rt().to_string_lossy())
+            .into_iter()
+            .filter(|(pid, cmd)| *pid != self.pid && cmd.contains("qemu"))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// SIGKILL ornament (only ornament, not its process group) and reap it.
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().expect("SIGKILL ornament");
+        c.wait().expect("reap ornament");
+    }
+
+    /// Wait (at most `timeout`) for ornament to exit; what it did.
+    pub fn wait(mut self, timeout: Duration) -> (Ran, tempfile::TempDir) {
+        let mut child = self.child.take().expect("running");
+        let ok = wait_until(timeout, || child.try_wait().ok().flatten().is_some());
+        if !ok {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "ornament did not exit within {timeout:?}:\n{}",
+                self.stderr()
+            );
+        }
+        let status = child.wait().expect("reap ornament");
+        let ran = Ran {
+            code: status.code(),
+            stdout: std::fs::read_to_string(self.logs.path().join("stdout")).unwrap_or_default(),
+            stderr: self.stderr(),
+            pid: self.pid,
+        };
+        (ran, self.rt.take().expect("runtime dir"))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

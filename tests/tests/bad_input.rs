@@ -241,3 +241,163 @@ fn kvm_engine_refuses_what_it_cannot_do_yet() {
         expect_failure(&r, rt.path(), needles);
     }
 }
+
+#[test]
+fn usage_error_exits_125_as_documented() {
+    let (r, rt) = ornament(&["run", "--no-such-flag", "--", "true"]);
+    expect_failure(&r, rt.path(), &["--no-such-flag"]);
+    let (r, _rt) = ornament(&["frobnicate"]);
+    assert_eq!(r.code, Some(125), "{}", r.stderr);
+    // Asking for help is not an error.
+    let (r, _rt) = ornament(&["run", "--help"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("--watch"), "{}", r.stdout);
+}
+
+#[test]
+fn empty_watch_list_is_refused() {
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    for list in ["", ","] {
+        let (r, rt) = ornament(&["run", "--engine", "qemu", "--watch", list, "--", "true"]);
+        expect_failure(
+            &r,
+            rt.path(),
+            &[&format!("--watch {list:?} names no event")],
+        );
+    }
+}
+
+#[test]
+fn add_larger_than_guest_memory_is_refused_before_boot() {
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let dir = tempfile::tempdir().expect("tmp");
+    let big = dir.path().join("big.bin");
+    // Sparse: 300 MiB long, nothing on disk.
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(300 << 20))
+        .expect("sparse file");
+    let spec = format!("{}:/big.bin", big.display());
+    let (r, rt) = ornament(&["run", "--engine", "qemu", "--add", &spec, "--", "true"]);
+    expect_failure(
+        &r,
+        rt.path(),
+        &[
+            &format!("--add {} (300 MiB)", big.display()),
+            "more than --memory 512 MiB",
+            "give --memory",
+        ],
+    );
+    assert!(
+        !r.stderr.contains("Linux version"),
+        "it booted: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn add_over_ornaments_own_files_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("fake-init");
+    std::fs::write(&f, "#!/bin/sh\n").expect("write");
+    for guest in ["/init", "//init", "/ornament/cmd", "/ornament"] {
+        let spec = format!("{}:{guest}", f.display());
+        let (r, rt) = ornament(&["run", "--add", &spec, "--", "true"]);
+        expect_failure(
+            &r,
+            rt.path(),
+            &[&format!("guest path {guest} is ornament's own")],
+        );
+    }
+}
+
+#[test]
+fn qemu_refusing_to_start_is_reported_in_its_own_words() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let (r, rt) = ornament(&[
+        "run", "--engine", "qemu", "--memory", "10000000", "--", "true",
+    ]);
+    expect_failure(
+        &r,
+        rt.path(),
+        &[
+            "QEMU exited with code 1 during start-up",
+            "QEMU said:\nqemu-system-x86_64: ",
+        ],
+    );
+    assert!(!r.stderr.contains("gdbstub"), "{}", r.stderr);
+}
+
+#[test]
+fn system_map_is_checked_when_a_profile_is_in_use() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let k61 = image_dir("debian-6.1-cloud");
+    let k612 = image_dir("debian-6.12-cloud");
+    let map = k612.join("System.map");
+    let profile = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../profiles/6.1.0-50-cloud-amd64.json");
+    let (r, rt) = ornament(&[
+        "run",
+        "--engine",
+        "qemu",
+        "--timeout",
+        "300",
+        "--kernel",
+        k61.join("vmlinuz").to_str().expect("utf8"),
+        "--profile",
+        profile.to_str().expect("utf8"),
+        "--system-map",
+        map.to_str().expect("utf8"),
+        "--watch",
+        "exit",
+        "--",
+        "true",
+    ]);
+    expect_failure(
+        &r,
+        rt.path(),
+        &[
+            map.to_str().expect("utf8"),
+            "does not belong to the running kernel",
+            "Linux version 6.1.0-50-cloud-amd64",
+        ],
+    );
+    assert!(
+        !r.stderr.contains("Power down"),
+        "the guest ran on: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn ps_against_a_socket_that_never_answers_times_out() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    // Accepts, reads nothing, answers nothing, keeps the connection open.
+    let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let begin = std::time::Instant::now();
+    let (r, _rt) = ornament(&[
+        "ps",
+        "--control",
+        sock.to_str().expect("utf-8"),
+        "--timeout",
+        "2",
+    ]);
+    let took = begin.elapsed();
+    assert_eq!(r.code, Some(125), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "the control socket {} did not answer within 2 s",
+            sock.display()
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        took >= std::time::Duration::from_secs(2) && took < std::time::Duration::from_secs(10),
+        "{took:?}"
+    );
+    drop(held.join().expect("accept thread"));
+}

@@ -2,8 +2,10 @@
 //! their output and exit status come back, the guest sees its vCPUs.
 
 use ornament_tests::{
-    assert_nothing_left, can_build_images, has_qemu, ornament, require_host, GUEST_TIMEOUT_SECS,
+    assert_nothing_left, can_build_images, has_qemu, ornament, require_host, send_signal,
+    wait_until, Background, GUEST_TIMEOUT_SECS,
 };
+use std::time::{Duration, Instant};
 
 fn run_in_guest(extra: &[&str], cmd: &[&str]) -> (ornament_tests::Ran, tempfile::TempDir) {
     let timeout = GUEST_TIMEOUT_SECS.to_string();
@@ -128,4 +130,118 @@ fn kernel_6_12_boots_and_runs_a_command() {
     );
     assert!(r.stderr.contains("\n2\n"), "{}", r.stderr);
     assert_nothing_left(&r, rt.path());
+}
+
+/// `ornament run` in the background (its own process group, as a shell job) with a
+/// guest command.
+fn start_in_guest(extra: &[&str], cmd: &[&str]) -> Background {
+    let timeout = GUEST_TIMEOUT_SECS.to_string();
+    let mut args = vec!["run", "--engine", "qemu", "--timeout", &timeout];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(cmd);
+    Background::start(&args, &[])
+}
+
+/// One Ctrl-C in a terminal: SIGINT to ornament's whole process group.
+fn ctrl_c(run: &Background) {
+    send_signal("INT", &format!("-{}", run.pid));
+}
+
+fn expect_interrupted(run: Background) {
+    let (r, rt) = run.wait(Duration::from_secs(60));
+    assert_eq!(r.code, Some(130), "{}", r.stderr);
+    assert!(!r.stderr.contains("panic"), "{}", r.stderr);
+    assert_nothing_left(&r, rt.path());
+}
+
+#[test]
+fn ctrl_c_to_the_process_group_exits_130_at_every_stage() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let (r, _rt) = ornament(&["image", "build"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    // Before QEMU runs (the engine is chosen, the image not yet prepared).
+    let mut run = start_in_guest(&["--watch", "exit"], &["true"]);
+    run.wait_for_stderr("ornament: engine", Duration::from_secs(30));
+    ctrl_c(&run);
+    expect_interrupted(run);
+    // While the kernel is identified (QEMU is up, the guest not yet observed).
+    let mut run = start_in_guest(&["--watch", "exit"], &["sleep", "60"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || !run.qemu_pids().is_empty()
+            || run.has_exited()),
+        "{}",
+        run.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    ctrl_c(&run);
+    expect_interrupted(run);
+    // While the command runs, with and without events.
+    for extra in [&["--watch", "exit"][..], &[]] {
+        let mut run = start_in_guest(extra, &["sh", "-c", "echo ornament-test-ready; sleep 60"]);
+        run.wait_for_stderr("ornament-test-ready", Duration::from_secs(240));
+        ctrl_c(&run);
+        expect_interrupted(run);
+    }
+}
+
+#[test]
+fn qemu_killed_by_a_signal_is_reported_as_such() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    for extra in [&["--watch", "exit"][..], &[]] {
+        let mut run = start_in_guest(extra, &["sh", "-c", "echo ornament-test-ready; sleep 60"]);
+        run.wait_for_stderr("ornament-test-ready", Duration::from_secs(240));
+        let qemu = run.qemu_pids();
+        assert_eq!(qemu.len(), 1, "{qemu:?}");
+        send_signal("KILL", &qemu[0].to_string());
+        let (r, rt) = run.wait(Duration::from_secs(60));
+        assert_eq!(r.code, Some(125), "{}", r.stderr);
+        assert!(
+            r.stderr.contains(
+                "QEMU was killed by signal 9 (SIGKILL) while the guest ran (QEMU itself died: not a guest kernel panic)"
+            ),
+            "{extra:?}: {}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("kernel panic?"), "{}", r.stderr);
+        assert_nothing_left(&r, rt.path());
+    }
+}
+
+#[test]
+fn guest_panic_is_detected_even_with_panic_0() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    // panic=0: the kernel would spin forever after the panic; ornament stops it.
+    let begin = Instant::now();
+    let (r, rt) = run_in_guest(
+        &["--append", "panic=0"],
+        &["sh", "-c", "echo c > /proc/sysrq-trigger"],
+    );
+    assert_eq!(r.code, Some(125), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "ornament: error: the guest kernel panicked: Kernel panic - not syncing: sysrq triggered crash"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        begin.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        begin.elapsed()
+    );
+    assert_nothing_left(&r, rt.path());
+    // The default (panic=-1: reboot, which ends QEMU) says the same.
+    let (r, _rt) = run_in_guest(&[], &["sh", "-c", "echo c > /proc/sysrq-trigger"]);
+    assert_eq!(r.code, Some(125), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "the guest kernel panicked: Kernel panic - not syncing: sysrq triggered crash"
+        ),
+        "{}",
+        r.stderr
+    );
 }

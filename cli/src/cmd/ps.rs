@@ -2,17 +2,17 @@
 //! of `ornament run --control SOCKET`, printed like `ps -ef`.
 
 use crate::control::{Process, ProcessList};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long to wait for the answer.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for the whole answer unless `--timeout` says otherwise.
+const RESPONSE_TIMEOUT_SECS: u64 = 30;
 /// Longest answer read (a `ps` of a full task budget fits many times over).
-const MAX_RESPONSE_BYTES: u64 = 256 << 20;
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
 /// List the guest's processes (like `ps -ef`): PID, PPID, UID, COMM, ARGS; kernel
 /// threads show their name in [brackets].
@@ -24,11 +24,22 @@ pub struct PsArgs {
     /// Print the server's JSON response as it is.
     #[arg(long)]
     json: bool,
+    /// Give up when the whole answer has not come within SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = RESPONSE_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
 }
 
 /// Send one request line to the control socket at `path`; the response line and its
 /// parsed value, which has `"ok": true` (else the server's error is returned).
 pub fn request(path: &Path, request: &str) -> Result<(String, Value)> {
+    request_within(path, request, Duration::from_secs(RESPONSE_TIMEOUT_SECS))
+}
+
+/// `request`, with the whole response due within `timeout` (a server that accepts and
+/// never answers, or trickles, is given up on).
+pub fn request_within(path: &Path, request: &str, timeout: Duration) -> Result<(String, Value)> {
+    let deadline = Instant::now() + timeout;
     let stream = UnixStream::connect(path).with_context(|| {
         format!(
             "cannot connect to the control socket {} (is `ornament run --control {}` running?)",
@@ -36,22 +47,65 @@ pub fn request(path: &Path, request: &str) -> Result<(String, Value)> {
             path.display()
         )
     })?;
-    stream.set_read_timeout(Some(RESPONSE_TIMEOUT))?;
+    let late = || {
+        anyhow!(
+            "the control socket {} did not answer within {} s (is it the socket of a running `ornament run --control`?)",
+            path.display(),
+            timeout.as_secs()
+        )
+    };
+    stream.set_write_timeout(Some(timeout))?;
     let mut w = &stream;
-    w.write_all(request.as_bytes())
+    match w
+        .write_all(request.as_bytes())
         .and_then(|()| w.write_all(b"\n"))
-        .with_context(|| format!("cannot send a request to {}", path.display()))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(MAX_RESPONSE_BYTES))
-        .read_line(&mut line)
-        .with_context(|| format!("no response from the control socket {}", path.display()))?;
-    if !line.ends_with('\n') {
-        bail!(
-            "the control socket {} closed the connection without a complete response",
-            path.display()
-        );
+    {
+        Ok(()) => {}
+        Err(e) if is_timeout(&e) => return Err(late()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot send a request to {}", path.display()))
+        }
     }
-    line.pop();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    let mut r = &stream;
+    while !bytes.ends_with(b"\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match r.read(&mut buf) {
+            Ok(0) => bail!(
+                "the control socket {} closed the connection without a complete response",
+                path.display()
+            ),
+            Ok(n) => {
+                // One line per response: what follows the first newline is not ours.
+                let n = buf[..n]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(n, |i| i + 1);
+                bytes.extend_from_slice(&buf[..n]);
+                if bytes.len() > MAX_RESPONSE_BYTES {
+                    bail!(
+                        "the control socket {} sent a response longer than {MAX_RESPONSE_BYTES} bytes",
+                        path.display()
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => return Err(late()),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("no response from the control socket {}", path.display())
+                })
+            }
+        }
+    }
+    bytes.pop();
+    let line = String::from_utf8(bytes)
+        .with_context(|| format!("the control socket {} sent invalid UTF-8", path.display()))?;
     let value: Value = serde_json::from_str(&line)
         .with_context(|| format!("the control socket {} sent invalid JSON", path.display()))?;
     if value.get("ok") != Some(&Value::Bool(true)) {
@@ -64,9 +118,20 @@ pub fn request(path: &Path, request: &str) -> Result<(String, Value)> {
     Ok((line, value))
 }
 
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// Run `ps`.
 pub fn run(a: PsArgs) -> Result<()> {
-    let (line, value) = request(&a.control, r#"{"cmd":"ps"}"#)?;
+    let (line, value) = request_within(
+        &a.control,
+        r#"{"cmd":"ps"}"#,
+        Duration::from_secs(a.timeout),
+    )?;
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{line}")?;

@@ -108,14 +108,40 @@ fn write_initrd(
     Ok(())
 }
 
-/// A flag that SIGINT and SIGTERM set; the run loops check it and stop the guest.
-fn stop_flag() -> Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
-    }
-    Ok(stop)
+/// Signal handling for a run: `stop` is set by SIGINT and SIGTERM, and the run loops
+/// check it and stop the guest. While `immediate` is set (before QEMU or our VMM is
+/// started: image build, initramfs), the signal ends the process at once with 130;
+/// what it leaves (a partial image, a run directory) the next start removes.
+struct Signals {
+    stop: Arc<AtomicBool>,
+    immediate: Arc<AtomicBool>,
 }
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let immediate = Arc::new(AtomicBool::new(true));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(
+                sig,
+                i32::from(EXIT_INTERRUPTED),
+                immediate.clone(),
+            )
+            .context("installing signal handler")?;
+            signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
+        }
+        Ok(Self { stop, immediate })
+    }
+
+    /// From now on a signal stops the guest (and the run returns `Interrupted`).
+    fn guest_starting(&self) -> Arc<AtomicBool> {
+        self.immediate.store(false, Ordering::SeqCst);
+        self.stop.clone()
+    }
+}
+
+/// Exit status of an interrupted run (128 + SIGINT).
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// A private (0700) temporary directory for sockets of this run.
 pub fn private_dir() -> Result<tempfile::TempDir> {
@@ -165,6 +191,9 @@ fn resolve(a: &RunArgs) -> Result<Boot> {
 
 /// Run; returns the exit status for the process.
 pub fn run(a: RunArgs) -> Result<u8> {
+    let signals = Signals::install()?;
+    // What killed runs left (run directories, old RAM files) goes first.
+    ornament_qemu::machine::sweep_debris();
     if a.vcpus == 0 || a.vcpus > MAX_VCPUS {
         bail!("--vcpus {}: must be between 1 and {MAX_VCPUS}", a.vcpus);
     }
@@ -203,6 +232,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
             boot.initrd.display()
         );
     }
+    check_add_fits(&add, need_mib, a.memory)?;
     let anchors = boot
         .system_map
         .as_deref()
@@ -246,7 +276,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
             cmdline.push_str(" nokaslr");
             (watch, p)
         });
-        let stop = stop_flag()?;
+        let stop = signals.guest_starting();
         return crate::kvm_run::run(
             crate::kvm_run::KvmBoot {
                 kernel,
@@ -294,16 +324,49 @@ pub fn run(a: RunArgs) -> Result<u8> {
         plugin: tracer.as_ref().and_then(|t| t.plugin_so()),
     };
 
-    let stop = stop_flag()?;
+    let stop = signals.guest_starting();
     let mut machine = QemuMachine::start(
         cfg,
         paths,
         Some(Box::new(std::io::stderr())),
         tracer.as_mut().and_then(|t| t.link_mut()),
-    )?;
+    )
+    .map_err(|e| {
+        // QEMU was started and stopped again: a Ctrl-C meanwhile is still a Ctrl-C.
+        if stop.load(Ordering::Relaxed) {
+            anyhow::Error::from(Interrupted)
+        } else {
+            e.into()
+        }
+    })?;
     if let (Some(profile), Some(tracer)) = (profile, tracer.as_mut()) {
         // Identify the kernel (guest stopped once), then arm and serve, then run.
-        let view = Arc::new(identify::identify(&mut machine, profile, &stop)?);
+        let view = match identify::identify(&mut machine, profile, &stop) {
+            Ok(v) => Arc::new(v),
+            Err(e) => return Err(why_failed(&mut machine, &stop, e)),
+        };
+        if let Some(anch) = anchors {
+            // A --system-map is checked against the running kernel with a profile too.
+            let map = boot.system_map.clone().unwrap_or_default();
+            match banner::check(view.ram.as_ref(), anch, true) {
+                Verdict::Match(_) => {}
+                Verdict::Mismatch(running) => {
+                    machine.kill();
+                    return Err(banner::BannerError::Mismatch { path: map, running }.into());
+                }
+                Verdict::NotYet => {
+                    machine.kill();
+                    return Err(banner::BannerError::Mismatch {
+                        path: map,
+                        running: format!(
+                            "no banner where this map puts it; profile of {}",
+                            view.profile.kernel.release
+                        ),
+                    }
+                    .into());
+                }
+            }
+        }
         let _control = match &a.control {
             Some(path) => Some(crate::control::serve(path, view.clone())?),
             None => None,
@@ -319,14 +382,12 @@ pub fn run(a: RunArgs) -> Result<u8> {
             }
         }
         if let Err(e) = waited {
+            return Err(why_failed(&mut machine, &stop, e));
+        }
+        if stop.load(Ordering::Relaxed) {
+            // The guest ended as the Ctrl-C came: still a Ctrl-C.
             machine.kill();
-            if matches!(
-                e.downcast_ref::<MachineError>(),
-                Some(MachineError::Interrupted)
-            ) {
-                return Err(Interrupted.into());
-            }
-            return Err(e);
+            return Err(Interrupted.into());
         }
         return exit_status(machine.finish(), Some(&record.command));
     }
@@ -388,6 +449,60 @@ pub fn run(a: RunArgs) -> Result<u8> {
         .into());
     }
     exit_status(outcome, None)
+}
+
+/// The error to report for a run that failed with `e` after QEMU started: an
+/// interruption if one was asked for, else QEMU's own death or a guest panic if that is
+/// what happened (the gdbstub or plugin error it caused says less), else `e`. QEMU is
+/// stopped.
+fn why_failed(machine: &mut QemuMachine, stop: &AtomicBool, e: anyhow::Error) -> anyhow::Error {
+    let interrupted = stop.load(Ordering::Relaxed)
+        || matches!(
+            e.downcast_ref::<MachineError>(),
+            Some(MachineError::Interrupted)
+        )
+        || e.downcast_ref::<Interrupted>().is_some();
+    if interrupted {
+        machine.kill();
+        return Interrupted.into();
+    }
+    let ended = machine.early_end();
+    machine.kill();
+    match ended {
+        Some(end) => end.into(),
+        None => e,
+    }
+}
+
+/// Refuse `--add` files that cannot fit: the kernel holds the initramfs in guest memory
+/// while it unpacks it into its RAM file system, so each added byte needs two.
+/// `base_mib` is what the kernel and the image's initramfs need.
+fn check_add_fits(add: &[(PathBuf, String)], base_mib: u64, memory_mib: u32) -> Result<()> {
+    let mut total = 0u64;
+    let mut largest: Option<(&PathBuf, u64)> = None;
+    for (host, _) in add {
+        let len = std::fs::metadata(host)
+            .with_context(|| format!("--add {}", host.display()))?
+            .len();
+        total = total.saturating_add(len);
+        if largest.is_none_or(|(_, l)| len > l) {
+            largest = Some((host, len));
+        }
+    }
+    let need_mib = base_mib.saturating_add(total.saturating_mul(2).div_ceil(1 << 20));
+    match largest {
+        Some((host, len)) if need_mib > u64::from(memory_mib) => bail!(
+            "--add {} ({} MiB{}): the guest needs about {need_mib} MiB of memory for the kernel, its initramfs and the added files (held twice while the kernel unpacks them), more than --memory {memory_mib} MiB; give --memory {need_mib} or more, or add less",
+            host.display(),
+            len.div_ceil(1 << 20),
+            if add.len() > 1 {
+                format!(", {} MiB in all", total.div_ceil(1 << 20))
+            } else {
+                String::new()
+            }
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Where events go, for messages: the `--output` file or stdout.

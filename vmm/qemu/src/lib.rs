@@ -8,6 +8,7 @@
 //! ```
 //! Used where KVM cannot run an unmodified kernel (TCG), or with `-accel kvm`.
 
+pub mod debris;
 pub mod gdb;
 pub mod host;
 pub mod launch;
@@ -17,4 +18,4 @@ pub mod ram;
 
 pub use host::{probe, qemu_binary, QemuInfo};
 pub use launch::{Accel, QemuConfig};
-pub use machine::{MachineError, QemuMachine, RunOutcome, RunPaths};
+pub use machine::{MachineError, QemuEnd, QemuMachine, RunOutcome, RunPaths};

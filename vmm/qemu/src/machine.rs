@@ -1,12 +1,28 @@
 //! One QEMU guest from start to power-off: process, console, RAM file (handed to the TCG
 //! plugin once mapped), gdbstub, and the cleanup of all of them on every exit path.
+//!
+//! Nothing of a run keeps a name once QEMU has started: guest RAM is a memfd that QEMU
+//! inherits, and the run directory (gdbstub socket, status file, initramfs) is removed as
+//! soon as QEMU has opened what is in it, so a SIGKILL leaves at most a directory from
+//! start-up, which the next start removes (`debris`).
+
+mod console;
+mod end;
+mod run_paths;
 
 use crate::gdb::{GdbClient, GdbError, StopReply};
 use crate::launch::QemuConfig;
 use crate::plugin_link::PluginLink;
 use crate::ram::{RamError, RamFile, RamMap};
-use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
+pub use console::CrlfToLf;
+use console::{pidfd_open, spawn_reader, PanicScan, PanicWatch};
+use end::{read_tail, STATUS_TAIL};
+pub use end::{QemuEnd, QemuSaid};
+pub use run_paths::{run_dir, runtime_base, sweep_debris, RunPaths};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,11 +46,29 @@ pub enum MachineError {
         #[source]
         source: std::io::Error,
     },
-    /// QEMU exited during start-up: {stderr}
+    /// QEMU {end} during start-up{stderr}
     EarlyExit {
+        /// How QEMU ended.
+        end: QemuEnd,
         /// What QEMU printed.
-        stderr: String,
+        stderr: QemuSaid,
     },
+    /// QEMU {end} while the guest ran (QEMU itself died: not a guest kernel panic){stderr}
+    QemuDied {
+        /// How QEMU ended.
+        end: QemuEnd,
+        /// What QEMU printed.
+        stderr: QemuSaid,
+    },
+    /// the guest kernel panicked: {message}
+    GuestPanic {
+        /// The kernel's panic line from the console.
+        message: String,
+    },
+    /// cannot create the guest RAM memfd
+    Memfd(#[source] std::io::Error),
+    /// cannot open the status file {0} that QEMU writes
+    Status(PathBuf, #[source] std::io::Error),
     /// gdbstub of QEMU failed
     Gdb(#[from] GdbError),
     /// guest RAM file failed
@@ -73,149 +107,17 @@ pub type ConsoleSink = Box<dyn Write + Send>;
 #[derive(Debug)]
 pub struct QemuMachine {
     child: Option<Child>,
-    paths: Option<RunPaths>,
-    status_path: PathBuf,
+    /// /init's status channel, opened before its name was removed.
+    status: File,
     gdb: GdbClient,
     ram: Arc<RamFile>,
     vcpus: u32,
     console: Option<JoinHandle<()>>,
+    err_thread: Option<JoinHandle<()>>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The kernel's panic line, once the console showed one.
+    panic: Arc<Mutex<Option<String>>>,
     started: Instant,
-}
-
-/// A private directory for sockets and files of one run (mode 0700).
-pub fn run_dir() -> Result<tempfile::TempDir, MachineError> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    use std::os::unix::fs::PermissionsExt;
-    tempfile::Builder::new()
-        .prefix("ornament-")
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir_in(base)
-        .map_err(MachineError::RunDir)
-}
-
-/// A path for the RAM file: in /dev/shm when it exists (it is unlinked as soon as
-/// both QEMU and we have mapped it).
-fn ram_path(run_dir: &Path) -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let name = format!(
-        "ornament-ram-{}-{}",
-        std::process::id(),
-        run_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
-    if shm.is_dir() {
-        shm.join(name)
-    } else {
-        run_dir.join(name)
-    }
-}
-
-/// Files of one run, chosen before QEMU starts.
-#[derive(Debug)]
-pub struct RunPaths {
-    /// Private directory (removed on drop).
-    pub dir: tempfile::TempDir,
-    /// gdbstub socket.
-    pub gdb_socket: PathBuf,
-    /// /init's status channel.
-    pub status: PathBuf,
-    /// RAM file.
-    pub ram: PathBuf,
-}
-
-impl Drop for RunPaths {
-    fn drop(&mut self) {
-        // Normally unlinked right after mapping; this covers the early exits.
-        let _ = std::fs::remove_file(&self.ram);
-    }
-}
-
-impl RunPaths {
-    /// Create the private directory and name the files in it.
-    pub fn new() -> Result<Self, MachineError> {
-        let dir = run_dir()?;
-        let gdb_socket = dir.path().join("gdb.sock");
-        let status = dir.path().join("status");
-        let ram = ram_path(dir.path());
-        Ok(Self {
-            dir,
-            gdb_socket,
-            status,
-            ram,
-        })
-    }
-}
-
-/// Turns the serial console's `\r\n` line ends into `\n` (a lone `\r` stays).
-#[derive(Debug)]
-pub struct CrlfToLf<W: Write> {
-    inner: W,
-    pending_cr: bool,
-}
-
-impl<W: Write> CrlfToLf<W> {
-    /// Wrap a writer.
-    pub fn new(inner: W) -> Self {
-        Self {
-            inner,
-            pending_cr: false,
-        }
-    }
-}
-
-impl<W: Write> Write for CrlfToLf<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = Vec::with_capacity(buf.len() + 1);
-        for &b in buf {
-            if self.pending_cr && b != b'\n' {
-                out.push(b'\r');
-            }
-            self.pending_cr = b == b'\r';
-            if !self.pending_cr {
-                out.push(b);
-            }
-        }
-        self.inner.write_all(&out)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-fn spawn_reader<R: Read + Send + 'static>(
-    mut r: R,
-    mut sink: Option<ConsoleSink>,
-    keep: Arc<Mutex<Vec<u8>>>,
-    keep_max: usize,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if let Some(s) = sink.as_mut() {
-                        let _ = s.write_all(&buf[..n]);
-                        let _ = s.flush();
-                    }
-                    let mut k = keep.lock().unwrap_or_else(|p| p.into_inner());
-                    k.extend_from_slice(&buf[..n]);
-                    if k.len() > keep_max {
-                        let cut = k.len() - keep_max;
-                        k.drain(..cut);
-                    }
-                }
-            }
-        }
-    })
 }
 
 impl QemuMachine {
@@ -223,6 +125,9 @@ impl QemuMachine {
     /// The guest has not run an instruction when this returns; call `resume`.
     /// With `plugin`, QEMU loads ornament's TCG plugin, which connects to that link
     /// before QEMU finishes starting; the link is accepted here.
+    /// The run directory is gone when this returns (QEMU and we hold what was in it).
+    /// Whatever fails after QEMU was spawned, a QEMU that died on its own is reported
+    /// with its exit code or signal and its own message.
     pub fn start(
         mut cfg: QemuConfig,
         paths: RunPaths,
@@ -231,7 +136,8 @@ impl QemuMachine {
     ) -> Result<Self, MachineError> {
         cfg.gdb_socket = paths.gdb_socket.clone();
         cfg.status_path = paths.status.clone();
-        cfg.ram_path = paths.ram.clone();
+        let ram_fd = paths.ram.as_raw_fd();
+        cfg.ram_path = PathBuf::from(format!("/proc/self/fd/{ram_fd}"));
         cfg.start_paused = true;
         let so = cfg.plugin.as_ref().map(|(so, _)| so.clone());
         if let (Some(link), Some(so)) = (plugin.as_deref(), so) {
@@ -245,12 +151,21 @@ impl QemuMachine {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the child between fork and exec and only
-        // calls async-signal-safe prctl; it allocates nothing.
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // async-signal-safe prctl, setpgid and fcntl on integers; it allocates nothing.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // QEMU dies with us, even if we are SIGKILLed.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Its own process group: a Ctrl-C to ours is ours to handle (we stop
+                // QEMU), not a second, racing death of QEMU.
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The RAM memfd stays open across exec (QEMU opens /proc/self/fd/N).
+                if libc::fcntl(ram_fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -265,77 +180,67 @@ impl QemuMachine {
         let err_thread = child
             .stderr
             .take()
-            .map(|e| spawn_reader(e, None, stderr.clone(), 64 * 1024));
+            .map(|e| spawn_reader(e, None, stderr.clone(), 64 * 1024, None));
         let console: Option<ConsoleSink> =
             console.map(|c| Box::new(CrlfToLf::new(c)) as ConsoleSink);
+        let panic = Arc::new(Mutex::new(None));
+        let watch = PanicWatch {
+            scan: PanicScan::default(),
+            seen: panic.clone(),
+            qemu: pidfd_open(child.id()),
+        };
         let console_thread = child
             .stdout
             .take()
-            .map(|o| spawn_reader(o, console, Arc::new(Mutex::new(Vec::new())), 0));
+            .map(|o| spawn_reader(o, console, Arc::new(Mutex::new(Vec::new())), 0, Some(watch)));
         let started = Instant::now();
         // From here on, any error must kill QEMU: wrap it first.
         let mut guard = ChildGuard(Some(child));
-        if let Some(link) = plugin.as_deref_mut() {
-            // QEMU installs plugins before it opens the gdbstub, and ours waits for us.
-            // Poll, so that a QEMU that could not load the plugin is reported at once.
-            let accepted = loop {
-                match link.accept(Duration::from_millis(200)) {
-                    Err(crate::plugin_link::PluginLinkError::AcceptTimeout(_))
-                        if started.elapsed() < Duration::from_secs(30) =>
-                    {
-                        let exited = guard
-                            .0
-                            .as_mut()
-                            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-                        if exited {
-                            if let Some(t) = err_thread {
-                                let _ = t.join();
+        let mut err_thread = err_thread;
+        let attached = Self::attach(&mut guard, &paths, plugin.as_deref_mut(), started);
+        let (gdb, ram) = match attached {
+            Ok(v) => v,
+            Err(e) => {
+                // QEMU may have died on its own (a bad option, too much memory): that,
+                // with its own words, is the story, not the gdbstub or plugin error it caused.
+                let ended = guard.0.as_mut().and_then(|c| {
+                    let deadline = Instant::now() + Duration::from_secs(1);
+                    loop {
+                        match c.try_wait() {
+                            Ok(Some(st)) => break Some(st),
+                            Ok(None) if Instant::now() < deadline => {
+                                std::thread::sleep(Duration::from_millis(20))
                             }
-                            return Err(MachineError::EarlyExit {
-                                stderr: tail(&stderr),
-                            });
+                            _ => break None,
                         }
                     }
-                    other => break other,
-                }
-            };
-            if let Err(e) = accepted {
-                if let Some(c) = guard.0.as_mut() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                if let Some(t) = err_thread {
+                });
+                drop(guard);
+                if let Some(t) = err_thread.take() {
                     let _ = t.join();
                 }
-                return Err(MachineError::Plugin {
-                    source: e,
-                    stderr: tail(&stderr),
+                return Err(match (ended, e) {
+                    (_, MachineError::EarlyExit { end, .. }) => MachineError::EarlyExit {
+                        end,
+                        stderr: QemuSaid(tail(&stderr)),
+                    },
+                    (Some(st), _) => MachineError::EarlyExit {
+                        end: QemuEnd(st),
+                        stderr: QemuSaid(tail(&stderr)),
+                    },
+                    (None, MachineError::Plugin { source, .. }) => MachineError::Plugin {
+                        source,
+                        stderr: tail(&stderr),
+                    },
+                    (None, e) => e,
                 });
             }
-        }
-        let gdb = loop {
-            if let Some(c) = guard.0.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
-                    if let Some(t) = err_thread {
-                        let _ = t.join();
-                    }
-                    return Err(MachineError::EarlyExit {
-                        stderr: tail(&stderr),
-                    });
-                }
-            }
-            match GdbClient::connect(&paths.gdb_socket, Duration::from_millis(200)) {
-                Ok(g) => break g,
-                Err(GdbError::Connect { .. }) if started.elapsed() < Duration::from_secs(20) => {}
-                Err(e) => return Err(e.into()),
-            }
         };
-        let mut gdb = gdb;
-        let mtree = gdb.monitor("info mtree -f")?;
-        let map = RamMap::from_mtree(&mtree, RAM_REGION)?;
-        let ram = RamFile::map(&paths.ram, map)?;
-        // Both QEMU and we hold the mapping now: nothing needs the name.
-        let _ = std::fs::remove_file(&paths.ram);
+        // QEMU has opened its serial file and read the kernel and initramfs; the gdbstub
+        // is connected. Keep the status file open and remove the run directory.
+        let status =
+            File::open(&paths.status).map_err(|e| MachineError::Status(paths.status.clone(), e))?;
+        drop(paths);
         if let Some(link) = plugin {
             // The plugin reads guest memory from this file from now on (its own page walk);
             // without it, it keeps QEMU's slower accessor. The guest has not set up paging
@@ -357,20 +262,78 @@ impl QemuMachine {
                 tracing::warn!(%why, "guest RAM not given to the plugin; it reads through QEMU");
             }
         }
+        let mut gdb = gdb;
         let vcpus = u32::try_from(gdb.vcpus()?.len()).unwrap_or(0);
         Ok(Self {
             child: guard.0.take(),
-            status_path: paths.status.clone(),
-            paths: Some(paths),
+            status,
             gdb,
             ram: Arc::new(ram),
             vcpus,
             console: console_thread,
+            err_thread,
             stderr,
+            panic,
             started,
         })
     }
 
+    /// The part of `start` after the spawn: the plugin's connection, the gdbstub (whose
+    /// socket is unlinked once connected), and guest RAM.
+    fn attach(
+        guard: &mut ChildGuard,
+        paths: &RunPaths,
+        plugin: Option<&mut PluginLink>,
+        started: Instant,
+    ) -> Result<(GdbClient, RamFile), MachineError> {
+        let exited = |guard: &mut ChildGuard| {
+            guard
+                .0
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .map(|st| MachineError::EarlyExit {
+                    end: QemuEnd(st),
+                    stderr: QemuSaid::default(),
+                })
+        };
+        if let Some(link) = plugin {
+            // QEMU installs plugins before it opens the gdbstub, and ours waits for us.
+            // Poll, so that a QEMU that could not load the plugin is reported at once.
+            let accepted = loop {
+                match link.accept(Duration::from_millis(200)) {
+                    Err(crate::plugin_link::PluginLinkError::AcceptTimeout(_))
+                        if started.elapsed() < Duration::from_secs(30) =>
+                    {
+                        if let Some(e) = exited(guard) {
+                            return Err(e);
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            accepted.map_err(|source| MachineError::Plugin {
+                source,
+                stderr: String::new(),
+            })?;
+        }
+        let mut gdb = loop {
+            if let Some(e) = exited(guard) {
+                return Err(e);
+            }
+            match GdbClient::connect(&paths.gdb_socket, Duration::from_millis(200)) {
+                Ok(g) => break g,
+                Err(GdbError::Connect { .. }) if started.elapsed() < Duration::from_secs(20) => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // Connected: nothing needs the socket's name any more.
+        let _ = std::fs::remove_file(&paths.gdb_socket);
+        let mtree = gdb.monitor("info mtree -f")?;
+        let map = RamMap::from_mtree(&mtree, RAM_REGION)?;
+        let file = File::from(paths.ram.try_clone().map_err(MachineError::Memfd)?);
+        let ram = RamFile::from_file(file, Path::new("memfd:ornament-ram"), map)?;
+        Ok((gdb, ram))
+    }
     /// Guest RAM (readable while the guest runs).
     pub fn ram(&self) -> Arc<RamFile> {
         self.ram.clone()
@@ -435,6 +398,11 @@ impl QemuMachine {
                 }
             }
             match self.poll_exit(Duration::from_millis(100)) {
+                // A Ctrl-C that also reached the guest's end is still a Ctrl-C.
+                Ok(true) if stop.load(Ordering::Relaxed) => {
+                    self.kill();
+                    return Err(MachineError::Interrupted);
+                }
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => {
@@ -469,19 +437,21 @@ impl QemuMachine {
 
     /// Reap QEMU and collect what the run produced.
     pub fn finish(mut self) -> Result<RunOutcome, MachineError> {
-        let code = match self.child.take() {
+        let mut killed_here = false;
+        let status = match self.child.take() {
             Some(mut c) => {
                 // QEMU exits on its own after power-off; give it a moment.
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
                     match c.try_wait().map_err(MachineError::Wait)? {
-                        Some(st) => break st.code(),
+                        Some(st) => break Some(st),
                         None if Instant::now() < deadline => {
                             std::thread::sleep(Duration::from_millis(20))
                         }
                         None => {
                             let _ = c.kill();
-                            break c.wait().map_err(MachineError::Wait)?.code();
+                            killed_here = true;
+                            break Some(c.wait().map_err(MachineError::Wait)?);
                         }
                     }
                 }
@@ -491,13 +461,57 @@ impl QemuMachine {
         if let Some(t) = self.console.take() {
             let _ = t.join();
         }
-        let guest_status = std::fs::read(&self.status_path)
+        if let Some(t) = self.err_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(message) = self.panic_line() {
+            return Err(MachineError::GuestPanic { message });
+        }
+        if let Some(st) = status.filter(|st| st.signal().is_some() && !killed_here) {
+            return Err(MachineError::QemuDied {
+                end: QemuEnd(st),
+                stderr: QemuSaid(tail(&self.stderr)),
+            });
+        }
+        let guest_status = read_tail(&mut self.status, STATUS_TAIL)
             .ok()
-            .and_then(|s| ornament_engine::report::last_exit_report(&s));
+            .and_then(|s| ornament_engine::report::last_exit_report(s.as_bytes()));
         Ok(RunOutcome {
             guest_status,
-            qemu_code: code,
+            qemu_code: status.and_then(|st| st.code()),
             qemu_stderr: tail(&self.stderr),
+        })
+    }
+
+    /// The kernel's panic line, if the console has shown one.
+    pub fn panic_line(&self) -> Option<String> {
+        self.panic.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Why the guest ended early, when it has: a kernel panic, or QEMU's own death (with
+    /// its exit code or signal and message). QEMU gets up to a second to finish exiting
+    /// (its gdbstub closes first). None while QEMU runs on, or if it exited cleanly
+    /// without a panic on the console.
+    pub fn early_end(&mut self) -> Option<MachineError> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let st = loop {
+            if let Some(message) = self.panic_line() {
+                return Some(MachineError::GuestPanic { message });
+            }
+            match self.child.as_mut()?.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => return None,
+            }
+        };
+        if let Some(t) = self.err_thread.take() {
+            let _ = t.join();
+        }
+        (!st.success()).then(|| MachineError::QemuDied {
+            end: QemuEnd(st),
+            stderr: QemuSaid(tail(&self.stderr)),
         })
     }
 
@@ -513,8 +527,6 @@ impl QemuMachine {
 impl Drop for QemuMachine {
     fn drop(&mut self) {
         self.kill();
-        // RunPaths removes the RAM file (if still named) and the run directory.
-        drop(self.paths.take());
     }
 }
 
@@ -535,32 +547,4 @@ fn tail(buf: &Arc<Mutex<Vec<u8>>>) -> String {
     let s = String::from_utf8_lossy(&b);
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn console_line_ends() {
-        let mut w = CrlfToLf::new(Vec::new());
-        w.write_all(b"a\r\nb\r").expect("vec");
-        w.write_all(b"\nc\rd").expect("vec");
-        assert_eq!(w.inner, b"a\nb\nc\rd");
-    }
-
-    #[test]
-    fn run_paths_are_private_and_removed() {
-        let p = RunPaths::new().expect("run dir");
-        let dir = p.dir.path().to_path_buf();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&dir)
-            .expect("exists")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "run dir must be private");
-        assert!(p.gdb_socket.starts_with(&dir));
-        drop(p);
-        assert!(!dir.exists());
-    }
 }

@@ -327,7 +327,13 @@ impl PluginLink {
         }
         let stream = match self.writer.take() {
             Some(s) => s,
-            None => self.accept_stream(timeout)?,
+            None => {
+                let s = self.accept_stream(timeout)?;
+                // Connected: nothing needs the socket's name any more (a SIGKILL from
+                // here on leaves no socket file).
+                let _ = std::fs::remove_file(&self.path);
+                s
+            }
         };
         stream
             .set_read_timeout(Some(timeout))

@@ -168,6 +168,12 @@ impl RamFile {
                 path: path.to_path_buf(),
                 source,
             })?;
+        Self::from_file(f, path, map)
+    }
+
+    /// Map an open RAM file (read-write, shared) with the address map `map`; `path`
+    /// names it in errors (a memfd has no path).
+    pub fn from_file(f: File, path: &Path, map: RamMap) -> Result<Self, RamError> {
         let len = f
             .metadata()
             .map_err(|source| RamError::Open {
