@@ -467,7 +467,7 @@ fn qemu_killed_mid_run_keeps_the_events_and_fails() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(125), "{stderr}");
     assert!(
-        stderr.contains("without reporting the command's exit status"),
+        stderr.contains("QEMU was killed by signal 9 (SIGKILL) while the guest ran"),
         "{stderr}"
     );
     let evs = events(&out);
