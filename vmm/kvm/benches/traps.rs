@@ -31,8 +31,8 @@ fn min(v: &[f64]) -> f64 {
 }
 
 fn main() -> ExitCode {
-    if let Err(e) = ornament_kvm::testing::kvm_usable() {
-        eprintln!("traps bench skipped: KVM unusable: {e}");
+    if ornament_test_gate::require("usable /dev/kvm", ornament_kvm::testing::kvm_usable()).is_none()
+    {
         return ExitCode::SUCCESS;
     }
     let backends: [(&str, &MakeTraps); 3] = [

@@ -2,7 +2,8 @@
 //! -accel tcg`, a static workload as `/init` (`tests/guest/workload.c`), the host side
 //! (`plugin_link.rs`) counting hits exactly.
 //!
-//! Inputs (skipped with a message when missing, failing when `CI=true`):
+//! Inputs (by `ornament_test_gate`'s rule: skipped with a message when missing, failing
+//! under CI):
 //! - `ORNAMENT_TEST_KERNEL` (bzImage), `ORNAMENT_TEST_SYSTEM_MAP` (its real System.map);
 //!   by default the default guest image's, built into the image cache when missing;
 //! - `qemu-system-x86_64` >= 10.0 on `PATH` (or `ORNAMENT_TEST_QEMU`), `musl-gcc`, `python3`;
@@ -17,6 +18,7 @@ pub mod plugin_link;
 
 use ornament_engine::wire::{MemRead, ProbeSpec, Reg, RegMask};
 use ornament_engine::{Action, Gpa, Gva, MemError, PhysMemory, ProbeId};
+use ornament_test_gate::require;
 use plugin_link::{DenyConfig, GuestRam, PluginHit, PluginLink, PluginLinkError};
 use std::collections::HashMap;
 use std::io::Read;
@@ -41,20 +43,10 @@ fn default_image() -> Result<(PathBuf, PathBuf), String> {
 }
 const GUEST_MEM_MIB: u64 = 512;
 
-macro_rules! require {
-    ($e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(why) => {
-                if std::env::var("CI").as_deref() == Ok("true") {
-                    panic!("real-guest test cannot run under CI=true: {why}");
-                }
-                eprintln!("SKIPPED: {why}");
-                return;
-            }
-        }
-    };
-}
+/// The inputs every real-guest test needs (see the module documentation); under the
+/// workspace's one rule (`ornament_test_gate`) a missing one fails under CI.
+const INPUTS: &str =
+    "the real-guest inputs (kernel and System.map, QEMU >= 10.0, the plugin, musl-gcc, python3)";
 
 struct Env {
     kernel: PathBuf,
@@ -510,7 +502,7 @@ fn held(regs: RegMask) -> ProbeSpec {
 }
 
 fn counts_on(vcpus: u32) {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let (n, m, pn) = (3000u64, 25u64, 2000u64);
     let mut marks = 0;
     let mut exits = 0u64;
@@ -677,7 +669,7 @@ fn mm_offsets() -> (u64, u64, u64) {
 #[test]
 fn byte_range_is_the_exec_command_line() {
     use ornament_engine::wire::BytesRead;
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let (mm, arg_start, arg_end) = mm_offsets();
     let spec = |max: u32| {
         let mut s = ProbeSpec::regs(RegMask::of(&[Reg::Rip, Reg::Rdi, Reg::Cr3, Reg::Cr4]));
@@ -732,7 +724,7 @@ fn byte_range_is_the_exec_command_line() {
 fn reads_through_the_ram_file_match_qemus() {
     use ornament_engine::wire::{MemBase, RamPaging, RamRegion};
     use std::cell::RefCell;
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let n = 400u64;
     let mut spec = ProbeSpec::regs(RegMask::of(&[Reg::GsBase, Reg::Cr3, Reg::Cr4]));
     spec.mem[0] = MemRead::at_reg(Reg::GsBase, e.current_task_offset(), 8);
@@ -832,7 +824,7 @@ fn reads_through_the_ram_file_match_qemus() {
 /// it (on a loaded 2-core host it took longer than a 200-call loop once).
 #[test]
 fn arm_new_address_and_disarm_while_running() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let mut marks = 0;
     let o = run(
         &e,
@@ -871,7 +863,7 @@ fn arm_new_address_and_disarm_while_running() {
 /// A held hit on one vCPU: the workload on the other vCPU keeps running (and keeps hitting).
 #[test]
 fn hold_blocks_only_its_vcpu() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let hold = Duration::from_millis(1500);
     let mut window = None;
     let o = run(
@@ -922,7 +914,7 @@ fn hold_blocks_only_its_vcpu() {
 /// `mkdir` denied with EPERM once (the directory is not created), then allowed.
 #[test]
 fn deny_syscall_returns_errno_and_next_runs() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let mut seen = 0;
     let cfg = DenyConfig {
         syscall_exit: e.sym("syscall_exit_to_user_mode"),
@@ -976,7 +968,7 @@ fn deny_syscall_returns_errno_and_next_runs() {
 #[test]
 #[ignore = "measurement, prints numbers"]
 fn measure_per_hit_cost() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let n = 20_000u64;
     let rounds: usize = std::env::var("ORNAMENT_BENCH_ROUNDS")
         .ok()
@@ -1078,7 +1070,7 @@ fn measure_per_hit_cost() {
 /// says so with a `HoldTimeout` error record.
 #[test]
 fn unanswered_hold_times_out_and_is_reported() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let o = run_with(
         &e,
         "holdtimeout",
