@@ -71,6 +71,13 @@ pub fn can_build_images() -> std::io::Result<()> {
     }
 }
 
+/// A bench's line comparing a figure with its stated target:
+/// `target <what> <target>: <figure> met` (or `missed`).
+pub fn target_line(what: &str, target: &str, figure: &str, met: bool) -> String {
+    let verdict = if met { "met" } else { "missed" };
+    format!("target {what} {target}: {figure} {verdict}")
+}
+
 /// The `ornament` binary: `$ORNAMENT_BIN`, else beside the test executable's
 /// `deps/` directory (where `cargo build` puts it).
 pub fn ornament_bin() -> PathBuf {
