@@ -9,7 +9,15 @@ use std::process::{Command, Output};
 pub const GUEST_TIMEOUT_SECS: u64 = 300;
 
 pub use ornament_test_gate as gate;
-pub use ornament_test_gate::{in_ci, require};
+pub use ornament_test_gate::in_ci;
+
+/// [`gate::require`] as a yes/no for tests that gate by hand: true when the test
+/// should go on; false (outside CI, after the `SKIPPED` line) when it must return at
+/// once. Under CI a missing requirement panics. `requirement` is a `bool`, an
+/// `Option`, or a `Result` whose error says why.
+pub fn require<R: gate::Requirement>(what: &str, requirement: R) -> bool {
+    gate::require(what, requirement).is_some()
+}
 
 /// Gate a test on a prerequisite: `require_host!("QEMU", has_qemu());` The one rule of
 /// [`ornament_test_gate`]: under CI a missing prerequisite fails the test, outside CI
