@@ -16,12 +16,54 @@ fn ornament(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The names under `Commands:` in a help text, in order.
+fn commands_in_help(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| l.trim() != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// `--help` lists exactly the README's subcommands (with clap's `help`), the two that
+/// group others list exactly theirs, and every leaf answers its own `--help`.
 #[test]
 fn help_names_every_subcommand() {
     let (code, out, _) = ornament(&["--help"]);
     assert_eq!(code, 0);
-    for sub in ["run", "image", "doctor"] {
-        assert!(out.contains(sub), "{out}");
+    assert_eq!(
+        commands_in_help(&out),
+        ["run", "image", "doctor", "ps", "resume", "profile", "help"],
+        "{out}"
+    );
+    let groups: [(&str, &[&str]); 2] = [
+        ("image", &["build", "list", "help"]),
+        ("profile", &["generate", "help"]),
+    ];
+    for (group, subs) in groups {
+        let (code, out, _) = ornament(&[group, "--help"]);
+        assert_eq!(code, 0, "{group} --help");
+        assert_eq!(commands_in_help(&out), subs, "{group} --help:\n{out}");
+    }
+    for leaf in [
+        &["run"][..],
+        &["doctor"],
+        &["ps"],
+        &["resume"],
+        &["image", "build"],
+        &["image", "list"],
+        &["profile", "generate"],
+    ] {
+        let mut args = leaf.to_vec();
+        args.push("--help");
+        let (code, out, err) = ornament(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let usage = format!("Usage: ornament {}", leaf.join(" "));
+        assert!(
+            out.contains(&usage),
+            "{args:?} does not print {usage:?}:\n{out}"
+        );
     }
 }
 

@@ -440,16 +440,38 @@ fn is_static_elf(b: &[u8]) -> bool {
     let Ok(phoff) = usize::try_from(phoff) else {
         return false;
     };
+    // Every program header must be in the file (a truncated one proves nothing) and
+    // none may be PT_INTERP (3).
     (0..usize::from(phnum)).all(|i| {
-        let o = phoff + i * usize::from(phentsize);
-        // PT_INTERP == 3
-        b.get(o..o + 4) != Some(&3u32.to_le_bytes()[..])
+        let o = i
+            .checked_mul(usize::from(phentsize))
+            .and_then(|d| phoff.checked_add(d));
+        o.and_then(|o| b.get(o..o.checked_add(4)?))
+            .is_some_and(|t| t != 3u32.to_le_bytes())
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 64-bit ELF header with program headers of `types` right after it.
+    fn elf(types: &[u32]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2; // ELFCLASS64
+        b[5] = 1; // little-endian
+        b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        let n = u16::try_from(types.len()).expect("few headers");
+        b[0x38..0x3a].copy_from_slice(&n.to_le_bytes()); // e_phnum
+        for t in types {
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&t.to_le_bytes());
+            b.extend_from_slice(&ph);
+        }
+        b
+    }
 
     #[test]
     fn partial_builds_of_dead_builders_go_at_the_next_start() {
@@ -478,11 +500,34 @@ mod tests {
 
     #[test]
     fn busybox_static_check() {
+        const LOAD: u32 = 1;
+        const INTERP: u32 = 3;
+        const NOTE: u32 = 4;
+        // Static: no PT_INTERP among the program headers.
+        assert!(is_static_elf(&elf(&[LOAD, NOTE, LOAD])));
+        assert!(is_static_elf(&elf(&[])));
+        // Dynamic: a PT_INTERP anywhere.
+        assert!(!is_static_elf(&elf(&[LOAD, INTERP])));
+        assert!(!is_static_elf(&elf(&[INTERP, LOAD])));
+        // Not ELF64, truncated, or program headers past the end: never static.
         assert!(!is_static_elf(b"#!/bin/sh\n"));
-        if let Ok(b) = fs::read("/bin/sh") {
-            // Debian's /bin/sh (dash) is dynamically linked.
-            assert!(!is_static_elf(&b));
-        }
+        let mut elf32 = elf(&[LOAD]);
+        elf32[4] = 1;
+        assert!(!is_static_elf(&elf32));
+        let full = elf(&[LOAD, LOAD]);
+        assert!(!is_static_elf(&full[..full.len() - 60]));
+        let mut far = elf(&[LOAD]);
+        far[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(!is_static_elf(&far));
+        // Real files: this test executable is dynamically linked; the host's busybox
+        // (Debian's busybox-static, which images need) is static.
+        let me = fs::read(std::env::current_exe().expect("test path")).expect("read self");
+        assert!(!is_static_elf(&me));
+        let busybox = ornament_test_gate::require!(
+            "/bin/busybox (apt-get install busybox-static)",
+            fs::read(BUSYBOX)
+        );
+        assert!(is_static_elf(&busybox));
     }
 
     #[test]

@@ -1004,6 +1004,9 @@ mod tests {
         assert_eq!(r.is_kernel_thread(&vm, w.child), Ok(true));
     }
 
+    /// A three-thread group (leader `init`, threads 43 and 44) linked the kernel's way:
+    /// `signal->thread_head` through each task's `thread_node`. Any member lists the
+    /// whole group in list order; the budget, a cycle and a bad link end the walk.
     #[test]
     fn file_paths_cross_mounts_and_name_deleted_and_memfd_files() {
         for p in committed_profiles() {
@@ -1069,30 +1072,67 @@ mod tests {
 
     #[test]
     fn threads_of_a_group() {
-        let p = committed_profiles().remove(1);
-        let mut w = world(p, PagingMode::Level4);
-        let k_off = w.g.off("task_struct", "signal").expect("signal");
-        let (Some(node), Some(head)) = (
-            w.g.profile.offset("task_struct", "thread_node").ok(),
-            w.g.profile.offset("signal_struct", "thread_head").ok(),
-        ) else {
-            return;
-        };
-        let signal = w.g.alloc(4096).expect("signal");
-        let head_at = signal.wrapping_add(head);
-        let n0 = w.init.wrapping_add(node);
-        // One-thread group: head <-> init.thread_node.
-        w.g.write_u64(head_at, n0.raw()).expect("w");
-        w.g.write_u64(n0, head_at.raw()).expect("w");
-        w.g.write_u64(w.init.wrapping_add(k_off), signal.raw())
-            .expect("w");
-        let g = &w.g;
-        let k = Kernel::new(&g.phys.mem, &g.profile, g.layout);
-        let r = TaskReader::new(&k).expect("reader");
-        let vm = k.kernel_vm(&g.regs_kernel(0, Gva(0)));
-        let t = r.threads(&vm, w.init, 10).expect("supported");
-        assert_eq!(t.tasks, vec![w.init]);
-        assert_eq!(t.end, WalkEnd::Complete);
+        for p in committed_profiles() {
+            let release = p.kernel.release.clone();
+            let mut w = world(p, PagingMode::Level4);
+            let sig_off = w.g.off("task_struct", "signal").expect("signal");
+            let node = w.g.off("task_struct", "thread_node").expect("thread_node");
+            let head =
+                w.g.off("signal_struct", "thread_head")
+                    .expect("thread_head");
+            let mut thread = |pid| {
+                let mut spec = TaskSpec::user(pid, "worker", "/sbin/init", &["/sbin/init"]);
+                spec.tgid = 1;
+                w.g.add_task(&spec).expect("thread")
+            };
+            let (t43, t44) = (thread(43), thread(44));
+            let signal = w.g.alloc(4096).expect("signal");
+            let head_at = signal.wrapping_add(head);
+            let group = [w.init, t43, t44];
+            // head -> init -> 43 -> 44 -> head (next pointers; the walk reads only those).
+            let mut prev = head_at;
+            for t in group {
+                let n = t.wrapping_add(node);
+                w.g.write_u64(prev, n.raw()).expect("w");
+                w.g.write_u64(t.wrapping_add(sig_off), signal.raw())
+                    .expect("w");
+                prev = n;
+            }
+            w.g.write_u64(prev, head_at.raw()).expect("w");
+            let walk = |g: &SynthGuest, from: Gva, budget: usize| {
+                let k = Kernel::new(&g.phys.mem, &g.profile, g.layout);
+                let r = TaskReader::new(&k).expect("reader");
+                let vm = k.kernel_vm(&g.regs_kernel(0, Gva(0)));
+                r.threads(&vm, from, budget).expect("supported")
+            };
+            for member in group {
+                let t = walk(&w.g, member, 10);
+                assert_eq!(t.tasks, group.to_vec(), "{release}");
+                assert_eq!(t.end, WalkEnd::Complete, "{release}");
+            }
+            let t = walk(&w.g, t44, 2);
+            assert_eq!(t.tasks, group[..2].to_vec(), "{release}");
+            assert_eq!(t.end, WalkEnd::BudgetExhausted, "{release}");
+            // 44 points back at 43: a cycle, reported at the node met again.
+            let n43 = t43.wrapping_add(node);
+            w.g.write_u64(t44.wrapping_add(node), n43.raw()).expect("w");
+            let t = walk(&w.g, w.init, 10);
+            assert_eq!(t.tasks, group.to_vec(), "{release}");
+            assert_eq!(t.end, WalkEnd::Cycle { at: n43 }, "{release}");
+            // 43's link is a user address: unreadable there.
+            w.g.write_u64(n43, 0x1000).expect("w");
+            let t = walk(&w.g, w.init, 10);
+            assert_eq!(t.tasks, group[..2].to_vec(), "{release}");
+            assert_eq!(t.end, WalkEnd::Unreadable { at: n43 }, "{release}");
+            // The task of another group: its own signal, empty list (head -> head).
+            let other = w.g.alloc(4096).expect("signal");
+            let other_head = other.wrapping_add(head);
+            w.g.write_u64(other_head, other_head.raw()).expect("w");
+            w.g.write_u64(w.child.wrapping_add(sig_off), other.raw())
+                .expect("w");
+            let t = walk(&w.g, w.child, 10);
+            assert_eq!((t.tasks, t.end), (vec![], WalkEnd::Complete), "{release}");
+        }
     }
 }
 

@@ -9,56 +9,82 @@ use std::time::{Duration, Instant};
 /// Seconds any test guest may run before ornament stops it.
 pub const GUEST_TIMEOUT_SECS: u64 = 300;
 
-/// True when running under CI (`CI` set, non-empty, and not `0` or `false`): missing
-/// prerequisites fail the test.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+pub use ornament_test_gate as gate;
+pub use ornament_test_gate::in_ci;
+
+/// [`gate::require`] as a yes/no for tests that gate by hand: true when the test
+/// should go on; false (outside CI, after the `SKIPPED` line) when it must return at
+/// once. Under CI a missing requirement panics. `requirement` is a `bool`, an
+/// `Option`, or a `Result` whose error says why.
+pub fn require<R: gate::Requirement>(what: &str, requirement: R) -> bool {
+    gate::require(what, requirement).is_some()
 }
 
-/// Skip (outside CI) or fail (in CI) with a message saying what is missing.
-/// Returns true when the test should go on.
-pub fn require(what: &str, present: bool) -> bool {
-    if present {
-        return true;
-    }
-    if in_ci() {
-        panic!("CI=true and this test needs {what}, which is missing");
-    }
-    eprintln!("SKIPPED: this test needs {what}, which is missing on this host");
-    false
-}
-
-/// Gate a test on a prerequisite: `require_host!("QEMU", has_qemu());`
+/// Gate a test on a prerequisite: `require_host!("QEMU", has_qemu());` The one rule of
+/// [`ornament_test_gate`]: under CI a missing prerequisite fails the test, outside CI
+/// the test prints `SKIPPED: ... needs ...` and returns.
 #[macro_export]
 macro_rules! require_host {
-    ($what:expr, $present:expr) => {
-        if !$crate::require($what, $present) {
-            return;
-        }
+    ($what:expr, $present:expr $(,)?) => {
+        $crate::gate::require!($what, $present)
     };
 }
 
-/// Can this user open /dev/kvm read-write (hardware KVM or PVM)?
-pub fn has_kvm() -> bool {
+/// Can this user open /dev/kvm read-write (hardware KVM or PVM)? The error says why not.
+pub fn has_kvm() -> std::io::Result<()> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_ok()
+        .map(drop)
 }
 
-/// Is qemu-system-x86_64 runnable?
-pub fn has_qemu() -> bool {
-    Command::new(std::env::var("ORNAMENT_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()))
+/// The QEMU binary tests run: `$ORNAMENT_QEMU`, else `qemu-system-x86_64` on `PATH`.
+pub fn qemu_binary() -> String {
+    std::env::var("ORNAMENT_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
+}
+
+/// Is QEMU ([`qemu_binary`]) runnable? The error names the binary and why not.
+pub fn has_qemu() -> std::io::Result<()> {
+    let q = qemu_binary();
+    let out = Command::new(&q)
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {q}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "`{q} --version` failed: {}",
+            out.status
+        )))
+    }
 }
 
 /// Can images be built (apt-get and dpkg-deb present, busybox-static installed)?
-pub fn can_build_images() -> bool {
-    let ok = |c: &str| Command::new(c).arg("--version").output().is_ok();
-    ok("apt-get") && ok("dpkg-deb") && Path::new("/bin/busybox").exists()
+/// The error names the first thing missing.
+pub fn can_build_images() -> std::io::Result<()> {
+    for tool in ["apt-get", "dpkg-deb"] {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {tool}: {e}")))?;
+    }
+    if Path::new("/bin/busybox").exists() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "/bin/busybox is missing (apt-get install busybox-static)",
+        ))
+    }
+}
+
+/// A bench's line comparing a figure with its stated target:
+/// `target <what> <target>: <figure> met` (or `missed`).
+pub fn target_line(what: &str, target: &str, figure: &str, met: bool) -> String {
+    let verdict = if met { "met" } else { "missed" };
+    format!("target {what} {target}: {figure} {verdict}")
 }
 
 /// The `ornament` binary: `$ORNAMENT_BIN`, else beside the test executable's

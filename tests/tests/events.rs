@@ -203,13 +203,35 @@ fn check_on(image: &str, vcpus: &str, engine: &[&str], timeout_secs: u64) {
         "a failed exec was reported"
     );
 
-    // The syscall, K times, with its arguments.
-    let calls: Vec<&Value> = evs
+    // The root's own execs, in order: /init's `sh /ornament/cmd`, which execs the
+    // workload with the command line given.
+    let root_execs: Vec<(&Value, &Value)> = evs
         .iter()
-        .filter(|e| kind(e) == "syscall" && i(e, "pid") == f.root)
+        .filter(|e| kind(e) == "exec" && i(e, "pid") == f.root)
+        .map(|e| (&e["filename"], &e["argv"]))
         .collect();
+    assert_eq!(
+        root_execs,
+        [
+            (
+                &Value::from("/bin/busybox"),
+                &serde_json::json!(["sh", "/ornament/cmd"])
+            ),
+            (
+                &Value::from("/ornament/bin/ornament-workload"),
+                &serde_json::json!(["/ornament/bin/ornament-workload", "all"])
+            ),
+        ],
+        "exec events of the root {}",
+        f.root
+    );
+
+    // The syscall, K times, with its arguments: every syscall event of the whole guest
+    // (only getpriority is watched, and only the root calls it), each the root's.
+    let calls: Vec<&Value> = evs.iter().filter(|e| kind(e) == "syscall").collect();
     assert_eq!(calls.len() as i64, f.syscall_n, "getpriority events");
     for c in calls {
+        assert_eq!((i(c, "pid"), i(c, "tgid")), (f.root, f.root), "{c}");
         assert_eq!(c["name"], "getpriority");
         assert_eq!(i(c, "nr"), 140);
         assert_eq!(c["args"][0], 2, "PRIO_USER");
@@ -484,21 +506,61 @@ fn qemu_killed_mid_run_keeps_the_events_and_fails() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// Whether `ornament ps` lists the exec'd workload: a row whose ARGS (after PID, PPID,
+/// UID, COMM) are `/ornament/bin/ornament-workload syscall 1` (the shell that execs it
+/// has that text inside its one `-c` argument, not as its own arguments).
+fn workload_listed(ps: &str) -> bool {
+    ps.lines().any(|l| {
+        l.split_whitespace().skip(4).collect::<Vec<_>>()
+            == ["/ornament/bin/ornament-workload", "syscall", "1"]
+    })
+}
+
+/// `--pause-on-exec` stops the whole guest: a shell loop in the background that prints
+/// `TICK n` five times a second prints nothing for the two seconds the guest stays
+/// paused (it printed several before), and the workload runs only after `resume`.
 #[test]
 fn an_ornament_pauses_the_guest_until_resumed() {
     gate!();
     let rt = tempfile::tempdir().expect("runtime dir");
     let sock = rt.path().join("ctl.sock");
-    let child = std::process::Command::new(ornament_tests::ornament_bin())
+    let script = "i=0; (while :; do i=$((i+1)); echo \"TICK $i\"; sleep 0.2; done) & \
+                  sleep 1; exec /ornament/bin/ornament-workload syscall 1";
+    let mut child = std::process::Command::new(ornament_tests::ornament_bin())
         .args(["run", "--timeout", "300", "--control"])
         .arg(&sock)
         .args(["--pause-on-exec", "/ornament/bin/ornament-workload"])
-        .args(["--", "/ornament/bin/ornament-workload", "syscall", "1"])
+        .args(["--", "sh", "-c", script])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn ornament");
+    // The console (ornament's stderr) as it comes.
+    let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        use std::io::Read;
+        let console = console.clone();
+        let mut err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                console.lock().expect("console").push_str(&text);
+            }
+        })
+    };
+    let last_tick = || -> u64 {
+        let c = console.lock().expect("console");
+        c.lines()
+            .filter_map(|l| l.trim().strip_prefix("TICK "))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
     let ctl = |cmd: &str| -> String {
         let o = std::process::Command::new(ornament_tests::ornament_bin())
             .args([cmd, "--control"])
@@ -510,23 +572,36 @@ fn an_ornament_pauses_the_guest_until_resumed() {
     // Wait until the workload has exec'd and the guest is paused.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
     loop {
-        if sock.exists() && ctl("ps").contains("/ornament/bin/ornament-workload syscall 1") {
+        if sock.exists() && workload_listed(&ctl("ps")) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the workload never exec'd"
+            "the workload never exec'd:\n{}",
+            console.lock().expect("console")
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    // Paused: the exec'd workload makes no progress for two seconds.
+    // Let console output already on its way arrive, then watch the ticks for 2 s.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let at_pause = last_tick();
     std::thread::sleep(std::time::Duration::from_secs(2));
-    let before = ctl("ps");
-    assert!(before.contains("ornament-workload syscall 1"), "{before}");
+    let after_2s = last_tick();
+    let during = ctl("ps");
+    assert!(workload_listed(&during), "{during}");
+    assert!(
+        at_pause >= 2,
+        "the ticker ran before the pause (5 ticks a second for 1 s): last tick {at_pause}"
+    );
+    assert_eq!(
+        after_2s, at_pause,
+        "the guest made progress while paused (ticks {at_pause} -> {after_2s})"
+    );
     assert_eq!(ctl("resume").trim(), "resumed");
-    let o = child.wait_with_output().expect("wait");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    let st = child.wait().expect("wait");
+    reader.join().expect("console reader");
+    let err = console.lock().expect("console").clone();
+    assert_eq!(st.code(), Some(0), "{err}");
     let paused_at = err
         .find("an ornament paused the guest")
         .expect("pause announced");

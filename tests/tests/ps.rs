@@ -1,7 +1,8 @@
 //! `ornament ps` on real Debian guests: a guest command starts processes with known
 //! names, arguments, uids and parents and waits; `ornament ps --control SOCKET` must list
 //! exactly those (besides the kernel threads) while the guest runs, on both kernels,
-//! with 1 and 2 vCPUs, with KASLR on and off.
+//! with 1 and 2 vCPUs, with KASLR on (a slide found, and equal to what the guest's own
+//! `/proc/kallsyms` says) and off (no slide).
 
 use ornament_tests::{
     assert_nothing_left, can_build_images, has_qemu, ornament, ornament_bin, require_host, Ran,
@@ -17,12 +18,14 @@ use std::time::{Duration, Instant};
 
 /// The guest command (`sh -c SCRIPT`): a user, then three children of this shell (one
 /// running as uid 1000 / gid 1001 through `su`, one a shell with odd arguments that has
-/// a child of its own), then the pids on the console, then it waits.
+/// a child of its own), then the kernel's own `_text` address (`/proc/kallsyms`, as root)
+/// and the pids on the console, then it waits.
 const SCRIPT: &str = r#"echo 'pstest:x:1000:1001:ps test:/tmp:/bin/sh' >> /etc/passwd
 echo 'pstest:x:1001:' >> /etc/group
 sleep 1000 & a=$!
 su -s /bin/sh pstest -c 'exec sleep 1001' & b=$!
 sh -c 'sleep 1002 & echo "PSTEST-MID mid=$$ d=$!"; wait' 'two words' '' & c=$!
+echo "PSTEST-TEXT $(grep ' _text$' /proc/kallsyms)"
 echo "PSTEST-READY main=$$ a=$a b=$b c=$c"
 wait"#;
 /// The middle shell's script.
@@ -362,8 +365,43 @@ fn ps_in_guest(image: &str, release: &str, vcpus: u32, append: Option<&str>) {
     assert_eq!(info["ok"], true, "{info}");
     assert_eq!(info["release"], release, "{info}");
     assert_eq!(info["vcpus"], vcpus, "{info}");
+    // The virtual slide ornament found is the guest's own: its /proc/kallsyms `_text`
+    // minus System.map's.
+    let slide = |k: &str| {
+        info["layout"][k]
+            .as_str()
+            .and_then(|v| u64::from_str_radix(v.strip_prefix("0x")?, 16).ok())
+            .unwrap_or_else(|| panic!("no layout.{k} in {info}"))
+    };
+    let (virt, phys) = (slide("virt_slide"), slide("phys_slide"));
+    let console = run.stderr();
+    let guest_text = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("PSTEST-TEXT "))
+        .and_then(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+        .unwrap_or_else(|| panic!("no PSTEST-TEXT line with an address:\n{console}"));
+    let img = ornament_images::build_image(image, &ornament_images::BuildOptions::default())
+        .expect("the image the guest runs");
+    let map = std::fs::read_to_string(img.system_map()).expect("System.map");
+    let map_text = map
+        .lines()
+        .find_map(|l| l.strip_suffix(" T _text"))
+        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .expect("_text in System.map");
+    assert_eq!(
+        guest_text.wrapping_sub(map_text),
+        virt,
+        "virt_slide {virt:#x}, but the guest's _text is {guest_text:#x} and System.map's {map_text:#x}"
+    );
+    // Slides move the kernel in 2 MiB steps (CONFIG_PHYSICAL_ALIGN).
+    assert_eq!((virt % 0x20_0000, phys % 0x20_0000), (0, 0), "{info}");
     if append == Some("nokaslr") {
-        assert_eq!(info["layout"]["virt_slide"], "0x0", "{info}");
+        assert_eq!((virt, phys), (0, 0), "{info}");
+    } else {
+        // KASLR on: both slides are random (about 480 virtual and, in this guest's RAM,
+        // over 200 physical 2 MiB slots), so both being 0 means it did not happen (or
+        // was not found): about 1 run in 100000 by chance.
+        assert_ne!((virt, phys), (0, 0), "KASLR on but no slide found: {info}");
     }
     assert_eq!(answers[1]["ok"], false);
     assert_eq!(answers[1]["id"], 5);

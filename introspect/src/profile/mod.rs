@@ -281,26 +281,21 @@ mod tests {
     use super::*;
 
     /// System.map and (debug-stripped) vmlinux of a default image, from the image
-    /// cache (built when missing). Skips with a message, or fails under CI=true.
+    /// cache (built when missing). `None` when it cannot be built: skipped by the
+    /// workspace's one rule (`ornament_test_gate`), a failure under CI.
     fn kernel_files(release: &str) -> Option<(PathBuf, PathBuf)> {
         let spec = ornament_images::IMAGES
             .iter()
-            .find(|s| s.release == release)?;
-        match ornament_images::build_image(spec.name, &ornament_images::BuildOptions::default()) {
-            Ok(img) => Some((
-                img.system_map(),
-                img.path(ornament_images::image::files::VMLINUX),
-            )),
-            Err(e) => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "CI=true and image {} cannot be built: {e}",
-                    spec.name
-                );
-                eprintln!("SKIPPED: image {} cannot be built: {e}", spec.name);
-                None
-            }
-        }
+            .find(|s| s.release == release)
+            .unwrap_or_else(|| panic!("no image in the catalog has kernel {release}"));
+        let img = ornament_test_gate::require(
+            &format!("image {}", spec.name),
+            ornament_images::build_image(spec.name, &ornament_images::BuildOptions::default()),
+        )?;
+        Some((
+            img.system_map(),
+            img.path(ornament_images::image::files::VMLINUX),
+        ))
     }
 
     fn committed(release: &str) -> PathBuf {

@@ -33,7 +33,7 @@
 //! - [`trap`]: hardware debug registers and patched fentry sites;
 //! - [`engine`]: `impl Engine for KvmEngine`;
 //! - [`support`]: `host_support()` with the trap self-test and measurements;
-//! - [`testing`]: hand-written guests and their harness (`require_kvm!()`).
+//! - [`testing`]: hand-written guests and their harness (and `kvm_usable`, the probe tests gate on).
 
 pub mod boot;
 pub mod builder;

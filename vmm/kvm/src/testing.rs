@@ -1,5 +1,6 @@
 //! Hand-written test guests and their harness: `TestGuest { code, load_addr, mode, regs }`
-//! booted straight into long mode on identity page tables, with `require_kvm!()`.
+//! booted straight into long mode on identity page tables, and [`kvm_usable`], the
+//! probe tests gate on (`ornament_test_gate::require!("usable /dev/kvm", kvm_usable())`).
 //!
 //! Used by the crate's KVM tests, the trap self-test of [`crate::support`] and the
 //! benchmark; every guest is machine code with one comment per instruction.
@@ -122,21 +123,6 @@ impl TestGuest {
 pub fn kvm_usable() -> Result<(), VmError> {
     let kvm = crate::vm::open_kvm()?;
     crate::vm::check_kvm(&kvm)
-}
-
-/// Skip the calling test (with the reason printed) when KVM is unusable; under
-/// `CI=true` fail it instead.
-#[macro_export]
-macro_rules! require_kvm {
-    () => {
-        if let Err(reason) = $crate::testing::kvm_usable() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("KVM is required under CI=true: {reason}");
-            }
-            eprintln!("skipped: KVM unusable: {reason}");
-            return;
-        }
-    };
 }
 
 /// The test guests' machine code.

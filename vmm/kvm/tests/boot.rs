@@ -15,7 +15,8 @@
 
 use ornament_kvm::builder::{build, BuildError, ConsoleOutput, MachineConfig};
 use ornament_kvm::machine::RunControl;
-use ornament_kvm::require_kvm;
+use ornament_kvm::testing::kvm_usable;
+use ornament_test_gate::require;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -46,21 +47,16 @@ fn bzimage() -> Option<PathBuf> {
 }
 
 /// A file of the default guest image (built into the image cache when missing); `None`
-/// (skip, with the reason) when it cannot be built outside CI.
+/// (skipped by the workspace's one rule: a failure under CI) when it cannot be built.
 fn default_image_file(name: &str) -> Option<PathBuf> {
-    match ornament_images::build_image(
-        ornament_images::DEFAULT_IMAGE,
-        &ornament_images::BuildOptions::default(),
-    ) {
-        Ok(img) => Some(img.path(name)),
-        Err(e) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("CI=true and the default image cannot be built: {e}");
-            }
-            eprintln!("SKIPPED: the default image cannot be built: {e}");
-            None
-        }
-    }
+    let img = require(
+        "the default guest image",
+        ornament_images::build_image(
+            ornament_images::DEFAULT_IMAGE,
+            &ornament_images::BuildOptions::default(),
+        ),
+    )?;
+    Some(img.path(name))
 }
 
 fn config(kernel: PathBuf) -> MachineConfig {
@@ -83,7 +79,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn bad_input_gives_clear_errors() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let dir = std::env::temp_dir().join(format!("ornament-kvm-boot-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let junk = dir.join("not-a-kernel");
@@ -176,7 +172,7 @@ fn assert_banner_within(kernel: PathBuf, time_box: Duration) {
 
 #[test]
 fn debian_kernel_prints_its_banner_on_our_serial_port() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let Some(kernel) = kernel_from_env() else {
         return;
     };
@@ -189,7 +185,7 @@ fn debian_kernel_prints_its_banner_on_our_serial_port() {
 /// test for the reason in the module documentation.
 #[test]
 fn debian_bzimage_decompresses_and_prints_its_banner_on_our_serial_port() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let Some(kernel) = bzimage() else {
         return;
     };
@@ -198,7 +194,7 @@ fn debian_bzimage_decompresses_and_prints_its_banner_on_our_serial_port() {
 
 #[test]
 fn debian_kernel_finds_both_vcpus_in_our_acpi_tables() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let Some(kernel) = kernel_from_env() else {
         return;
     };

@@ -5,12 +5,13 @@
 use ornament_engine::{Action, Engine, EngineError, EngineEvent, GuestExit, Gva, ProbeId};
 use ornament_kvm::engine::KvmEngine;
 use ornament_kvm::layout::TEST_CODE_START;
-use ornament_kvm::require_kvm;
 use ornament_kvm::testing::guests::{self, CALLS_FUNC_OFFSET};
+use ornament_kvm::testing::kvm_usable;
 use ornament_kvm::testing::TestGuest;
 use ornament_kvm::trap::debugreg::DebugRegs;
 use ornament_kvm::trap::patch::PatchedSites;
 use ornament_kvm::trap::TrapBackend;
+use ornament_test_gate::require;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,19 +58,19 @@ fn count_hits(traps: Arc<dyn TrapBackend>, vcpus: u32) {
 
 #[test]
 fn engine_patched_sites_on_2_vcpus() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     count_hits(Arc::new(PatchedSites::new()), 2);
 }
 
 #[test]
 fn engine_debug_registers_on_2_vcpus() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     count_hits(Arc::new(DebugRegs::new()), 2);
 }
 
 #[test]
 fn engine_pauses_a_running_guest_and_reads_its_registers() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let m = TestGuest::long_mode(guests::SPIN).build(2).expect("build");
     let mut e = KvmEngine::start(m, Arc::new(PatchedSites::new()), true).expect("engine");
     e.set_paused(false).expect("run");
@@ -92,7 +93,7 @@ fn engine_pauses_a_running_guest_and_reads_its_registers() {
 
 #[test]
 fn engine_refuses_unmapped_and_unknown_probes() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let m = TestGuest::long_mode(guests::CALLS).build(1).expect("build");
     let mut e = KvmEngine::start(m, Arc::new(PatchedSites::new()), true).expect("engine");
     let err = e

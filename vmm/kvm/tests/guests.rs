@@ -5,20 +5,21 @@
 use ornament_engine::{Gpa, Gva, PhysMemory, ProbeId};
 use ornament_kvm::layout::TEST_CODE_START;
 use ornament_kvm::machine::RunControl;
-use ornament_kvm::require_kvm;
 use ornament_kvm::testing::guests::{self, calls_result, CALLS_FUNC_OFFSET};
+use ornament_kvm::testing::kvm_usable;
 use ornament_kvm::testing::TestGuest;
 use ornament_kvm::trap::debugreg::DebugRegs;
 use ornament_kvm::trap::patch::{PatchedSites, PATCHED_SITE};
 use ornament_kvm::trap::{Site, TrapBackend};
 use ornament_kvm::vcpu::exit::StopReason;
 use ornament_kvm::vcpu::{VcpuError, VcpuEvent};
+use ornament_test_gate::require;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[test]
 fn hello_on_serial_then_reset() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let mut m = TestGuest::long_mode(guests::HELLO).build(1).expect("build");
     let out = m.run(None, &|_, _| false, &RunControl::new()).expect("run");
     assert_eq!(out.len(), 1);
@@ -33,7 +34,7 @@ fn hello_on_serial_then_reset() {
 
 #[test]
 fn port_io_exit_reports_a_value() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let mut m = TestGuest::long_mode(guests::REPORT)
         .build(1)
         .expect("build");
@@ -151,7 +152,7 @@ fn check_calls(traps: Arc<dyn TrapBackend>, vcpus: u32, expected_rip: u64) {
 
 #[test]
 fn patched_site_counts_exactly_on_1_vcpu() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     check_calls(
         Arc::new(PatchedSites::new()),
         1,
@@ -161,7 +162,7 @@ fn patched_site_counts_exactly_on_1_vcpu() {
 
 #[test]
 fn patched_site_counts_exactly_on_2_vcpus() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     check_calls(
         Arc::new(PatchedSites::new()),
         2,
@@ -171,19 +172,19 @@ fn patched_site_counts_exactly_on_2_vcpus() {
 
 #[test]
 fn debug_registers_count_exactly_on_1_vcpu() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     check_calls(Arc::new(DebugRegs::new()), 1, func_site().gva.raw());
 }
 
 #[test]
 fn debug_registers_count_exactly_on_2_vcpus() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     check_calls(Arc::new(DebugRegs::new()), 2, func_site().gva.raw());
 }
 
 #[test]
 fn debug_registers_skipping_the_nop_count_exactly_on_2_vcpus() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     check_calls(
         Arc::new(DebugRegs::skipping_nops()),
         2,
@@ -193,7 +194,7 @@ fn debug_registers_skipping_the_nop_count_exactly_on_2_vcpus() {
 
 #[test]
 fn host_changes_an_argument_at_the_hit() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     const N: u64 = 50;
     const DELTA: u64 = 0x1000;
     for traps in [
@@ -218,7 +219,7 @@ fn host_changes_an_argument_at_the_hit() {
 
 #[test]
 fn patch_writes_the_out_instruction_into_the_guest() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let m = TestGuest::long_mode(guests::CALLS).build(1).expect("build");
     let traps = PatchedSites::new();
     traps
@@ -245,7 +246,7 @@ fn patch_writes_the_out_instruction_into_the_guest() {
 
 #[test]
 fn host_support_reports_this_host() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let s = ornament_kvm::support::host_support();
     let json = serde_json::to_string_pretty(&s).expect("serializable");
     eprintln!("{json}");
@@ -268,7 +269,7 @@ fn host_support_reports_this_host() {
 
 #[test]
 fn a_spinning_guest_is_stopped_from_outside() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let mut m = TestGuest::long_mode(guests::SPIN).build(2).expect("build");
     let control = RunControl::new();
     let out = std::thread::scope(|s| {
@@ -285,7 +286,7 @@ fn a_spinning_guest_is_stopped_from_outside() {
 
 #[test]
 fn kernel_mode_int3_is_completed_by_the_vmm() {
-    require_kvm!();
+    require!("usable /dev/kvm", kvm_usable());
     let code = guests::breakpoint_guest(TEST_CODE_START.0);
     // Without completion: PVM's emulation failure is an error naming the int3's RIP.
     let mut m = TestGuest::long_mode(&code).build(1).expect("build");

@@ -2,14 +2,16 @@
 //! -accel tcg`, a static workload as `/init` (`tests/guest/workload.c`), the host side
 //! (`plugin_link.rs`) counting hits exactly.
 //!
-//! Inputs (skipped with a message when missing, failing when `CI=true`):
+//! Inputs (by `ornament_test_gate`'s rule: skipped with a message when missing, failing
+//! under CI):
 //! - `ORNAMENT_TEST_KERNEL` (bzImage), `ORNAMENT_TEST_SYSTEM_MAP` (its real System.map);
 //!   by default the default guest image's, built into the image cache when missing;
 //! - `qemu-system-x86_64` >= 10.0 on `PATH` (or `ORNAMENT_TEST_QEMU`), `musl-gcc`, `python3`;
 //! - the plugin: `ORNAMENT_TEST_PLUGIN`, else built with cargo into this test's target dir;
-//! - struct offsets for the deny test and the comm filter: `ORNAMENT_TEST_OFFSETS` =
-//!   `comm,syscall_work,emu_bit,pt_regs_ax` (hex or decimal); the defaults are 6.1.0-50-cloud's
-//!   (`gdb -batch -ex 'ptype /o struct task_struct'` etc. on its vmlinux) until profiles exist.
+//! - struct offsets: from the committed profile (`profiles/<release>.json`) of the kernel
+//!   booted, its release read from the bzImage's own version string; `ORNAMENT_TEST_OFFSETS`
+//!   = `comm,syscall_work,emu_bit,pt_regs_ax` and `ORNAMENT_TEST_MM_OFFSETS` =
+//!   `mm,arg_start,arg_end` (hex or decimal) override them for a kernel without one.
 #![allow(missing_docs, clippy::cast_possible_truncation)]
 
 #[path = "../../qemu/src/plugin_link.rs"]
@@ -17,6 +19,7 @@ pub mod plugin_link;
 
 use ornament_engine::wire::{MemRead, ProbeSpec, Reg, RegMask};
 use ornament_engine::{Action, Gpa, Gva, MemError, PhysMemory, ProbeId};
+use ornament_test_gate::require;
 use plugin_link::{DenyConfig, GuestRam, PluginHit, PluginLink, PluginLinkError};
 use std::collections::HashMap;
 use std::io::Read;
@@ -41,20 +44,10 @@ fn default_image() -> Result<(PathBuf, PathBuf), String> {
 }
 const GUEST_MEM_MIB: u64 = 512;
 
-macro_rules! require {
-    ($e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(why) => {
-                if std::env::var("CI").as_deref() == Ok("true") {
-                    panic!("real-guest test cannot run under CI=true: {why}");
-                }
-                eprintln!("SKIPPED: {why}");
-                return;
-            }
-        }
-    };
-}
+/// The inputs every real-guest test needs (see the module documentation); under the
+/// workspace's one rule (`ornament_test_gate`) a missing one fails under CI.
+const INPUTS: &str =
+    "the real-guest inputs (kernel and System.map, QEMU >= 10.0, the plugin, musl-gcc, python3)";
 
 struct Env {
     kernel: PathBuf,
@@ -62,6 +55,9 @@ struct Env {
     initramfs: PathBuf,
     plugin: PathBuf,
     qemu: String,
+    /// The booted kernel's release and its committed profile (`None`: no profile).
+    release: String,
+    profile: Option<serde_json::Value>,
     comm_offset: u64,
     syscall_work_offset: u64,
     emu_bit: u32,
@@ -127,11 +123,24 @@ fn env() -> Result<Env, String> {
     let plugin = PLUGIN.get_or_init(plugin_so).clone()?;
     static INITRAMFS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let initramfs = INITRAMFS.get_or_init(build_initramfs).clone()?;
-    let offs: Vec<u64> = std::env::var("ORNAMENT_TEST_OFFSETS")
-        .unwrap_or("0xba0,8,3,0x50".into())
-        .split(',')
-        .filter_map(parse_num)
-        .collect();
+    let release = kernel_release(&kernel)?;
+    let profile = committed_profile(&release)?;
+    let offs: Vec<u64> = match (std::env::var("ORNAMENT_TEST_OFFSETS"), &profile) {
+        (Ok(v), _) => v.split(',').filter_map(parse_num).collect(),
+        (Err(_), Some(p)) => vec![
+            profile_offset(p, "task_struct", "comm"),
+            profile_offset(p, "task_struct", "thread_info.syscall_work"),
+            // SYSCALL_WORK_BIT_SYSCALL_EMU: an enum value, the same in 6.1 and 6.12.
+            3,
+            profile_offset(p, "pt_regs", "ax"),
+        ],
+        (Err(_), None) => {
+            return Err(format!(
+                "no committed profile for kernel {release} (profiles/{release}.json): \
+                 set ORNAMENT_TEST_OFFSETS and ORNAMENT_TEST_MM_OFFSETS"
+            ))
+        }
+    };
     if offs.len() != 4 {
         return Err("ORNAMENT_TEST_OFFSETS must be comm,syscall_work,emu_bit,pt_regs_ax".into());
     }
@@ -141,11 +150,63 @@ fn env() -> Result<Env, String> {
         initramfs,
         plugin,
         qemu,
+        release,
+        profile,
         comm_offset: offs[0],
         syscall_work_offset: offs[1],
         emu_bit: u32::try_from(offs[2]).map_err(|e| e.to_string())?,
         pt_regs_ax: offs[3],
     })
+}
+
+/// The release of a bzImage (`6.1.0-50-cloud-amd64`): the first word of the version
+/// string its setup header points at (`kernel_version` at 0x20e, plus 0x200).
+fn kernel_release(kernel: &Path) -> Result<String, String> {
+    let b = std::fs::read(kernel).map_err(|e| format!("kernel {}: {e}", kernel.display()))?;
+    let bad = || {
+        format!(
+            "kernel {} is not a bzImage with a version string",
+            kernel.display()
+        )
+    };
+    if b.get(0x202..0x206) != Some(b"HdrS") {
+        return Err(bad());
+    }
+    let at = b
+        .get(0x20e..0x210)
+        .map(|v| usize::from(u16::from_le_bytes([v[0], v[1]])) + 0x200)
+        .ok_or_else(bad)?;
+    let text = b.get(at..at.saturating_add(256)).ok_or_else(bad)?;
+    let release: String = text
+        .iter()
+        .take_while(|c| c.is_ascii_graphic())
+        .map(|c| char::from(*c))
+        .collect();
+    if release.is_empty() {
+        return Err(bad());
+    }
+    Ok(release)
+}
+
+/// The committed profile of `release`, if there is one.
+fn committed_profile(release: &str) -> Result<Option<serde_json::Value>, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../profiles")
+        .join(format!("{release}.json"));
+    match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str(&t)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// `struct.field`'s offset in a profile.
+fn profile_offset(p: &serde_json::Value, s: &str, f: &str) -> u64 {
+    p["structs"][s]["fields"][f]["offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{s}.{f} is not in the committed profile"))
 }
 
 /// The plugin `.so`: `ORNAMENT_TEST_PLUGIN`, or built now (a no-op when fresh) into the target
@@ -510,7 +571,7 @@ fn held(regs: RegMask) -> ProbeSpec {
 }
 
 fn counts_on(vcpus: u32) {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let (n, m, pn) = (3000u64, 25u64, 2000u64);
     let mut marks = 0;
     let mut exits = 0u64;
@@ -646,8 +707,8 @@ fn exact_counts_two_vcpus() {
 }
 
 /// `task->mm`, `mm->arg_start` and `mm->arg_end` offsets: `ORNAMENT_TEST_MM_OFFSETS`
-/// (`mm,arg_start,arg_end`), else from the committed profile of the default image's kernel.
-fn mm_offsets() -> (u64, u64, u64) {
+/// (`mm,arg_start,arg_end`), else from the committed profile of the kernel booted.
+fn mm_offsets(e: &Env) -> (u64, u64, u64) {
     if let Ok(v) = std::env::var("ORNAMENT_TEST_MM_OFFSETS") {
         let o: Vec<u64> = v.split(',').filter_map(parse_num).collect();
         assert_eq!(
@@ -657,18 +718,16 @@ fn mm_offsets() -> (u64, u64, u64) {
         );
         return (o[0], o[1], o[2]);
     }
-    let p: serde_json::Value =
-        serde_json::from_str(include_str!("../../../profiles/6.1.0-50-cloud-amd64.json"))
-            .expect("committed profile");
-    let off = |s: &str, f: &str| {
-        p["structs"][s]["fields"][f]["offset"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{s}.{f} in the committed profile"))
-    };
+    let p = e.profile.as_ref().unwrap_or_else(|| {
+        panic!(
+            "no committed profile for kernel {}: set ORNAMENT_TEST_MM_OFFSETS",
+            e.release
+        )
+    });
     (
-        off("task_struct", "mm"),
-        off("mm_struct", "arg_start"),
-        off("mm_struct", "arg_end"),
+        profile_offset(p, "task_struct", "mm"),
+        profile_offset(p, "mm_struct", "arg_start"),
+        profile_offset(p, "mm_struct", "arg_end"),
     )
 }
 
@@ -677,8 +736,8 @@ fn mm_offsets() -> (u64, u64, u64) {
 #[test]
 fn byte_range_is_the_exec_command_line() {
     use ornament_engine::wire::BytesRead;
-    let e = require!(env());
-    let (mm, arg_start, arg_end) = mm_offsets();
+    let e = require!(INPUTS, env());
+    let (mm, arg_start, arg_end) = mm_offsets(&e);
     let spec = |max: u32| {
         let mut s = ProbeSpec::regs(RegMask::of(&[Reg::Rip, Reg::Rdi, Reg::Cr3, Reg::Cr4]));
         s.mem[0] = MemRead::at_reg(Reg::Rdi, mm, 8);
@@ -725,14 +784,29 @@ fn byte_range_is_the_exec_command_line() {
     }
 }
 
+/// The kernel's direct map without KASLR (the test guests boot with `nokaslr`):
+/// `page_offset_base`, where guest-physical 0 is mapped.
+const DIRECT_MAP_NOKASLR: u64 = 0xffff_8880_0000_0000;
+
 /// Memory reads before and after the host hands the plugin guest RAM (its own page walk over
 /// the RAM file instead of QEMU's accessor) give the same values; chained reads follow the
 /// pointer they name, and fail when it failed.
+///
+/// To show the later reads really come from the file the host sent, that file is a copy of
+/// guest RAM taken while the guest is held at the mark, with one change: the task's `comm`
+/// says `ramfile`. Only the plugin's own page walk can see it; every other value (the task,
+/// its pid, tgid, parent, mm, page-table root, cred and uid, read through chains) must equal
+/// what QEMU's accessor read before the mark, on every one of the hits.
 #[test]
 fn reads_through_the_ram_file_match_qemus() {
     use ornament_engine::wire::{MemBase, RamPaging, RamRegion};
     use std::cell::RefCell;
-    let e = require!(env());
+    let e = require!(INPUTS, env());
+    let p = e
+        .profile
+        .as_ref()
+        .unwrap_or_else(|| panic!("no committed profile for kernel {}", e.release));
+    let off = |s: &str, f: &str| profile_offset(p, s, f);
     let n = 400u64;
     let mut spec = ProbeSpec::regs(RegMask::of(&[Reg::GsBase, Reg::Cr3, Reg::Cr4]));
     spec.mem[0] = MemRead::at_reg(Reg::GsBase, e.current_task_offset(), 8);
@@ -749,7 +823,23 @@ fn reads_through_the_ram_file_match_qemus() {
     spec.mem[4] = chain(0, 0xffc);
     spec.mem[5] = MemRead::at_mem(0, 0xffc, 4);
     spec.mem[6] = chain(0, 0x1000);
-    let file = RefCell::new(None);
+    // Fields that stay put while the workload loops: pid, tgid, parent and its pid, mm and
+    // its page-table root, cred and its uid.
+    spec.mem[7] = MemRead::at_mem(0, off("task_struct", "pid"), 4);
+    spec.mem[8] = MemRead::at_mem(0, off("task_struct", "tgid"), 4);
+    spec.mem[9] = chain(0, off("task_struct", "real_parent"));
+    spec.mem[10] = MemRead::at_mem(9, off("task_struct", "pid"), 4);
+    spec.mem[11] = chain(0, off("task_struct", "mm"));
+    spec.mem[12] = chain(11, off("mm_struct", "pgd"));
+    spec.mem[13] = chain(0, off("task_struct", "cred"));
+    spec.mem[14] = MemRead::at_mem(13, off("cred", "uid"), 4);
+    const STABLE: [usize; 9] = [0, 7, 8, 9, 10, 11, 12, 13, 14];
+    let snap = PathBuf::from(format!(
+        "/dev/shm/ornament-plugin-test-{}-ramfile-copy",
+        std::process::id()
+    ));
+    let ram_path = RefCell::new(PathBuf::new());
+    let mut task = None;
     let mut sent = false;
     let o = run(
         &e,
@@ -757,14 +847,31 @@ fn reads_through_the_ram_file_match_qemus() {
         1,
         &format!("getppid {n} mark getppid {n}"),
         |l, ram| {
-            *file.borrow_mut() = Some(std::fs::File::open(ram).expect("open ram"));
+            *ram_path.borrow_mut() = ram.to_path_buf();
             l.arm(P_GETPPID, e.sym("__x64_sys_getppid"), spec)
                 .expect("arm");
             e.arm_mark(l, RegMask::of(&[Reg::Rip]));
         },
         |l, h| {
+            if h.hit.probe == P_GETPPID && !sent {
+                task = h.mem[0];
+            }
             if h.hit.probe == P_MARK && !sent {
                 use std::os::fd::AsFd;
+                use std::os::unix::fs::FileExt;
+                // The only vCPU is held here: the copy is a still picture of guest RAM.
+                std::fs::copy(&*ram_path.borrow(), &snap).expect("copy guest RAM");
+                let task = task.expect("getppid hits before the mark");
+                let comm_gpa = (task + e.comm_offset)
+                    .checked_sub(DIRECT_MAP_NOKASLR)
+                    .expect("task_struct in the direct map");
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&snap)
+                    .expect("open the copy");
+                f.write_all_at(b"ramfile\0", comm_gpa)
+                    .expect("mark the copy");
                 // -M pc, 512 MiB: low RAM below the VGA hole, then RAM from 1 MiB, at
                 // file offset == guest-physical address.
                 let regions = [
@@ -779,18 +886,14 @@ fn reads_through_the_ram_file_match_qemus() {
                         file_offset: 0x10_0000,
                     },
                 ];
-                let f = file.borrow();
-                l.send_ram(
-                    f.as_ref().expect("ram file").as_fd(),
-                    &regions,
-                    RamPaging::FromCr4,
-                )
-                .expect("send ram");
+                l.send_ram(f.as_fd(), &regions, RamPaging::FromCr4)
+                    .expect("send ram");
                 sent = true;
             }
             Action::Continue
         },
     );
+    let _ = std::fs::remove_file(&snap);
     assert!(sent, "no mark hit");
     let mut marked = false;
     let (mut before, mut after) = (Vec::new(), Vec::new());
@@ -799,11 +902,6 @@ fn reads_through_the_ram_file_match_qemus() {
             marked = true;
             continue;
         }
-        assert!(
-            h.mem[1].is_some_and(|v| v & 0xff_ffff_ffff == u64::from_le_bytes(*b"init\0\0\0\0")),
-            "comm through the chain: {:?}",
-            h.mem
-        );
         assert_eq!(
             (h.mem[2], h.mem[3]),
             (None, None),
@@ -812,12 +910,45 @@ fn reads_through_the_ram_file_match_qemus() {
         let split = h.mem[4].expect("page-crossing read");
         let (lo, hi) = (h.mem[5].expect("lo"), h.mem[6].expect("hi"));
         assert_eq!(split, lo | (hi << 32), "split read");
-        (if marked { &mut after } else { &mut before }).push(h.mem[..2].to_vec());
+        (if marked { &mut after } else { &mut before }).push(h);
     }
     assert_eq!(before.len() as u64, n);
     assert_eq!(after.len() as u64, n);
-    // The same task: the same values both ways.
-    assert_eq!(before[0], after[0]);
+    let comm = |h: &PluginHit| h.mem[1].map(u64::to_le_bytes);
+    // Before: QEMU's accessor, the live guest. After: the marked copy, so the plugin's own walk.
+    for h in &before {
+        let c = comm(h).expect("comm");
+        assert_eq!(&c[..5], b"init\0", "comm before the RAM file: {c:?}");
+    }
+    for h in &after {
+        assert_eq!(
+            comm(h),
+            Some(*b"ramfile\0"),
+            "reads after the mark did not come from the RAM file the host sent"
+        );
+    }
+    // Every stable read of every hit, both ways, equals the first hit's; and they are what
+    // they must be: pid 1 (/init), its own tgid, parent pid 0, uid 0, kernel pointers.
+    let stable = |h: &PluginHit| STABLE.map(|i| h.mem[i]);
+    let first = stable(before[0]);
+    for h in before.iter().chain(&after) {
+        assert_eq!(stable(h), first, "hit {}", h.hit.seq);
+    }
+    let v = |i: usize| first[STABLE.iter().position(|&j| j == i).expect("stable")];
+    assert_eq!(
+        (v(7), v(8), v(10), v(14)),
+        (Some(1), Some(1), Some(0), Some(0))
+    );
+    for i in [0, 9, 11, 13] {
+        assert!(
+            v(i).is_some_and(|a| a >= DIRECT_MAP_NOKASLR),
+            "read {i}: {first:x?}"
+        );
+    }
+    assert!(
+        v(12).is_some_and(|a| a >= DIRECT_MAP_NOKASLR),
+        "pgd: {first:x?}"
+    );
     assert!(
         o.link.plugin_errors().is_empty(),
         "{:?}",
@@ -826,19 +957,20 @@ fn reads_through_the_ram_file_match_qemus() {
 }
 
 /// Arming a new address (not a candidate: needs retranslation) and disarming it while held at
-/// a marker take effect: hits come only from the middle loop. Disarming is exact (a flag);
-/// arming a new address waits for QEMU's asynchronous `qemu_plugin_reset`, which runs once
-/// every vCPU is outside guest code, so the first calls of the middle loop may run before
-/// it (on a loaded 2-core host it took longer than a 200-call loop once).
+/// a marker take effect: hits come only from the middle loop, and none from the 20000 calls
+/// after the disarm (the guest runs them: the workload reports the loop). Disarming is exact
+/// (a flag); arming a new address waits for QEMU's asynchronous `qemu_plugin_reset`, which
+/// runs once every vCPU is outside guest code, so the first calls of the middle loop may run
+/// before it (on a loaded 2-core host it took longer than a 200-call loop once).
 #[test]
 fn arm_new_address_and_disarm_while_running() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let mut marks = 0;
     let o = run(
         &e,
         "armnew",
         2,
-        "getppid 100 mark getppid 20000 mark getppid 300",
+        "getppid 100 mark getppid 20000 mark getppid 20000",
         |l, _| {
             e.arm_mark(l, RegMask::NONE);
         },
@@ -859,19 +991,36 @@ fn arm_new_address_and_disarm_while_running() {
             Action::Continue
         },
     );
-    let n = o.hits.iter().filter(|h| h.hit.probe == P_GETPPID).count();
-    assert!(n > 0, "arming at run time never took effect");
-    assert!(
-        n <= 20000,
-        "{n} hits: some came from outside the middle loop"
-    );
-    eprintln!("armed at run time: {n} of the middle loop's 20000 calls seen");
+    // getppid hits in each stretch between marks, in delivery order (hit order).
+    let mut per_stretch = [0usize; 3];
+    let mut stretch = 0;
+    for h in &o.hits {
+        match h.hit.probe {
+            P_MARK => stretch += 1,
+            P_GETPPID => per_stretch[stretch.min(2)] += 1,
+            other => panic!("unexpected probe {other:?}"),
+        }
+    }
+    assert_eq!(stretch, 2, "two marks");
+    let loops: Vec<i64> = o
+        .serial
+        .lines()
+        .filter(|l| l.starts_with("WL getppid"))
+        .map(|l| field(l, "n"))
+        .collect();
+    assert_eq!(loops, [100, 20000, 20000], "the guest ran all three loops");
+    let [before, middle, after] = per_stretch;
+    assert_eq!(before, 0, "hits before the probe was armed");
+    assert!(middle > 0, "arming at run time never took effect");
+    assert!(middle <= 20000, "{middle} hits in a 20000-call loop");
+    assert_eq!(after, 0, "hits after the disarm, over 20000 calls");
+    eprintln!("armed at run time: {middle} of the middle loop's 20000 calls seen, 0 after");
 }
 
 /// A held hit on one vCPU: the workload on the other vCPU keeps running (and keeps hitting).
 #[test]
 fn hold_blocks_only_its_vcpu() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let hold = Duration::from_millis(1500);
     let mut window = None;
     let o = run(
@@ -922,7 +1071,7 @@ fn hold_blocks_only_its_vcpu() {
 /// `mkdir` denied with EPERM once (the directory is not created), then allowed.
 #[test]
 fn deny_syscall_returns_errno_and_next_runs() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let mut seen = 0;
     let cfg = DenyConfig {
         syscall_exit: e.sym("syscall_exit_to_user_mode"),
@@ -976,7 +1125,7 @@ fn deny_syscall_returns_errno_and_next_runs() {
 #[test]
 #[ignore = "measurement, prints numbers"]
 fn measure_per_hit_cost() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let n = 20_000u64;
     let rounds: usize = std::env::var("ORNAMENT_BENCH_ROUNDS")
         .ok()
@@ -1078,7 +1227,7 @@ fn measure_per_hit_cost() {
 /// says so with a `HoldTimeout` error record.
 #[test]
 fn unanswered_hold_times_out_and_is_reported() {
-    let e = require!(env());
+    let e = require!(INPUTS, env());
     let o = run_with(
         &e,
         "holdtimeout",
