@@ -535,3 +535,43 @@ fn exit_status(
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_files_are_sized_against_memory() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        for (f, mib) in [(&a, 100u64), (&b, 50)] {
+            std::fs::File::create(f)
+                .and_then(|h| h.set_len(mib << 20))
+                .expect("sparse file");
+        }
+        let add = |fs: &[&PathBuf]| -> Vec<(PathBuf, String)> {
+            fs.iter().map(|f| ((*f).clone(), "/x".to_owned())).collect()
+        };
+        // 112 + 2 * 100 = 312 MiB.
+        assert!(check_add_fits(&add(&[&a]), 112, 312).is_ok());
+        let e = check_add_fits(&add(&[&a]), 112, 311).expect_err("one MiB short");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--add {} (100 MiB): the guest needs about 312 MiB of memory for the kernel, its initramfs and the added files (held twice while the kernel unpacks them), more than --memory 311 MiB; give --memory 312 or more, or add less",
+                a.display()
+            )
+        );
+        // Several files: the largest is named, with the total.
+        let e = check_add_fits(&add(&[&b, &a]), 112, 400).expect_err("412 MiB needed");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "--add {} (100 MiB, 150 MiB in all): the guest needs about 412 MiB",
+                a.display()
+            )),
+            "{e}"
+        );
+        assert!(check_add_fits(&[], 112, 128).is_ok());
+    }
+}
