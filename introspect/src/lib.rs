@@ -60,9 +60,11 @@
 #![forbid(unsafe_code)]
 
 pub mod btf;
+pub mod bzimage;
 pub mod elf;
 pub mod event;
 pub mod identity;
+pub mod kallsyms;
 pub mod kaslr;
 pub mod kernel;
 pub mod monitor;
