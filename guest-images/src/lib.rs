@@ -16,6 +16,7 @@ pub mod image;
 pub mod kernel_file;
 pub mod overlay;
 pub mod progress;
+pub mod reference;
 pub mod workloads;
 
 pub use cache::cache_root;
