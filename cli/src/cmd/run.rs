@@ -35,7 +35,8 @@ pub struct RunArgs {
     /// Initramfs for --kernel (default: the default image's, which has ornament's /init).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// System.map of --kernel, checked against the running kernel.
+    /// System.map of --kernel (optional: the kernel's own kallsyms are read), checked
+    /// against the kernel and the running kernel.
     #[arg(long, value_name = "FILE", requires = "kernel")]
     system_map: Option<PathBuf>,
     /// Number of vCPUs.
@@ -65,7 +66,8 @@ pub struct RunArgs {
     /// QEMU binary (default: $ORNAMENT_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "FILE")]
     qemu: Option<PathBuf>,
-    /// Kernel profile for --kernel (see `ornament profile generate`); images have their own.
+    /// Kernel profile for --kernel (see `ornament profile generate`); without it the
+    /// profile is made from the kernel file and cached by its SHA-256. Images have their own.
     #[arg(long, value_name = "FILE", requires = "kernel")]
     profile: Option<PathBuf>,
     /// Serve a control socket (JSON lines) at SOCKET, e.g. for `ornament ps`.
@@ -214,10 +216,11 @@ pub fn run(a: RunArgs) -> Result<u8> {
         let p = match (&a.profile, &boot.image_dir) {
             (Some(p), _) => identify::load_profile(p)?,
             (None, Some(dir)) => identify::image_profile(dir)?,
-            (None, None) => bail!(
-                "--watch, --deny-syscall and --control need the kernel's profile: boot an --image, or give --profile FILE (ornament profile generate)"
-            ),
+            (None, None) => identify::kernel_profile(&boot.kernel, a.cache_dir.as_deref())?,
         };
+        if let (Some(map), None) = (&boot.system_map, &boot.image_dir) {
+            identify::check_system_map(map, &boot.kernel, &p)?;
+        }
         Some(Arc::new(p))
     } else {
         None
