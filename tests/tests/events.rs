@@ -80,15 +80,19 @@ fn check(image: &str, vcpus: &str) {
 /// Run the workload with `engine` arguments (empty: the default engine) and check
 /// every event against what it says it did.
 fn check_on(image: &str, vcpus: &str, engine: &[&str], timeout_secs: u64) {
+    check_boot(&["--image", image], vcpus, engine, timeout_secs);
+}
+
+/// Run the workload on the guest `boot` names (`--image NAME` or `--kernel FILE`).
+fn check_boot(boot: &[&str], vcpus: &str, engine: &[&str], timeout_secs: u64) {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("events.json");
     let timeout = timeout_secs.to_string();
     let args: Vec<&str> = ["run"]
         .into_iter()
         .chain(engine.iter().copied())
+        .chain(boot.iter().copied())
         .chain([
-            "--image",
-            image,
             "--vcpus",
             vcpus,
             "--timeout",
@@ -268,6 +272,39 @@ fn events_6_12_one_vcpu() {
 fn events_6_12_two_vcpus() {
     gate!();
     check("debian-6.12-cloud", "2");
+}
+
+/// Issue #18: a kernel file alone (the 6.12 bzImage of its linux-image package, no
+/// image, profile or System.map): ornament makes the profile from the kernel's own
+/// kallsyms and BTF, caches it by the file's SHA-256, and the events are exact.
+#[test]
+fn events_from_a_kernel_file_alone() {
+    gate!();
+    let spec = ornament_images::catalog::find("debian-6.12-cloud").expect("catalogue");
+    let files = match ornament_images::reference::fetch(spec, false, None) {
+        Ok(f) => f,
+        Err(e) => {
+            if !ornament_tests::require(&format!("the bzImage of {} ({e})", spec.name), false) {
+                return;
+            }
+            unreachable!("require fails under CI");
+        }
+    };
+    let kernel = files.kernel.to_str().expect("utf-8");
+    check_boot(&["--kernel", kernel], "1", &[], GUEST_TIMEOUT_SECS);
+    let sha = ornament_images::cache::hash_file(&files.kernel)
+        .expect("hash")
+        .sha256;
+    let cached = ornament_images::cache_root(None)
+        .join("profiles")
+        .join(format!("{sha}-r1.json"));
+    let profile =
+        std::fs::read_to_string(&cached).unwrap_or_else(|e| panic!("{}: {e}", cached.display()));
+    assert!(
+        profile.contains("\"release\": \"6.12.117+deb12-cloud-amd64\""),
+        "{}",
+        cached.display()
+    );
 }
 
 #[test]
