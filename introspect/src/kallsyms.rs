@@ -357,7 +357,7 @@ fn find_names(s: &Sect<'_>, tok: &Tokens) -> Option<Names> {
             continue;
         }
         for wide in [false, true] {
-            if wide && s.vaddr(here) % 8 != 0 {
+            if wide && !s.vaddr(here).is_multiple_of(8) {
                 continue;
             }
             let marks = markers_at(s, here, wide);
