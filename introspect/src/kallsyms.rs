@@ -192,26 +192,50 @@ pub fn read(elf: &[u8], path: &Path) -> Result<Kallsyms, KallsymsError> {
 
 const DIGITS: &[u8] = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00";
 
+/// Token 0 may follow anything (the last bytes of `kallsyms_seqs_of_names` on 6.1), so
+/// the walk back from `'0'` stops at token 1; token 0's length comes from the index.
 fn find_tokens(s: &Sect<'_>) -> Option<Tokens> {
-    for hit in memchr::memmem::find_iter(s.data, DIGITS) {
-        let Some(start) = walk_back(s.data, hit, 0x30) else {
+    let d = s.data;
+    let u16_at = |o: usize| {
+        d.get(o..o + 2)
+            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    for hit in memchr::memmem::find_iter(d, DIGITS) {
+        let Some(t1) = walk_back(d, hit, 0x2f) else {
             continue;
         };
-        let Some((tokens, offsets, end)) = parse_tokens(s.data, start) else {
+        let Some((rest, rel, end)) = parse_tokens(d, t1, 255) else {
             continue;
         };
-        if offsets[0x30] != hit - start {
+        if rel[0x2f] != hit - t1 {
             continue;
         }
-        // The index follows the table (aligned): 256 little-endian u16 offsets.
-        let want: Vec<u8> = offsets
-            .iter()
-            .flat_map(|&o| u16::try_from(o).unwrap_or(u16::MAX).to_le_bytes())
-            .collect();
-        let found = (end..end + 16).find(|&i| s.data.get(i..i + want.len()) == Some(&want[..]));
-        if let Some(index) = found {
+        // The index follows the table (aligned): 256 little-endian u16 offsets, the
+        // first 0, the second token 0's length plus its NUL.
+        for index in end..end + 16 {
+            if u16_at(index) != Some(0) {
+                continue;
+            }
+            let Some(l0) = u16_at(index + 2).filter(|&l| (2..=MAX_TOKEN + 1).contains(&l)) else {
+                continue;
+            };
+            let fits = rel
+                .iter()
+                .enumerate()
+                .all(|(k, &r)| u16_at(index + 2 + 2 * k) == Some(l0 + r));
+            let Some(table) = t1.checked_sub(l0) else {
+                continue;
+            };
+            let Some((first, _, _)) = parse_tokens(d, table, 1) else {
+                continue;
+            };
+            if !fits || first[0].len() + 1 != l0 {
+                continue;
+            }
+            let mut tokens = first;
+            tokens.extend(rest);
             return Some(Tokens {
-                table: start,
+                table,
                 index,
                 tokens,
             });
@@ -240,12 +264,13 @@ fn walk_back(d: &[u8], pos: usize, count: usize) -> Option<usize> {
     Some(p)
 }
 
-/// 256 tokens from `start`: the tokens, their offsets, the offset past the last.
-fn parse_tokens(d: &[u8], start: usize) -> Option<(Vec<Vec<u8>>, Vec<usize>, usize)> {
-    let mut tokens = Vec::with_capacity(256);
-    let mut offsets = Vec::with_capacity(256);
+/// `n` tokens from `start`: the tokens, their offsets from `start`, the offset past
+/// the last.
+fn parse_tokens(d: &[u8], start: usize, n: usize) -> Option<(Vec<Vec<u8>>, Vec<usize>, usize)> {
+    let mut tokens = Vec::with_capacity(n);
+    let mut offsets = Vec::with_capacity(n);
     let mut p = start;
-    for _ in 0..256 {
+    for _ in 0..n {
         let rest = d.get(p..)?;
         let len = rest.iter().take(MAX_TOKEN + 1).position(|&b| b == 0)?;
         let tok = &rest[..len];
@@ -367,7 +392,9 @@ fn find_names(s: &Sect<'_>, tok: &Tokens) -> Option<Names> {
             }
             let (lo, hi) = ((k - 1) * 256 + 1, k * 256);
             let end = (here + marks.len() * if wide { 8 } else { 4 }) as u64;
-            let gap = (tok.table as u64).checked_sub(end)?;
+            let Some(gap) = (tok.table as u64).checked_sub(end) else {
+                continue;
+            };
             if gap >= 8 && !(3 * lo..=3 * hi + 16).contains(&gap) {
                 continue;
             }
@@ -580,6 +607,219 @@ mod tests {
         );
         let e = read(b"not an elf at all", Path::new("/k/x")).expect_err("not elf");
         assert!(e.to_string().starts_with("/k/x is not an ELF file"), "{e}");
+    }
+
+    /// Where the address tables go in a synthetic kernel.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Order {
+        /// Offsets and relative base before `kallsyms_num_syms`, seqs after the markers (6.1).
+        RelativeBefore,
+        /// Offsets, relative base and seqs after the token index (6.4+).
+        RelativeAfter,
+        /// Absolute `u64` addresses before `kallsyms_num_syms`, no seqs (old kernels).
+        AbsoluteBefore,
+    }
+
+    const BASE: u64 = 0xffff_ffff_8100_0000;
+    const RODATA: u64 = 0xffff_ffff_8200_0000;
+
+    fn pad(v: &mut Vec<u8>, a: usize) {
+        while v.len() % a != 0 {
+            v.push(0);
+        }
+    }
+
+    /// 600 symbols: 3 per-CPU (`A`, small values), then text symbols.
+    fn synth_symbols() -> Vec<(u64, char, String)> {
+        let mut v: Vec<(u64, char, String)> = (0..3u64)
+            .map(|i| (i * 0x40, 'A', format!("pcpu_{i}")))
+            .collect();
+        v.extend((0..597u64).map(|i| {
+            let kind = if i % 5 == 0 { 't' } else { 'T' };
+            (BASE + i * 0x30, kind, format!("sym_{i}"))
+        }));
+        v
+    }
+
+    /// The `.rodata` of a kernel with these kallsyms tables.
+    fn synth_rodata(order: Order) -> Vec<u8> {
+        let syms = synth_symbols();
+        let n = syms.len();
+        // Tokens: printable characters stand for themselves; other codes are pairs.
+        let tokens: Vec<Vec<u8>> = (0..=255u8)
+            .map(|c| {
+                if (0x21..0x7f).contains(&c) {
+                    vec![c]
+                } else {
+                    vec![b'q', b'a' + c % 26]
+                }
+            })
+            .collect();
+        let mut names = Vec::new();
+        let mut marks = Vec::new();
+        for (i, (_, kind, name)) in syms.iter().enumerate() {
+            if i % 256 == 0 {
+                marks.push(u32::try_from(names.len()).expect("small"));
+            }
+            let text: Vec<u8> = std::iter::once(*kind as u8).chain(name.bytes()).collect();
+            names.push(u8::try_from(text.len()).expect("short"));
+            names.extend_from_slice(&text);
+        }
+        let offsets: Vec<u8> = syms
+            .iter()
+            .flat_map(|&(a, k, _)| {
+                let o: i64 = if k == 'A' {
+                    i64::try_from(a).expect("small")
+                } else {
+                    -i64::try_from(a - (BASE - 1)).expect("small")
+                };
+                i32::try_from(o).expect("fits").to_le_bytes()
+            })
+            .collect();
+        let mut table = Vec::new();
+        let mut index = Vec::new();
+        for t in &tokens {
+            index.extend_from_slice(&u16::try_from(table.len()).expect("small").to_le_bytes());
+            table.extend_from_slice(t);
+            table.push(0);
+        }
+        let mut d = vec![0xaau8; 0x40];
+        let rel_before = |d: &mut Vec<u8>| {
+            d.extend_from_slice(&offsets);
+            pad(d, 8);
+            d.extend_from_slice(&BASE.to_le_bytes());
+        };
+        match order {
+            Order::RelativeBefore => rel_before(&mut d),
+            Order::AbsoluteBefore => {
+                for (a, _, _) in &syms {
+                    d.extend_from_slice(&a.to_le_bytes());
+                }
+            }
+            Order::RelativeAfter => {}
+        }
+        d.extend_from_slice(&u32::try_from(n).expect("small").to_le_bytes());
+        pad(&mut d, 8);
+        d.extend_from_slice(&names);
+        pad(&mut d, 8);
+        for m in &marks {
+            d.extend_from_slice(&m.to_le_bytes());
+        }
+        pad(&mut d, 8);
+        if order == Order::RelativeBefore {
+            d.extend(std::iter::repeat_n(0x11u8, 3 * n));
+            pad(&mut d, 8);
+        }
+        d.extend_from_slice(&table);
+        pad(&mut d, 8);
+        d.extend_from_slice(&index);
+        pad(&mut d, 8);
+        if order == Order::RelativeAfter {
+            d.extend_from_slice(&offsets);
+            pad(&mut d, 8);
+            d.extend_from_slice(&BASE.to_le_bytes());
+            d.extend(std::iter::repeat_n(0x11u8, 3 * n));
+        }
+        d.extend_from_slice(&[0x55; 64]);
+        d
+    }
+
+    /// A minimal ELF64 file: `.rodata` at [`RODATA`] and `.shstrtab`.
+    fn elf_with(rodata: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000];
+        f[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        f[16..18].copy_from_slice(&2u16.to_le_bytes());
+        f[18..20].copy_from_slice(&62u16.to_le_bytes());
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[52..54].copy_from_slice(&64u16.to_le_bytes());
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[58..60].copy_from_slice(&64u16.to_le_bytes());
+        f[60..62].copy_from_slice(&3u16.to_le_bytes());
+        f[62..64].copy_from_slice(&2u16.to_le_bytes());
+        f.extend_from_slice(rodata);
+        let strtab_off = f.len() as u64;
+        let strtab = b"\0.rodata\0.shstrtab\0";
+        f.extend_from_slice(strtab);
+        pad(&mut f, 8);
+        let shoff = f.len() as u64;
+        f[40..48].copy_from_slice(&shoff.to_le_bytes());
+        let sh = |name: u32, ty: u32, flags: u64, addr: u64, off: u64, size: u64| {
+            let mut h = Vec::with_capacity(64);
+            h.extend_from_slice(&name.to_le_bytes());
+            h.extend_from_slice(&ty.to_le_bytes());
+            h.extend_from_slice(&flags.to_le_bytes());
+            h.extend_from_slice(&addr.to_le_bytes());
+            h.extend_from_slice(&off.to_le_bytes());
+            h.extend_from_slice(&size.to_le_bytes());
+            h.extend_from_slice(&[0u8; 8]);
+            h.extend_from_slice(&1u64.to_le_bytes());
+            h.extend_from_slice(&0u64.to_le_bytes());
+            h
+        };
+        f.extend(vec![0u8; 64]);
+        f.extend(sh(1, 1, 2, RODATA, 0x1000, rodata.len() as u64));
+        f.extend(sh(9, 3, 0, 0, strtab_off, strtab.len() as u64));
+        f
+    }
+
+    #[test]
+    fn synthetic_tables_in_every_order_decode_exactly() {
+        let want: Vec<(u64, char, String)> = synth_symbols();
+        for order in [
+            Order::RelativeBefore,
+            Order::RelativeAfter,
+            Order::AbsoluteBefore,
+        ] {
+            let elf = elf_with(&synth_rodata(order));
+            let k = read(&elf, Path::new("synth")).expect("decodes");
+            let got: Vec<(u64, char, String)> = k
+                .symbols
+                .iter()
+                .map(|s| (s.addr.raw(), s.kind.0, s.name.clone()))
+                .collect();
+            assert_eq!(got, want);
+            assert_eq!(k.layout.names, k.layout.num_syms + 8);
+            match (order, k.layout.addressing) {
+                (
+                    Order::RelativeBefore | Order::RelativeAfter,
+                    Addressing::Relative {
+                        base,
+                        absolute_percpu,
+                        ..
+                    },
+                ) => {
+                    assert_eq!((base, absolute_percpu), (BASE, true));
+                    assert_eq!(
+                        k.layout.addresses_after_tokens,
+                        order == Order::RelativeAfter
+                    );
+                }
+                (Order::AbsoluteBefore, Addressing::Absolute) => {}
+                (_, a) => panic!("addressing {a:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tables_without_addresses_or_names_are_refused() {
+        // Names and tokens but the address tables overwritten.
+        let mut ro = synth_rodata(Order::RelativeBefore);
+        ro[0x40..0x40 + 600 * 4 + 8].fill(0);
+        let e = read(&elf_with(&ro), Path::new("/k/z")).expect_err("no addresses");
+        assert!(
+            e.to_string()
+                .starts_with("/k/z: kallsyms names of 600 symbols are at 0x"),
+            "{e}"
+        );
+        // A token table but no names that decode with it
+        // (the first name's type letter made a '+').
+        let mut ro = synth_rodata(Order::RelativeAfter);
+        ro[0x40 + 8 + 1] ^= 0x7f;
+        let e = read(&elf_with(&ro), Path::new("/k/y")).expect_err("no names");
+        assert!(
+            e.to_string().contains("a kallsyms token table is at 0x"),
+            "{e}"
+        );
     }
 
     #[test]
