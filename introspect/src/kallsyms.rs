@@ -624,7 +624,7 @@ mod tests {
     const RODATA: u64 = 0xffff_ffff_8200_0000;
 
     fn pad(v: &mut Vec<u8>, a: usize) {
-        while v.len() % a != 0 {
+        while !v.len().is_multiple_of(a) {
             v.push(0);
         }
     }
