@@ -245,3 +245,18 @@ fn system_map_lines() {
     }];
     assert_eq!(system_map_text(&syms), "ffffffff81000000 T _text\n");
 }
+
+#[test]
+fn a_kernel_without_btf_is_refused_naming_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("vmlinux-no-btf");
+    std::fs::write(&path, elf_with(&synth_rodata(Order::RelativeAfter))).expect("write");
+    let e = crate::profile::generate_from_kernel(&path).expect_err("no .BTF");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: the kernel has no .BTF section (built without CONFIG_DEBUG_INFO_BTF?), so it has no struct layouts",
+            path.display()
+        )
+    );
+}
