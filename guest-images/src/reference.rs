@@ -82,6 +82,36 @@ pub fn fetch(
     })
 }
 
+/// The bzImage of the kernel package a Debian meta-package (`linux-image-rt-amd64`, ...)
+/// names now, fetched into `<cache root>/reference/<package>/` on first use; returns
+/// the kernel package's name and its bzImage.
+pub fn fetch_meta(meta: &str, cache_dir: Option<&Path>) -> Result<(String, PathBuf), ImageError> {
+    let package = debian::meta_package_target(meta).ok_or_else(|| ImageError::UnknownImage {
+        name: meta.to_owned(),
+        known: "a Debian linux-image meta-package that apt-cache knows".into(),
+    })?;
+    let release = package.trim_start_matches("linux-image-").to_owned();
+    let dir = cache::cache_root(cache_dir)
+        .join("reference")
+        .join(&release);
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let lock_path = dir.join(".lock");
+    let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    let kernel = dir.join(files::KERNEL);
+    if !kernel.exists() {
+        let work = tempfile::tempdir_in(&dir).map_err(io_err(&dir))?;
+        let debs = debian::download(&[package.as_str()], work.path())?;
+        let tmp = work.path().join(files::KERNEL);
+        debian::extract(
+            &debs[0],
+            &[(format!("./boot/vmlinuz-{release}"), tmp.clone())],
+        )?;
+        fs::rename(&tmp, &kernel).map_err(io_err(&kernel))?;
+    }
+    Ok((package, kernel))
+}
+
 /// A complete cached image of `spec` built from the `-dbg` package.
 fn dbg_image(root: &Path, spec: &ImageSpec) -> Option<PathBuf> {
     let images = root.join("images").join(spec.name);

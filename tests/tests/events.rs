@@ -574,3 +574,34 @@ fn an_ornament_pauses_the_guest_until_resumed() {
     );
     assert!(err.contains("W done"), "{err}");
 }
+
+/// Issue #18: kernels in no catalogue entry, resolved now from Debian's meta-packages
+/// (6.1 generic and PREEMPT_RT of the current ABI, 6.12 generic), each booted from its
+/// bzImage alone (`--kernel`, profile from its kallsyms and BTF) on one vCPU, with the
+/// same exact checks. Their packages are fetched once into `<cache>/reference/`.
+#[test]
+fn events_on_kernels_resolved_from_meta_packages() {
+    gate!();
+    for meta in [
+        "linux-image-amd64",
+        "linux-image-rt-amd64",
+        "linux-image-6.12-amd64",
+    ] {
+        let (package, kernel) = match ornament_images::reference::fetch_meta(meta, None) {
+            Ok(k) => k,
+            Err(e) => {
+                if !ornament_tests::require(&format!("the kernel of {meta} ({e})"), false) {
+                    return;
+                }
+                unreachable!("require fails under CI");
+            }
+        };
+        eprintln!("{meta}: {package}");
+        check_boot(
+            &["--kernel", kernel.to_str().expect("utf-8")],
+            "1",
+            &[],
+            GUEST_TIMEOUT_SECS,
+        );
+    }
+}
