@@ -6,6 +6,7 @@
 use crate::banner::{self, Verdict};
 use crate::guest::GuestView;
 use anyhow::{bail, Context, Result};
+use ornament_images::image::files;
 use ornament_introspect::profile::Profile;
 use ornament_introspect::{identity, kaslr};
 use ornament_qemu::QemuMachine;
@@ -17,26 +18,66 @@ use std::time::{Duration, Instant};
 /// How long the kernel may take to unpack itself and set up its page tables.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// File name of the generated profile inside an image directory; the number
-/// changes whenever the generator records more, so older caches are regenerated.
-pub const PROFILE_FILE: &str = "profile-r3.json";
-
-/// The profile for an image directory: `profile.json` there, generated from the
-/// image's System.map and vmlinux on first use.
+/// The profile of an image: the one generated when it was built (its manifest
+/// vouches for it).
 pub fn image_profile(dir: &Path) -> Result<Profile> {
-    let path = dir.join(PROFILE_FILE);
+    let path = dir.join(files::PROFILE);
+    Profile::load(&path).with_context(|| format!("the profile of image {}", dir.display()))
+}
+
+/// Revision of the profiles cached by [`kernel_profile`]: raised whenever the generator
+/// records more, so older cached profiles are made again.
+const KERNEL_PROFILE_REVISION: u32 = 2;
+
+/// The profile of a kernel file (bzImage or ELF vmlinux) given with `--kernel`: made
+/// from the file alone (its kallsyms and `.BTF`) on first use and cached under
+/// `<cache root>/profiles/<SHA-256 of the file>-r<revision>.json`.
+pub fn kernel_profile(kernel: &Path, cache_dir: Option<&Path>) -> Result<Profile> {
+    let hash = ornament_images::cache::hash_file(kernel)
+        .with_context(|| format!("kernel {}", kernel.display()))?;
+    let dir = ornament_images::cache_root(cache_dir).join("profiles");
+    let path = dir.join(format!("{}-r{KERNEL_PROFILE_REVISION}.json", hash.sha256));
     if path.exists() {
-        if let Ok(p) = Profile::load(&path) {
-            return Ok(p);
+        match Profile::load(&path) {
+            Ok(p) => return Ok(p),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cached profile unusable; making it again")
+            }
         }
-        tracing::warn!(path = %path.display(), "cached profile unusable; generating it again");
     }
-    let p = ornament_introspect::profile::generate(&dir.join("System.map"), &dir.join("vmlinux"))
-        .with_context(|| format!("generating the kernel profile for {}", dir.display()))?;
-    let tmp = dir.join(format!(".{PROFILE_FILE}.{}", std::process::id()));
+    eprintln!(
+        "ornament: making the profile of {} from its kallsyms and BTF",
+        kernel.display()
+    );
+    let p = ornament_introspect::profile::generate_from_kernel(kernel)
+        .with_context(|| format!("cannot make a profile from kernel {}", kernel.display()))?
+        .profile;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.{}", hash.sha256, std::process::id()));
     p.save(&tmp)?;
-    std::fs::rename(&tmp, &path)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     Ok(p)
+}
+
+/// A `--system-map` given with `--kernel` must be that kernel's: its `linux_banner`
+/// and `_text` must be where the kernel's profile has them.
+pub fn check_system_map(map: &Path, kernel: &Path, profile: &Profile) -> Result<()> {
+    let syms = ornament_introspect::symbols::SymbolTable::from_system_map(map)?;
+    for name in ["_text", "linux_banner"] {
+        let want = profile.symbols.get(name).copied();
+        let got = syms.lookup(name);
+        if got != want {
+            bail!(
+                "System.map {} is not of kernel {} ({}): {name} is at {} there, at {} in the kernel",
+                map.display(),
+                kernel.display(),
+                profile.kernel.release,
+                got.map_or("nowhere".into(), |g| format!("{:#x}", g.raw())),
+                want.map_or("nowhere".into(), |g| format!("{:#x}", g.raw())),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Load a profile given with `--profile`.

@@ -14,8 +14,11 @@ use std::path::{Path, PathBuf};
 /// Environment variable that moves the cache.
 pub const CACHE_ENV: &str = "ORNAMENT_CACHE_DIR";
 
-/// Version of the manifest format; a different one means rebuild.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// Version of the manifest format; a different one means rebuild. 3: the profile
+/// records the mount tree (exec paths across mount points); 2: images from the kernel
+/// package alone (System.map from kallsyms, vmlinux from the bzImage, a profile); 1 held
+/// the `-dbg` package's System.map and vmlinux.
+pub const MANIFEST_FORMAT: u32 = 3;
 
 /// Name of the manifest file inside an image directory.
 pub const MANIFEST: &str = "manifest.json";

@@ -9,7 +9,8 @@ pub struct ImageSpec {
     pub release: &'static str,
     /// The kernel image package.
     pub package: &'static str,
-    /// Its debug-symbols package (real System.map and vmlinux).
+    /// Its debug-symbols package (real System.map and vmlinux): images do not use it;
+    /// the tests that check kallsyms against the real System.map fetch it.
     pub dbg_package: &'static str,
     /// One line for `--help` and `ornament image list`.
     pub summary: &'static str,

@@ -80,6 +80,25 @@ pub fn candidate_version(package: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix("Version: ").map(|v| v.trim().to_owned()))
 }
 
+/// The kernel package a meta-package (`linux-image-amd64`, ...) depends on now, per
+/// apt's lists: the first `linux-image-*` of its candidate's `Depends`.
+pub fn meta_package_target(meta: &str) -> Option<String> {
+    let out = Command::new("apt-cache")
+        .args(["show", "--no-all-versions", meta])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let deps = text.lines().find_map(|l| l.strip_prefix("Depends: "))?;
+    deps.split(',')
+        .filter_map(|d| d.split_whitespace().next())
+        .find(|name| name.starts_with("linux-image-"))
+        .map(str::to_owned)
+}
+
 /// Download `packages` into `dir` with `apt-get download`; returns the .deb paths in order.
 pub fn download(packages: &[&str], dir: &Path) -> Result<Vec<PathBuf>, DebianError> {
     let pb = progress::spinner(&format!("downloading {}", packages.join(" ")));

@@ -1,4 +1,4 @@
-//! Build (or find in the cache) one guest image: kernel, symbols, BTF, initramfs.
+//! Build (or find in the cache) one guest image: kernel, symbols, BTF, profile, initramfs.
 
 use crate::cache::{self, CacheError, FileEntry, Manifest};
 use crate::catalog::{self, ImageSpec};
@@ -10,20 +10,23 @@ use flate2::write::GzEncoder;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// File names inside an image directory.
 pub mod files {
     /// The compressed kernel (bzImage).
     pub const KERNEL: &str = "vmlinuz";
-    /// The real System.map.
+    /// The System.map, written from the kernel's own kallsyms (per-CPU symbols typed `A`,
+    /// no absolute symbols; see `ornament_introspect::kallsyms`).
     pub const SYSTEM_MAP: &str = "System.map";
     /// The kernel config.
     pub const CONFIG: &str = "config";
-    /// The uncompressed ELF kernel, debug sections stripped (for direct ELF boot).
+    /// The uncompressed ELF kernel (for direct ELF boot): the bzImage's decompressed
+    /// payload, which has `.BTF` but no symbol table.
     pub const VMLINUX: &str = "vmlinux";
-    /// The raw `.BTF` section of vmlinux (struct layouts for profiles).
+    /// The raw `.BTF` section of vmlinux (struct layouts).
     pub const BTF: &str = "vmlinux.btf";
+    /// The kernel's profile, generated at build time from the bzImage alone.
+    pub const PROFILE: &str = "profile.json";
     /// The initramfs: busybox, /init, workloads (newc cpio, gzip).
     pub const INITRAMFS: &str = "initramfs.cpio.gz";
 }
@@ -54,12 +57,22 @@ pub enum ImageError {
         /// Where it was looked for.
         path: PathBuf,
     },
-    /// `objcopy` failed on {path} (install binutils): {stderr}
-    Objcopy {
-        /// The input.
+    /// cannot make the profile of kernel {path}
+    Profile {
+        /// The kernel file.
         path: PathBuf,
-        /// What objcopy said.
-        stderr: String,
+        /// Why.
+        #[source]
+        source: Box<ornament_introspect::profile::ProfileError>,
+    },
+    /// kernel {path} is release {found}, the catalogue says {expected}
+    WrongRelease {
+        /// The kernel file.
+        path: PathBuf,
+        /// The catalogue's release.
+        expected: String,
+        /// The banner's release.
+        found: String,
     },
     /// file {path} to add to the image cannot be read
     AddFile {
@@ -279,7 +292,9 @@ fn find_cached(spec: &ImageSpec, root: &Path, suffix: &str) -> Option<Image> {
     None
 }
 
-/// Build every file of `spec` into `dir`; returns the package version.
+/// Build every file of `spec` into `dir`; returns the package version. Only the
+/// kernel package is downloaded: the vmlinux is the bzImage's decompressed payload,
+/// the System.map and the profile come from the kernel's own kallsyms and `.BTF`.
 fn build_into(
     spec: &ImageSpec,
     dir: &Path,
@@ -287,33 +302,48 @@ fn build_into(
 ) -> Result<String, ImageError> {
     let debs_dir = dir.join("debs");
     fs::create_dir_all(&debs_dir).map_err(io_err(&debs_dir))?;
-    let debs = debian::download(&[spec.package, spec.dbg_package], &debs_dir)?;
+    let debs = debian::download(&[spec.package], &debs_dir)?;
     let version = debian::deb_version(&debs[0])?;
     let rel = spec.release;
+    let kernel = dir.join(files::KERNEL);
     debian::extract(
         &debs[0],
         &[
-            (format!("./boot/vmlinuz-{rel}"), dir.join(files::KERNEL)),
+            (format!("./boot/vmlinuz-{rel}"), kernel.clone()),
             (format!("./boot/config-{rel}"), dir.join(files::CONFIG)),
         ],
     )?;
-    let full = dir.join("vmlinux.full");
-    debian::extract(
-        &debs[1],
-        &[
-            (
-                format!("./usr/lib/debug/boot/System.map-{rel}"),
-                dir.join(files::SYSTEM_MAP),
-            ),
-            (format!("./usr/lib/debug/boot/vmlinux-{rel}"), full.clone()),
-        ],
-    )?;
     fs::remove_dir_all(&debs_dir).map_err(io_err(&debs_dir))?;
-    let pb = progress::spinner("stripping vmlinux");
-    objcopy(&full, &["--strip-debug"], &dir.join(files::VMLINUX))?;
-    let btf_arg = format!(".BTF={}", dir.join(files::BTF).display());
-    objcopy(&full, &["--dump-section", &btf_arg], Path::new("/dev/null"))?;
-    fs::remove_file(&full).map_err(io_err(&full))?;
+    let pb = progress::spinner("reading the kernel's symbols and BTF");
+    let made = ornament_introspect::profile::generate_from_kernel(&kernel).map_err(|source| {
+        ImageError::Profile {
+            path: kernel.clone(),
+            source: Box::new(source),
+        }
+    })?;
+    if made.profile.kernel.release != rel {
+        return Err(ImageError::WrongRelease {
+            path: kernel,
+            expected: rel.to_owned(),
+            found: made.profile.kernel.release,
+        });
+    }
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        fs::write(&p, bytes).map_err(io_err(&p))
+    };
+    write(files::VMLINUX, &made.vmlinux.bytes)?;
+    let btf = ornament_introspect::elf::section_in(&made.vmlinux.bytes, ".BTF", &kernel)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    write(files::BTF, btf)?;
+    write(
+        files::SYSTEM_MAP,
+        ornament_introspect::kallsyms::system_map_text(&made.symbols).as_bytes(),
+    )?;
+    write(files::PROFILE, made.profile.to_json().as_bytes())?;
+    drop(made);
     pb.finish_and_clear();
     write_initramfs(&dir.join(files::INITRAMFS), add)?;
     let mut entries: Vec<FileEntry> = Vec::new();
@@ -323,6 +353,7 @@ fn build_into(
         files::CONFIG,
         files::VMLINUX,
         files::BTF,
+        files::PROFILE,
         files::INITRAMFS,
     ] {
         entries.push(cache::hash_file(&dir.join(f))?);
@@ -338,25 +369,6 @@ fn build_into(
         },
     )?;
     Ok(version)
-}
-
-fn objcopy(input: &Path, args: &[&str], output: &Path) -> Result<(), ImageError> {
-    let out = Command::new("objcopy")
-        .args(args)
-        .arg(input)
-        .arg(output)
-        .output()
-        .map_err(|e| ImageError::Objcopy {
-            path: input.to_path_buf(),
-            stderr: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(ImageError::Objcopy {
-            path: input.to_path_buf(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// Where the host's static busybox is (Debian's busybox-static).

@@ -1,7 +1,8 @@
 //! ornament-images: builds the guests that ornament boots.
 //!
 //! ```text
-//! Debian .debs (apt-get download) ──► kernel, System.map, config, vmlinux (stripped), vmlinux.btf
+//! linux-image .deb (apt-get download) ──► bzImage, config; its payload: vmlinux, vmlinux.btf,
+//!                                          System.map (kallsyms), profile.json
 //! guest/ (init.sh, *.c) ──────────► initramfs: busybox-static + /init + static workloads
 //!                                   └─► cached under `cache::cache_root()`/images/<name>/<version>/
 //! per run: `overlay::RunOverlay` ──► a second, uncompressed cpio appended to the initramfs
@@ -16,6 +17,7 @@ pub mod image;
 pub mod kernel_file;
 pub mod overlay;
 pub mod progress;
+pub mod reference;
 pub mod workloads;
 
 pub use cache::cache_root;

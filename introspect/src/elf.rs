@@ -236,6 +236,72 @@ impl ElfSections {
     }
 }
 
+/// The bytes of section `name` of the in-memory ELF `elf` (`None` when it has none);
+/// `path` names the file in errors.
+pub fn section_in<'a>(
+    elf: &'a [u8],
+    name: &str,
+    path: &Path,
+) -> Result<Option<&'a [u8]>, ElfError> {
+    let parsed = parse_in(elf, path)?;
+    let sh = parsed
+        .section_headers
+        .iter()
+        .find(|h| parsed.shdr_strtab.get_at(h.sh_name) == Some(name));
+    let Some(sh) = sh else { return Ok(None) };
+    if sh.sh_type == SHT_NOBITS {
+        return Ok(Some(&[]));
+    }
+    Ok(Some(bytes_in(elf, sh.sh_offset, sh.sh_size, path)?))
+}
+
+/// Up to `len` bytes at virtual address `addr` of the in-memory ELF `elf` (clipped at
+/// the end of the section holding it; `None` when no section holds it).
+pub fn vaddr_in<'a>(
+    elf: &'a [u8],
+    addr: u64,
+    len: u64,
+    path: &Path,
+) -> Result<Option<&'a [u8]>, ElfError> {
+    let parsed = parse_in(elf, path)?;
+    let sh = parsed.section_headers.iter().find(|h| {
+        h.sh_type != SHT_NOBITS
+            && h.sh_addr != 0
+            && addr >= h.sh_addr
+            && addr - h.sh_addr < h.sh_size
+    });
+    let Some(sh) = sh else { return Ok(None) };
+    let within = addr - sh.sh_addr;
+    let len = len.min(sh.sh_size - within);
+    Ok(Some(bytes_in(
+        elf,
+        sh.sh_offset.saturating_add(within),
+        len,
+        path,
+    )?))
+}
+
+fn parse_in<'a>(elf: &'a [u8], path: &Path) -> Result<goblin::elf::Elf<'a>, ElfError> {
+    goblin::elf::Elf::parse(elf).map_err(|source| ElfError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn bytes_in<'a>(elf: &'a [u8], offset: u64, len: u64, path: &Path) -> Result<&'a [u8], ElfError> {
+    let range = usize::try_from(offset)
+        .ok()
+        .zip(usize::try_from(len).ok())
+        .and_then(|(o, l)| elf.get(o..o.checked_add(l)?));
+    range.ok_or_else(|| ElfError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "a section lies past the end of the file",
+        ),
+    })
+}
+
 fn read_at(file: &mut File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
     let len = usize::try_from(len).map_err(|_| std::io::Error::other("length too large"))?;
     file.seek(SeekFrom::Start(offset))?;

@@ -22,8 +22,10 @@
 //!
 //! The calls, in the order a monitor makes them:
 //!
-//! 1. [`profile::generate`]`(system_map, vmlinux_or_btf)` once per kernel build, then
-//!    [`profile::Profile::save`]; at run time [`profile::Profile::load`].
+//! 1. [`profile::generate`]`(system_map, vmlinux_or_btf)`, or
+//!    [`profile::generate_from_kernel`]`(bzimage)` from the kernel file alone
+//!    ([`bzimage`] unpacks it, [`kallsyms`] reads its symbols), once per kernel build,
+//!    then [`profile::Profile::save`]; at run time [`profile::Profile::load`].
 //! 2. [`kaslr::detect_from_regs`] (MSR_LSTAR, a stop at a known symbol, or a scan for
 //!    `linux_banner` through CR3) gives a [`kaslr::KernelLayout`];
 //!    [`identity::verify_banner`] checks the guest runs the profile's kernel.
@@ -60,11 +62,13 @@
 #![forbid(unsafe_code)]
 
 pub mod btf;
+pub mod bzimage;
 pub mod command;
 pub mod elf;
 pub mod event;
 pub mod guest_text;
 pub mod identity;
+pub mod kallsyms;
 pub mod kaslr;
 pub mod kernel;
 pub mod monitor;

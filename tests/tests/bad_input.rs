@@ -91,6 +91,45 @@ fn system_map_of_the_other_kernel() {
     );
 }
 
+/// With `--watch` and no `--profile`, the profile is made from `--kernel` itself, and a
+/// `--system-map` of another build is refused before anything boots.
+#[test]
+fn system_map_of_another_build_than_the_kernel_file() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let k61 = image_dir("debian-6.1-cloud");
+    let map = image_dir("debian-6.12-cloud").join("System.map");
+    let kernel = k61.join("vmlinuz");
+    let (r, rt) = ornament(&[
+        "run",
+        "--kernel",
+        kernel.to_str().expect("utf8"),
+        "--system-map",
+        map.to_str().expect("utf8"),
+        "--watch",
+        "exit",
+        "--",
+        "true",
+    ]);
+    expect_failure(
+        &r,
+        rt.path(),
+        &[
+            &format!(
+                "System.map {} is not of kernel {} (6.1.0-50-cloud-amd64): linux_banner",
+                map.display(),
+                kernel.display()
+            ),
+            "is at 0xffffffff821529e0 there, at 0xffffffff8211fa00 in the kernel",
+        ],
+    );
+    assert!(
+        !r.stderr.contains("Linux version"),
+        "it booted: {}",
+        r.stderr
+    );
+}
+
 #[test]
 fn missing_qemu_binary() {
     require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());

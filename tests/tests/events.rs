@@ -80,15 +80,19 @@ fn check(image: &str, vcpus: &str) {
 /// Run the workload with `engine` arguments (empty: the default engine) and check
 /// every event against what it says it did.
 fn check_on(image: &str, vcpus: &str, engine: &[&str], timeout_secs: u64) {
+    check_boot(&["--image", image], vcpus, engine, timeout_secs);
+}
+
+/// Run the workload on the guest `boot` names (`--image NAME` or `--kernel FILE`).
+fn check_boot(boot: &[&str], vcpus: &str, engine: &[&str], timeout_secs: u64) {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("events.json");
     let timeout = timeout_secs.to_string();
     let args: Vec<&str> = ["run"]
         .into_iter()
         .chain(engine.iter().copied())
+        .chain(boot.iter().copied())
         .chain([
-            "--image",
-            image,
             "--vcpus",
             vcpus,
             "--timeout",
@@ -290,6 +294,47 @@ fn events_6_12_one_vcpu() {
 fn events_6_12_two_vcpus() {
     gate!();
     check("debian-6.12-cloud", "2");
+}
+
+/// Issue #18: a kernel file alone (the 6.12 bzImage of its linux-image package, no
+/// image, profile or System.map): ornament makes the profile from the kernel's own
+/// kallsyms and BTF, caches it by the file's SHA-256, and the events are exact.
+#[test]
+fn events_from_a_kernel_file_alone() {
+    gate!();
+    let spec = ornament_images::catalog::find("debian-6.12-cloud").expect("catalogue");
+    let files = match ornament_images::reference::fetch(spec, false, None) {
+        Ok(f) => f,
+        Err(e) => {
+            if !ornament_tests::require(&format!("the bzImage of {} ({e})", spec.name), false) {
+                return;
+            }
+            unreachable!("require fails under CI");
+        }
+    };
+    let kernel = files.kernel.to_str().expect("utf-8");
+    check_boot(&["--kernel", kernel], "1", &[], GUEST_TIMEOUT_SECS);
+    let sha = ornament_images::cache::hash_file(&files.kernel)
+        .expect("hash")
+        .sha256;
+    // `<sha>-r<revision>.json`: whatever revision the generator is at.
+    let dir = ornament_images::cache_root(None).join("profiles");
+    let cached = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{sha}-r")))
+        })
+        .unwrap_or_else(|| panic!("no cached profile for {sha} in {}", dir.display()));
+    let profile =
+        std::fs::read_to_string(&cached).unwrap_or_else(|e| panic!("{}: {e}", cached.display()));
+    assert!(
+        profile.contains("\"release\": \"6.12.117+deb12-cloud-amd64\""),
+        "{}",
+        cached.display()
+    );
 }
 
 #[test]
@@ -612,4 +657,35 @@ fn an_ornament_pauses_the_guest_until_resumed() {
         "the workload printed before the pause: {err}"
     );
     assert!(err.contains("W done"), "{err}");
+}
+
+/// Issue #18: kernels in no catalogue entry, resolved now from Debian's meta-packages
+/// (6.1 generic and PREEMPT_RT of the current ABI, 6.12 generic), each booted from its
+/// bzImage alone (`--kernel`, profile from its kallsyms and BTF) on one vCPU, with the
+/// same exact checks. Their packages are fetched once into `<cache>/reference/`.
+#[test]
+fn events_on_kernels_resolved_from_meta_packages() {
+    gate!();
+    for meta in [
+        "linux-image-amd64",
+        "linux-image-rt-amd64",
+        "linux-image-6.12-amd64",
+    ] {
+        let (package, kernel) = match ornament_images::reference::fetch_meta(meta, None) {
+            Ok(k) => k,
+            Err(e) => {
+                if !ornament_tests::require(&format!("the kernel of {meta} ({e})"), false) {
+                    return;
+                }
+                unreachable!("require fails under CI");
+            }
+        };
+        eprintln!("{meta}: {package}");
+        check_boot(
+            &["--kernel", kernel.to_str().expect("utf-8")],
+            "1",
+            &[],
+            GUEST_TIMEOUT_SECS,
+        );
+    }
 }

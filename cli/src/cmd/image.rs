@@ -8,8 +8,8 @@ use std::path::PathBuf;
 /// Guest image commands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCmd {
-    /// Build an image (Debian kernel + debug symbols + initramfs) into the cache;
-    /// a no-op when a valid one is cached.
+    /// Build an image (Debian kernel package, its symbols and profile read from the
+    /// kernel itself, initramfs) into the cache; a no-op when a valid one is cached.
     Build {
         /// Image name (see `ornament image list`).
         #[arg(default_value = DEFAULT_IMAGE)]

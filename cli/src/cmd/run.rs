@@ -37,7 +37,8 @@ pub struct RunArgs {
     /// Initramfs for --kernel (default: the default image's, which has ornament's /init).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// System.map of --kernel, checked against the running kernel.
+    /// System.map of --kernel (optional: the kernel's own kallsyms are read), checked
+    /// against the kernel and the running kernel.
     #[arg(long, value_name = "FILE", requires = "kernel")]
     system_map: Option<PathBuf>,
     /// Number of vCPUs.
@@ -67,7 +68,8 @@ pub struct RunArgs {
     /// QEMU binary (default: $ORNAMENT_QEMU, else qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "FILE")]
     qemu: Option<PathBuf>,
-    /// Kernel profile for --kernel (see `ornament profile generate`); images have their own.
+    /// Kernel profile for --kernel (see `ornament profile generate`); without it the
+    /// profile is made from the kernel file and cached by its SHA-256. Images have their own.
     #[arg(long, value_name = "FILE", requires = "kernel")]
     profile: Option<PathBuf>,
     /// Serve a control socket (JSON lines) at SOCKET, e.g. for `ornament ps`.
@@ -241,16 +243,29 @@ pub fn run(a: RunArgs) -> Result<u8> {
     tracing::info!(?kind, "kernel");
 
     let watch = a.watch.plan()?;
-    let profile = match (&a.profile, &boot.image_dir) {
-        (Some(p), _) => Some(Arc::new(identify::load_profile(p)?)),
-        (None, Some(dir)) => Some(Arc::new(identify::image_profile(dir)?)),
-        (None, None) if a.watch.asked() || a.control.is_some() => bail!(
-            "--watch, --deny-syscall, --tree, --pid and --control need the kernel's profile: boot an --image, or give --profile FILE (ornament profile generate)"
-        ),
-        (None, None) => {
-            eprintln!("ornament: warning: no profile for {}: ornament cannot observe the command's exit, and takes the status the guest reports (give --profile FILE to observe it)", boot.kernel.display());
+    // Every run observes the command's exit, so every run wants the kernel's profile:
+    // the image's, --profile, or one made from the --kernel file itself (cached).
+    let made = match (&a.profile, &boot.image_dir) {
+        (Some(p), _) => identify::load_profile(p),
+        (None, Some(dir)) => identify::image_profile(dir),
+        (None, None) => identify::kernel_profile(&boot.kernel, a.cache_dir.as_deref()),
+    };
+    let profile = match made {
+        Ok(p) => {
+            if let (Some(map), None) = (&boot.system_map, &boot.image_dir) {
+                identify::check_system_map(map, &boot.kernel, &p)?;
+            }
+            Some(Arc::new(p))
+        }
+        Err(e)
+            if a.profile.is_none()
+                && boot.image_dir.is_none()
+                && !(a.watch.asked() || a.control.is_some()) =>
+        {
+            eprintln!("ornament: warning: no profile for {}: {e:#}; ornament cannot observe the command's exit, and takes the status the guest reports", boot.kernel.display());
             None
         }
+        Err(e) => return Err(e),
     };
     if let Selected::Kvm { pvm_compat } = selected {
         if a.control.is_some() {

@@ -1,12 +1,15 @@
-//! `generate`: System.map + BTF (vmlinux or raw) -> [`Profile`].
+//! `generate`: System.map + BTF (vmlinux or raw) -> [`Profile`]; `generate_from_kernel`:
+//! a bzImage (or ELF vmlinux) alone -> its kallsyms + its `.BTF` -> [`Profile`].
 
 use super::syscalls::{parse_table, X86_64_TABLE};
 use super::{
     Field, KernelIdentity, PerCpuVar, Profile, ProfileError, StructLayout, FORMAT_VERSION,
 };
 use crate::btf::{Btf, BTF_MAGIC};
-use crate::elf::{ElfSections, MAX_SECTION_BYTES};
-use crate::symbols::SymbolTable;
+use crate::bzimage::{self, Vmlinux};
+use crate::elf::{self, ElfSections, MAX_SECTION_BYTES};
+use crate::kallsyms;
+use crate::symbols::{Symbol, SymbolTable};
 use ornament_engine::Gva;
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -133,16 +136,7 @@ const THREAD_SIZE_KASAN: u64 = 32 << 10;
 /// section and the `linux_banner` text are read from it) or a raw BTF file.
 pub fn generate(system_map: &Path, btf_or_vmlinux: &Path) -> Result<Profile, ProfileError> {
     let syms = SymbolTable::from_system_map(system_map)?;
-    let missing_sym = |name: &'static str| ProfileError::MissingSymbol {
-        path: system_map.to_path_buf(),
-        name,
-    };
     let (btf_bytes, banner) = read_btf_and_banner(btf_or_vmlinux, &syms)?;
-    let btf = Btf::parse(&btf_bytes).map_err(|source| ProfileError::Btf {
-        path: btf_or_vmlinux.to_path_buf(),
-        source,
-    })?;
-
     let release = banner
         .as_deref()
         .and_then(release_from_banner)
@@ -156,6 +150,78 @@ pub fn generate(system_map: &Path, btf_or_vmlinux: &Path) -> Result<Profile, Pro
         .ok_or_else(|| ProfileError::NoRelease {
             path: system_map.to_path_buf(),
         })?;
+    assemble(
+        &syms,
+        system_map,
+        &btf_bytes,
+        btf_or_vmlinux,
+        release,
+        banner,
+    )
+}
+
+/// A profile made from a kernel file alone, with what it was made from.
+#[derive(Debug, Clone)]
+pub struct KernelProfile {
+    /// The profile.
+    pub profile: Profile,
+    /// The kernel's symbols from its kallsyms, in table order.
+    pub symbols: Vec<Symbol>,
+    /// The kernel's ELF vmlinux (a bzImage's decompressed payload).
+    pub vmlinux: Vmlinux,
+}
+
+/// Build a profile from a kernel file alone, a bzImage or an ELF vmlinux: struct
+/// layouts from its `.BTF` section, symbols from its own kallsyms tables, the banner
+/// from `linux_banner`. No System.map or debug package is needed.
+pub fn generate_from_kernel(kernel: &Path) -> Result<KernelProfile, ProfileError> {
+    let vmlinux = bzimage::read_vmlinux(kernel)?;
+    let ks = kallsyms::read(&vmlinux.bytes, kernel)?;
+    let syms = SymbolTable::new(ks.symbols.clone());
+    let btf_bytes = elf::section_in(&vmlinux.bytes, ".BTF", kernel)?.ok_or_else(|| {
+        ProfileError::NoBtfSection {
+            path: kernel.to_path_buf(),
+        }
+    })?;
+    let banner = match syms.lookup("linux_banner") {
+        Some(Gva(addr)) => elf::vaddr_in(&vmlinux.bytes, addr, MAX_BANNER, kernel)?.map(|raw| {
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        }),
+        None => None,
+    };
+    let release = banner
+        .as_deref()
+        .and_then(release_from_banner)
+        .ok_or_else(|| ProfileError::NoRelease {
+            path: kernel.to_path_buf(),
+        })?;
+    let profile = assemble(&syms, kernel, btf_bytes, kernel, release, banner)?;
+    Ok(KernelProfile {
+        profile,
+        symbols: ks.symbols,
+        vmlinux,
+    })
+}
+
+/// The profile from symbols (read from `sym_origin`) and BTF (from `btf_origin`).
+fn assemble(
+    syms: &SymbolTable,
+    sym_origin: &Path,
+    btf_bytes: &[u8],
+    btf_origin: &Path,
+    release: String,
+    banner: Option<String>,
+) -> Result<Profile, ProfileError> {
+    let (system_map, btf_or_vmlinux) = (sym_origin, btf_origin);
+    let missing_sym = |name: &'static str| ProfileError::MissingSymbol {
+        path: system_map.to_path_buf(),
+        name,
+    };
+    let btf = Btf::parse(btf_bytes).map_err(|source| ProfileError::Btf {
+        path: btf_or_vmlinux.to_path_buf(),
+        source,
+    })?;
 
     let mut symbols = BTreeMap::new();
     for &name in REQUIRED_SYMBOLS {
@@ -180,7 +246,7 @@ pub fn generate(system_map: &Path, btf_or_vmlinux: &Path) -> Result<Profile, Pro
         .map(|e| (e.name, e.nr))
         .collect();
 
-    let percpu_current_task = current_task_var(&syms, &btf, system_map)?;
+    let percpu_current_task = current_task_var(syms, &btf, system_map)?;
     let kasan = syms.lookup("kasan_init").is_some() || syms.lookup("__asan_load8").is_some();
     let thread_size = if kasan {
         THREAD_SIZE_KASAN

@@ -8,7 +8,7 @@ mod generate;
 mod hex;
 pub mod syscalls;
 
-pub use generate::{generate, REQUIRED_SYMBOLS};
+pub use generate::{generate, generate_from_kernel, KernelProfile, REQUIRED_SYMBOLS};
 
 use ornament_engine::Gva;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,15 @@ pub enum ProfileError {
     Symbols(#[from] crate::symbols::SymbolsError),
     /// cannot read the ELF file
     Elf(#[from] crate::elf::ElfError),
+    /// cannot unpack the kernel file
+    BzImage(#[from] crate::bzimage::BzImageError),
+    /// cannot read the kernel's own symbol table (kallsyms)
+    Kallsyms(#[from] crate::kallsyms::KallsymsError),
+    /// {path}: the kernel has no .BTF section (built without CONFIG_DEBUG_INFO_BTF?), so it has no struct layouts
+    NoBtfSection {
+        /// The kernel file.
+        path: PathBuf,
+    },
     /// {path} is neither a vmlinux ELF nor raw BTF data
     NotBtf {
         /// The file.

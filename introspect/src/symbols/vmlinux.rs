@@ -95,8 +95,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vmlinux_agrees_with_system_map() {
-        // Debian's 6.1 cloud kernel from the image cache (built when missing).
+    fn image_system_map_from_kallsyms() {
+        // Debian's 6.1 cloud kernel from the image cache (built when missing). Its
+        // vmlinux is the bzImage's payload (no symbol table); its System.map was
+        // written from the kernel's kallsyms.
         let img = ornament_test_gate::require!(
             "the default guest image",
             ornament_images::build_image(
@@ -105,29 +107,18 @@ mod tests {
             )
         );
         let vmlinux = img.path(ornament_images::image::files::VMLINUX);
-        let map = img.system_map();
-        let elf = SymbolTable::from_vmlinux(&vmlinux).expect("vmlinux symbols");
-        let sm = SymbolTable::from_system_map(&map).expect("System.map");
-        for name in [
-            "linux_banner",
-            "init_task",
-            "entry_SYSCALL_64",
-            "do_syscall_64",
-            "bprm_execve",
-            "proc_fork_connector",
-            "__x64_sys_getppid",
-        ] {
-            assert_eq!(elf.lookup(name), sm.lookup(name), "{name}");
-            assert!(sm.lookup(name).is_some(), "{name}");
-        }
-        assert_eq!(elf.percpu_offset("current_task"), Some(0x1fb80));
+        let e = SymbolTable::from_vmlinux(&vmlinux).expect_err("the payload has no .symtab");
+        assert!(
+            e.to_string().contains(&vmlinux.display().to_string()),
+            "{e}"
+        );
+        let sm = SymbolTable::from_system_map(&img.system_map()).expect("System.map");
         assert_eq!(sm.percpu_offset("current_task"), Some(0x1fb80));
         assert_eq!(
             sm.lookup("proc_fork_connector"),
             Some(Gva(0xffff_ffff_816e_dd10))
         );
         let get = sm.lookup("do_exit").expect("do_exit");
-        assert_eq!(elf.symbolize(get.wrapping_add(3)), Some(("do_exit", 3)));
         assert_eq!(sm.symbolize(get.wrapping_add(3)), Some(("do_exit", 3)));
     }
 }
