@@ -155,6 +155,17 @@ impl Ran {
     }
 }
 
+/// `ornament run --engine qemu --timeout GUEST_TIMEOUT_SECS EXTRA... -- CMD...` on the
+/// default image, as [`ornament`] runs it.
+pub fn run_in_guest(extra: &[&str], cmd: &[&str]) -> (Ran, tempfile::TempDir) {
+    let timeout = GUEST_TIMEOUT_SECS.to_string();
+    let mut args = vec!["run", "--engine", "qemu", "--timeout", &timeout];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(cmd);
+    ornament(&args)
+}
+
 /// Run `ornament ARGS` with a private runtime/temp directory; returns the result
 /// and that directory (to check that nothing was left in it).
 pub fn ornament(args: &[&str]) -> (Ran, tempfile::TempDir) {

@@ -3,22 +3,13 @@
 //! so and denials cover only the command's tree, and lost events never pass silently.
 
 use ornament_tests::{
-    assert_nothing_left, can_build_images, has_qemu, ornament, ornament_bin, GUEST_TIMEOUT_SECS,
+    assert_nothing_left, can_build_images, has_qemu, ornament_bin, run_in_guest, GUEST_TIMEOUT_SECS,
 };
 use serde_json::Value;
 
 fn requirements() -> bool {
     ornament_tests::require("qemu-system-x86_64", has_qemu())
         && ornament_tests::require("apt-get, dpkg-deb and busybox-static", can_build_images())
-}
-
-fn run(extra: &[&str], cmd: &[&str]) -> (ornament_tests::Ran, tempfile::TempDir) {
-    let timeout = GUEST_TIMEOUT_SECS.to_string();
-    let mut args = vec!["run", "--engine", "qemu", "--timeout", &timeout];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend_from_slice(cmd);
-    ornament(&args)
 }
 
 fn json_lines(text: &str) -> Vec<Value> {
@@ -34,7 +25,7 @@ fn a_forged_status_line_does_not_change_the_exit_status() {
     }
     // The command writes a status line of its own, then removes the device /init
     // reports on (its report then lands in a plain file): the host sees only the forgery.
-    let (r, rt) = run(
+    let (r, rt) = run_in_guest(
         &[],
         &[
             "sh",
@@ -57,7 +48,7 @@ fn a_power_off_from_inside_is_not_a_success() {
     if !requirements() {
         return;
     }
-    let (r, rt) = run(
+    let (r, rt) = run_in_guest(
         &[],
         &[
             "sh",
@@ -82,7 +73,7 @@ fn guest_chosen_names_cannot_forge_a_line_or_reach_the_terminal() {
     if !requirements() {
         return;
     }
-    let (r, _rt) = run(
+    let (r, _rt) = run_in_guest(
         &["--watch", "exec"],
         &[
             "sh",
@@ -124,7 +115,7 @@ fn a_denied_syscall_says_so_and_denials_cover_only_the_command() {
     let out = dir.path().join("events.json");
     // /init makes its directories with mkdir(2) before the command runs: a deny of
     // every mkdir would stop it booting.
-    let (r, rt) = run(
+    let (r, rt) = run_in_guest(
         &[
             "--deny-syscall",
             "mkdir:EACCES",
@@ -164,7 +155,7 @@ fn events_by_default_are_the_commands_own() {
     if !requirements() {
         return;
     }
-    let (r, rt) = run(
+    let (r, rt) = run_in_guest(
         &["--watch", "fork,exec,exit", "--format", "json"],
         &["sh", "-c", "ls / >/dev/null; exit 3"],
     );
@@ -209,7 +200,7 @@ fn an_output_that_fails_fails_the_run() {
     if !requirements() {
         return;
     }
-    let (r, rt) = run(&["--watch", "exit", "--output", "/dev/full"], &["true"]);
+    let (r, rt) = run_in_guest(&["--watch", "exit", "--output", "/dev/full"], &["true"]);
     assert_eq!(r.code, Some(125), "{}", r.stderr);
     assert!(
         r.stderr.contains("writing events to /dev/full failed")
@@ -298,7 +289,7 @@ fn exec_file_names_cross_mounts_and_name_fileless_execs() {
         return;
     }
     let add = format!("{}:/bin/memfd-exec", bin.display());
-    let (r, rt) = run(
+    let (r, rt) = run_in_guest(
         &["--add", &add, "--watch", "exec", "--format", "json"],
         &[
             "sh",

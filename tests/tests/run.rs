@@ -2,19 +2,10 @@
 //! their output and exit status come back, the guest sees its vCPUs.
 
 use ornament_tests::{
-    assert_nothing_left, can_build_images, has_qemu, ornament, require_host, send_signal,
-    wait_until, Background, GUEST_TIMEOUT_SECS,
+    assert_nothing_left, can_build_images, has_qemu, ornament, require_host, run_in_guest,
+    send_signal, wait_until, Background, GUEST_TIMEOUT_SECS,
 };
 use std::time::{Duration, Instant};
-
-fn run_in_guest(extra: &[&str], cmd: &[&str]) -> (ornament_tests::Ran, tempfile::TempDir) {
-    let timeout = GUEST_TIMEOUT_SECS.to_string();
-    let mut args = vec!["run", "--engine", "qemu", "--timeout", &timeout];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend_from_slice(cmd);
-    ornament(&args)
-}
 
 #[test]
 fn echo_on_one_vcpu() {
