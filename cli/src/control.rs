@@ -691,7 +691,6 @@ mod tests {
         let regs = g.regs_kernel(0, Gva(0));
         GuestView {
             ram: Arc::new(g.phys.mem),
-            ram_for_writes: None,
             control: Arc::default(),
             profile: Arc::new(g.profile),
             layout: g.layout,

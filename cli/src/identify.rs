@@ -4,12 +4,12 @@
 //! be armed before it runs on.
 
 use crate::banner::{self, Verdict};
-use crate::guest::GuestView;
+use crate::watch::Kernel;
 use anyhow::{bail, Context, Result};
+use ornament_engine::{Engine, EngineEvent};
 use ornament_images::image::files;
 use ornament_introspect::profile::Profile;
 use ornament_introspect::{identity, kaslr};
-use ornament_qemu::QemuMachine;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -85,29 +85,48 @@ pub fn load_profile(path: &Path) -> Result<Profile> {
     Ok(Profile::load(path)?)
 }
 
+/// Why identification found nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("the guest ended before its kernel could be identified")]
+pub struct EndedEarly;
+
+/// Stop the guest and wait until no vCPU runs (no probe is armed yet, so nothing else
+/// comes but the guest's end).
+fn pause(engine: &mut dyn Engine) -> Result<()> {
+    engine.pause()?;
+    let begin = Instant::now();
+    loop {
+        match engine.next_event(Duration::from_millis(50))? {
+            EngineEvent::Paused => return Ok(()),
+            EngineEvent::Exited(_) => return Err(EndedEarly.into()),
+            EngineEvent::Hit(_) | EngineEvent::Idle => {}
+        }
+        if begin.elapsed() > Duration::from_secs(10) {
+            bail!("the guest did not stop within 10 s to be identified");
+        }
+    }
+}
+
 /// Wait for the kernel, stop the guest, and identify it. On success the guest is
-/// stopped (call `machine.resume()`).
+/// stopped (the session resumes it once its probes are armed).
 pub fn identify(
-    machine: &mut QemuMachine,
+    engine: &mut dyn Engine,
     profile: Arc<Profile>,
     stop: &AtomicBool,
-) -> Result<GuestView> {
-    let ram = machine.ram();
+) -> Result<Kernel> {
+    let ram = engine.memory();
     let anchors = banner::Anchors::from_profile(&profile)?;
     let begin = Instant::now();
     let mut last_err: Option<String> = None;
-    // QEMU starts stopped (-S): let the kernel unpack itself.
-    machine.resume()?;
+    // The engine starts stopped: let the kernel unpack itself.
+    engine.resume()?;
     let mut rounds = 0u32;
     while begin.elapsed() < IDENTIFY_TIMEOUT {
         if stop.load(Ordering::Relaxed) {
             return Err(crate::cmd::run::Interrupted.into());
         }
-        if machine.poll_exit(Duration::from_millis(15))? {
-            if let Some(why) = machine.early_end() {
-                return Err(why.into());
-            }
-            bail!("the guest ended before its kernel could be identified");
+        if let EngineEvent::Exited(_) = engine.next_event(Duration::from_millis(15))? {
+            return Err(EndedEarly.into());
         }
         // Look for a banner elsewhere about once a second: another kernel's banner
         // means the profile is the wrong one, and the guest must not run on unobserved.
@@ -117,7 +136,7 @@ pub fn identify(
             Verdict::Mismatch(running) => {
                 let want = format!("Linux version {} ", profile.kernel.release);
                 if !running.starts_with(&want) {
-                    machine.kill();
+                    engine.stop();
                     bail!(
                         "the profile of kernel {} does not belong to the running kernel ({running})",
                         profile.kernel.release
@@ -128,8 +147,8 @@ pub fn identify(
             Verdict::NotYet => continue,
         }
         // The image is unpacked; is the kernel running on its own page tables?
-        machine.gdb().interrupt()?;
-        let regs = machine.gdb().registers(0)?;
+        pause(engine)?;
+        let regs = engine.registers(0)?;
         let kernel_running = regs.rip >= 0xffff_ffff_8000_0000 || regs.cs & 3 == 3;
         if kernel_running {
             match kaslr::detect_from_regs(ram.as_ref(), &profile, &regs, None, None) {
@@ -142,20 +161,16 @@ pub fn identify(
                         after_ms = begin.elapsed().as_millis(),
                         "kernel identified"
                     );
-                    return Ok(GuestView {
-                        ram: ram.clone(),
-                        ram_for_writes: Some(ram.clone()),
-                        control: Arc::default(),
+                    return Ok(Kernel {
                         profile,
                         layout,
-                        vcpus: machine.vcpus(),
                         regs,
                     });
                 }
                 Err(e) => last_err = Some(e.to_string()),
             }
         }
-        machine.resume()?;
+        engine.resume()?;
         std::thread::sleep(Duration::from_millis(30));
     }
     bail!(

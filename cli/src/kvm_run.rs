@@ -1,31 +1,25 @@
-//! `ornament run --engine kvm`: the guest on ornament's own VMM (`ornament-kvm`).
-//! On a PVM host (`--force`) in PVM compatibility mode: the ELF vmlinux booted
-//! directly, an uncompressed initramfs, and the VMM completing what PVM's
+//! `ornament run --engine kvm`: the guest on ornament's own VMM (`ornament-kvm`'s
+//! [`LinuxEngine`]). On a PVM host (`--force`) in PVM compatibility mode: the ELF vmlinux
+//! booted directly, an uncompressed initramfs, and the VMM completing what PVM's
 //! kernel-mode emulator refuses.
 //!
-//! Events (`--watch`, `--tree`, `--pid`): the probes of introspect's probe set are
-//! armed as patched fentry sites once user space starts, and every hit (held: the
-//! vCPU waits) goes through the same monitor and ornaments as under QEMU
-//! ([`KvmWatch`]). The kernel runs with `nokaslr` here, so the layout is known
-//! without reading registers. Not wired yet: `--deny-syscall`, `--pause-on-exec`,
-//! `--control`, and every-syscall watching (`do_syscall_64` has no fentry site to
-//! patch).
+//! Events, deny, pause and the control socket go through the same watch session as under
+//! QEMU ([`crate::watch::watch`]). The kernel runs with `nokaslr` here, so the layout is
+//! the link-time one.
 
-use crate::guest::{GuestView, RunControl};
 use crate::status;
-use crate::watch::{Record, Session, WatchPlan};
-use anyhow::{bail, Context, Result};
-use ornament_engine::{Action, ProbeHit};
+use crate::watch::{Kernel, WatchPlan};
+use anyhow::{Context, Result};
+use ornament_engine::{Engine, EngineEvent};
 use ornament_introspect::kaslr::KernelLayout;
-use ornament_introspect::probes::ProbeSet;
 use ornament_introspect::profile::Profile;
-use ornament_kvm::linux::{run_linux, HitObserver, LinuxProbe, LinuxRunConfig};
-use ornament_kvm::memory::KvmMemory;
+use ornament_introspect::session::{Limits, SessionError};
+use ornament_kvm::linux_engine::{LinuxBoot, LinuxEngine};
 use ornament_kvm::trap::TrapKind;
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// What to boot on our VMM.
 #[derive(Debug)]
@@ -49,117 +43,8 @@ pub struct KvmBoot {
     pub watch: Option<(WatchPlan, Arc<Profile>)>,
     /// Where events go, for messages.
     pub output_target: String,
-}
-
-/// The monitor and ornaments of a `--watch` run on our VMM: built when guest memory
-/// exists, fed every held hit.
-pub struct KvmWatch {
-    plan: WatchPlan,
-    profile: Arc<Profile>,
-    vcpus: u32,
-    probes: Vec<LinuxProbe>,
-    /// The probe set `probes` came from, handed to the session when guest memory exists.
-    set: Mutex<Option<ProbeSet>>,
-    session: Mutex<Option<Session>>,
-    error: Mutex<Option<anyhow::Error>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl KvmWatch {
-    /// Check that this engine can do what `plan` asks, and resolve its probes.
-    pub fn new(
-        plan: WatchPlan,
-        profile: Arc<Profile>,
-        vcpus: u32,
-        stop: Arc<AtomicBool>,
-    ) -> Result<Self> {
-        if !plan.cfg.deny.is_empty() {
-            bail!("--deny-syscall is not wired through --engine kvm yet; use --engine qemu");
-        }
-        if plan.pause_on_exec.is_some() {
-            bail!("--pause-on-exec is not wired through --engine kvm yet; use --engine qemu");
-        }
-        let set = ProbeSet::new(&profile, KernelLayout::NONE, &plan.cfg)?;
-        let mut probes = Vec::new();
-        for spec in set.specs() {
-            if spec.symbol == "do_syscall_64" {
-                bail!(
-                    "--engine kvm traps patched fentry sites, and do_syscall_64 (every syscall, or a syscall without its own __x64_sys_ function) has none; name the syscalls (--watch syscall=NAME,...) or use --engine qemu"
-                );
-            }
-            probes.push(LinuxProbe {
-                name: spec.symbol.clone(),
-                gva: spec.at.0,
-            });
-        }
-        Ok(Self {
-            plan,
-            profile,
-            vcpus,
-            probes,
-            set: Mutex::new(Some(set)),
-            session: Mutex::new(None),
-            error: Mutex::new(None),
-            stop,
-        })
-    }
-
-    /// The probes, in probe-id order.
-    pub fn probes(&self) -> &[LinuxProbe] {
-        &self.probes
-    }
-
-    /// Flush the ornaments (the tree, counters): what the session recorded (none if it
-    /// never started), or the first error met.
-    pub fn finish(&self) -> Result<Option<Record>> {
-        let record = self
-            .session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .map(Session::finish);
-        match self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            Some(e) => Err(e),
-            None => Ok(record),
-        }
-    }
-}
-
-impl HitObserver for KvmWatch {
-    fn attach(&self, memory: Arc<KvmMemory>) {
-        let view = GuestView {
-            ram: memory,
-            ram_for_writes: None,
-            profile: self.profile.clone(),
-            layout: KernelLayout::NONE,
-            vcpus: self.vcpus,
-            control: Arc::new(RunControl::default()),
-            regs: ornament_engine::Regs::default(),
-        };
-        let set = self.set.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let session = match set {
-            Some(set) => Session::with_probes(&self.plan, &view, set, &self.stop),
-            None => Session::new(&self.plan, &view, &self.stop),
-        };
-        match session {
-            Ok(s) => *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(s),
-            Err(e) => *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
-        }
-    }
-
-    fn on_hit(&self, hit: &ProbeHit) -> Action {
-        let mut s = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(s) = s.as_mut() else {
-            return Action::Continue;
-        };
-        let (action, pause) = s.deliver_full(hit);
-        if pause {
-            tracing::warn!(
-                "an ornament asked to pause the guest: not wired through --engine kvm yet"
-            );
-        }
-        action
-    }
+    /// Serve the control socket here.
+    pub control: Option<PathBuf>,
 }
 
 /// How long a PVM boot may take unless `--timeout` says otherwise.
@@ -167,16 +52,7 @@ pub const PVM_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Boot and run; returns the guest command's status.
 pub fn run(b: KvmBoot, stop: &Arc<AtomicBool>, timeout: Option<Duration>) -> Result<u8> {
-    let watch = match b.watch {
-        Some((plan, profile)) => Some(Arc::new(KvmWatch::new(
-            plan,
-            profile,
-            b.vcpus,
-            stop.clone(),
-        )?)),
-        None => None,
-    };
-    let cfg = LinuxRunConfig {
+    let mut engine = LinuxEngine::boot(LinuxBoot {
         kernel: b.kernel,
         initrd: Some(b.initrd),
         cmdline: b.cmdline,
@@ -185,36 +61,79 @@ pub fn run(b: KvmBoot, stop: &Arc<AtomicBool>, timeout: Option<Duration>) -> Res
         console: Box::new(std::io::stderr()),
         pvm_compat: b.pvm_compat,
         system_map: b.system_map,
-        probes: watch
-            .as_ref()
-            .map(|w| w.probes().to_vec())
-            .unwrap_or_default(),
         trap: TrapKind::PatchedSite,
-        arm_probes_after: None,
-        observer: watch.clone().map(|w| w as Arc<dyn HitObserver>),
+    })
+    .context("starting the guest on ornament's KVM VMM")?;
+    let limits = Limits {
+        stop: stop.clone(),
+        timeout: Some(timeout.unwrap_or(PVM_DEFAULT_TIMEOUT)),
     };
-    let out = run_linux(cfg, stop, timeout.unwrap_or(PVM_DEFAULT_TIMEOUT));
-    // Events seen so far are written out even when the run failed.
-    let record = watch.as_ref().map(|w| w.finish()).transpose()?.flatten();
-    if let Some(r) = &record {
-        if let Some(code) = status::check_output(r, &b.output_target)? {
-            return Ok(code);
+    let record = match b.watch {
+        Some((plan, profile)) => {
+            let kernel = Kernel {
+                profile,
+                layout: KernelLayout::NONE,
+                regs: ornament_engine::Regs::default(),
+            };
+            let (record, ran) =
+                crate::watch::watch(&mut engine, &kernel, &plan, b.control.as_deref(), &limits)?;
+            if let Some(code) = status::check_output(&record, &b.output_target)? {
+                engine.stop();
+                return Ok(code);
+            }
+            if let Err(e) = ran {
+                engine.stop();
+                if matches!(e.downcast_ref(), Some(SessionError::Interrupted)) {
+                    return Err(crate::cmd::run::Interrupted.into());
+                }
+                let end = engine.finish();
+                return Err(match end {
+                    Err(why) => anyhow::Error::from(why).context(e.to_string()),
+                    Ok(_) => e,
+                });
+            }
+            Some(record)
         }
-    }
-    let out = out.context("running the guest on ornament's KVM VMM")?;
-    if let Some(t) = out.boot_to_init {
+        None => {
+            unwatched(&mut engine, &limits, b.control.as_deref())?;
+            None
+        }
+    };
+    let end = engine
+        .finish()
+        .context("running the guest on ornament's KVM VMM")?;
+    if let Some(t) = end.boot_to_init {
         eprintln!(
             "ornament: kvm: /init after {:.1} s; completions: {:?}",
             t.as_secs_f64(),
-            out.fixups
+            end.fixups
         );
-    }
-    if watch.is_some() && record.is_none() {
-        bail!("the guest ran to its end but ornament never saw its memory to watch it");
     }
     status::decide(
         record.as_ref().map(|r| &r.command),
-        out.guest_status,
-        || format!("{:?} after {:.0} s", out.stop, out.wall.as_secs_f64()),
+        end.guest_status,
+        || format!("{:?} after {:.0} s", end.stop, end.wall.as_secs_f64()),
     )
+}
+
+/// Run a guest nobody watches (no profile) to its end.
+fn unwatched(engine: &mut LinuxEngine, limits: &Limits, control: Option<&Path>) -> Result<()> {
+    if control.is_some() {
+        anyhow::bail!("--control needs the kernel's profile (give --profile)");
+    }
+    let begin = Instant::now();
+    engine.resume()?;
+    loop {
+        if limits.stop.load(Ordering::Relaxed) {
+            engine.stop();
+            return Err(crate::cmd::run::Interrupted.into());
+        }
+        if limits.timeout.is_some_and(|t| begin.elapsed() > t) {
+            engine.stop();
+            return Ok(());
+        }
+        if let EngineEvent::Exited(_) = engine.next_event(Duration::from_millis(50))? {
+            return Ok(());
+        }
+    }
 }

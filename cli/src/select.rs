@@ -100,7 +100,7 @@ pub fn select(choice: EngineChoice, force: bool) -> Result<(Selected, String), S
             KvmKind::Pvm if !force => Err(SelectError::KvmIsPvm),
             KvmKind::Pvm => Ok((
                 Selected::Kvm { pvm_compat: true },
-                "engine kvm, PVM compatibility mode (--force): this KVM emulates the guest kernel's kernel mode, so the boot takes minutes (5-8 to /init); events from --watch/--tree/--pid, but not yet --deny-syscall, --pause-on-exec or --control".to_owned(),
+                "engine kvm, PVM compatibility mode (--force): this KVM emulates the guest kernel's kernel mode, so the boot takes minutes (5-8 to /init); events, --deny-syscall, --pause-on-exec and --control as under QEMU (syscalls by name only)".to_owned(),
             )),
             KvmKind::Absent => Err(SelectError::NoKvm),
             KvmKind::Inaccessible => Err(SelectError::KvmInaccessible),

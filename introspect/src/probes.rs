@@ -67,6 +67,15 @@ pub enum ProbesError {
         /// The missing symbol.
         symbol: &'static str,
     },
+    /// cannot deny syscall {name}: the profile has no {symbol}, its entry function
+    NoDenyEntry {
+        /// The syscall.
+        name: String,
+        /// The missing entry function.
+        symbol: String,
+    },
+    /// every-syscall watching and denying at entry functions together are not supported
+    AllWithEntryDeny,
 }
 
 /// Where an engine that reads guest memory at the hit (the TCG plugin) puts what a
@@ -289,6 +298,10 @@ pub struct WatchConfig {
     /// Hold the vCPU at every syscall probe (an ornament may pause the guest before the
     /// syscall runs); otherwise only probes covering a denied syscall hold.
     pub hold_syscalls: bool,
+    /// Deny at a held probe on each denied syscall's own entry function
+    /// (`__x64_sys_NAME`, for engines that return from it early) instead of at the
+    /// dispatcher `do_syscall_64` (for engines that deny through guest memory).
+    pub deny_at_entry: bool,
 }
 
 /// Where a fork event is read.
@@ -637,6 +650,31 @@ impl Builder<'_> {
         });
     }
 
+    /// A held probe on the entry function of each denied syscall not already probed
+    /// (`done`); every entry exists (checked before).
+    fn deny_entries(
+        &mut self,
+        deny: &BTreeMap<u32, i32>,
+        done: &BTreeSet<u32>,
+        entry_of: impl Fn(u32) -> (String, String),
+    ) {
+        for &nr in deny.keys() {
+            if done.contains(&nr) {
+                continue;
+            }
+            let (_, sym) = entry_of(nr);
+            if let Some(at) = self.addr(&sym) {
+                self.push(
+                    at,
+                    &sym,
+                    ProbeKind::Syscall(SyscallHook::Function { nr }),
+                    true,
+                    None,
+                );
+            }
+        }
+    }
+
     fn warn(&mut self, event: EventKind, symbol: &str, fallback: Option<&str>) {
         let w = ProbeWarning {
             event,
@@ -721,33 +759,56 @@ impl ProbeSet {
 
         const DO_SYSCALL_64: &str = "do_syscall_64";
         let dispatcher = b.addr(DO_SYSCALL_64);
-        if !deny.is_empty() && dispatcher.is_none() {
+        // Denied syscalls go through the dispatcher, or each through its entry function.
+        let deny_via_dispatcher = !cfg.deny_at_entry && !deny.is_empty();
+        if deny_via_dispatcher && dispatcher.is_none() {
             return Err(ProbesError::NoDenyHook {
                 symbol: DO_SYSCALL_64,
             });
         }
+        let entry_of = |nr: u32| {
+            let name = profile.syscall_name(nr).unwrap_or_default().to_owned();
+            let sym = format!("__x64_sys_{name}");
+            (name, sym)
+        };
+        if cfg.deny_at_entry {
+            for &nr in deny.keys() {
+                let (name, symbol) = entry_of(nr);
+                if b.addr(&symbol).is_none() {
+                    return Err(ProbesError::NoDenyEntry { name, symbol });
+                }
+            }
+        }
         let kind = ProbeKind::Syscall(SyscallHook::DoSyscall64);
         let reported = match (&cfg.syscalls, named) {
-            (SyscallWatch::All, _) => match dispatcher {
-                Some(at) => {
-                    let hold = cfg.hold_syscalls || !deny.is_empty();
-                    b.push(at, DO_SYSCALL_64, kind, hold, None);
-                    Reported::All
+            (SyscallWatch::All, _) => {
+                if cfg.deny_at_entry && !deny.is_empty() {
+                    return Err(ProbesError::AllWithEntryDeny);
                 }
-                None => {
-                    b.warn(EventKind::Syscall, DO_SYSCALL_64, None);
-                    Reported::None
+                match dispatcher {
+                    Some(at) => {
+                        let hold = cfg.hold_syscalls || deny_via_dispatcher;
+                        b.push(at, DO_SYSCALL_64, kind, hold, None);
+                        Reported::All
+                    }
+                    None => {
+                        b.warn(EventKind::Syscall, DO_SYSCALL_64, None);
+                        Reported::None
+                    }
                 }
-            },
+            }
             (SyscallWatch::Named(_), Some(nrs)) => {
                 let mut reported = BTreeSet::new();
-                // Through do_syscall_64: the denied ones, and watched ones with no
-                // __x64_sys_ entry point.
-                let mut via_dispatcher: BTreeSet<u32> = deny.keys().copied().collect();
+                // Through do_syscall_64: the denied ones (unless denied at entry), and
+                // watched ones with no __x64_sys_ entry point.
+                let mut via_dispatcher: BTreeSet<u32> = if deny_via_dispatcher {
+                    deny.keys().copied().collect()
+                } else {
+                    BTreeSet::new()
+                };
                 for nr in nrs {
-                    let name = profile.syscall_name(nr).unwrap_or_default().to_owned();
-                    let sym = format!("__x64_sys_{name}");
-                    if !reported.insert(nr) || deny.contains_key(&nr) {
+                    let (_, sym) = entry_of(nr);
+                    if !reported.insert(nr) || via_dispatcher.contains(&nr) {
                         continue;
                     }
                     match b.addr(&sym) {
@@ -755,7 +816,7 @@ impl ProbeSet {
                             at,
                             &sym,
                             ProbeKind::Syscall(SyscallHook::Function { nr }),
-                            cfg.hold_syscalls,
+                            cfg.hold_syscalls || deny.contains_key(&nr),
                             None,
                         ),
                         None if dispatcher.is_some() => {
@@ -768,8 +829,11 @@ impl ProbeSet {
                         }
                     }
                 }
+                if cfg.deny_at_entry {
+                    b.deny_entries(&deny, &reported, entry_of);
+                }
                 if let (Some(at), false) = (dispatcher, via_dispatcher.is_empty()) {
-                    let hold = cfg.hold_syscalls || !deny.is_empty();
+                    let hold = cfg.hold_syscalls || deny_via_dispatcher;
                     b.push(
                         at,
                         DO_SYSCALL_64,
@@ -781,7 +845,9 @@ impl ProbeSet {
                 Reported::Only(reported)
             }
             _ => {
-                if let (Some(at), false) = (dispatcher, deny.is_empty()) {
+                if cfg.deny_at_entry {
+                    b.deny_entries(&deny, &BTreeSet::new(), entry_of);
+                } else if let (Some(at), true) = (dispatcher, deny_via_dispatcher) {
                     b.push(
                         at,
                         DO_SYSCALL_64,

@@ -67,7 +67,7 @@ pub fn run(a: DoctorArgs) -> Result<()> {
             format!("{a}.{b}.{c}")
         },
         plugin_api: q.plugin_api,
-        plugin_library: crate::watch::find_plugin().map(|p| p.display().to_string()),
+        plugin_library: ornament_qemu::engine::find_plugin().map(|p| p.display().to_string()),
     });
     let (auto, reason) = match select::select(EngineChoice::Auto, false) {
         Ok((s, why)) => (format!("{s:?}"), why),

@@ -5,12 +5,14 @@ use crate::identify;
 use crate::select::{self, EngineChoice, Selected};
 use crate::status;
 use anyhow::{bail, Context, Result};
+use ornament_engine::Engine;
 use ornament_images::image::files;
 use ornament_images::kernel_file;
 use ornament_images::overlay::{parse_add, RunOverlay};
 use ornament_images::{build_image, BuildOptions, DEFAULT_IMAGE};
 use ornament_introspect::command::CommandView;
-use ornament_qemu::{Accel, MachineError, QemuConfig, QemuMachine, RunPaths};
+use ornament_introspect::session::{Limits, SessionError};
+use ornament_qemu::{Accel, MachineError, QemuConfig, QemuEngine, QemuMachine, RunPaths};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -268,9 +270,6 @@ pub fn run(a: RunArgs) -> Result<u8> {
         Err(e) => return Err(e),
     };
     if let Selected::Kvm { pvm_compat } = selected {
-        if a.control.is_some() {
-            bail!("--control is not wired through --engine kvm yet; use --engine qemu");
-        }
         // Our VMM boots the ELF vmlinux directly (the bzImage decompressor alone
         // takes minutes in emulated kernel mode).
         let kernel = match (&boot.image_dir, &kind) {
@@ -303,6 +302,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
                 pvm_compat,
                 watch,
                 output_target: output_target(&a),
+                control: a.control.clone(),
             },
             &stop,
             a.timeout.map(Duration::from_secs),
@@ -312,8 +312,12 @@ pub fn run(a: RunArgs) -> Result<u8> {
     let qemu = ornament_qemu::qemu_binary(a.qemu.as_deref());
     let qemu_info = ornament_qemu::probe(&qemu)?;
     tracing::info!(version = %qemu_info.version_line, "QEMU");
-    let mut tracer = match &profile {
-        Some(p) => Some(crate::watch::Tracer::prepare(&watch, p, &qemu_info)?),
+    let trap = match &profile {
+        Some(_) => {
+            let (trap, why) = ornament_qemu::choose_trap(watch.trap.engine(), &qemu_info)?;
+            eprintln!("ornament: {why}");
+            Some(trap)
+        }
         None => None,
     };
     let paths = RunPaths::new()?;
@@ -336,76 +340,69 @@ pub fn run(a: RunArgs) -> Result<u8> {
         gdb_socket: PathBuf::new(),
         status_path: PathBuf::new(),
         start_paused: true,
-        plugin: tracer.as_ref().and_then(|t| t.plugin_so()),
+        plugin: None,
     };
 
     let stop = signals.guest_starting();
-    let mut machine = QemuMachine::start(
-        cfg,
-        paths,
-        Some(Box::new(std::io::stderr())),
-        tracer.as_mut().and_then(|t| t.link_mut()),
-    )
-    .map_err(|e| {
+    let started = |e: anyhow::Error| {
         // QEMU was started and stopped again: a Ctrl-C meanwhile is still a Ctrl-C.
         if stop.load(Ordering::Relaxed) {
             anyhow::Error::from(Interrupted)
         } else {
-            e.into()
+            e
         }
-    })?;
-    if let (Some(profile), Some(tracer)) = (profile, tracer.as_mut()) {
+    };
+    if let (Some(profile), Some(trap)) = (profile, trap) {
+        let mut engine = QemuEngine::start(cfg, paths, Some(Box::new(std::io::stderr())), &trap)
+            .map_err(|e| started(e.into()))?;
         // Identify the kernel (guest stopped once), then arm and serve, then run.
-        let view = match identify::identify(&mut machine, profile, &stop) {
-            Ok(v) => Arc::new(v),
-            Err(e) => return Err(why_failed(&mut machine, &stop, e)),
+        let kernel = match identify::identify(&mut engine, profile, &stop) {
+            Ok(k) => k,
+            Err(e) => return Err(why_failed(engine.machine(), &stop, e)),
         };
         if let Some(anch) = anchors {
             // A --system-map is checked against the running kernel with a profile too.
             let map = boot.system_map.clone().unwrap_or_default();
-            match banner::check(view.ram.as_ref(), anch, true) {
-                Verdict::Match(_) => {}
-                Verdict::Mismatch(running) => {
-                    machine.kill();
-                    return Err(banner::BannerError::Mismatch { path: map, running }.into());
-                }
-                Verdict::NotYet => {
-                    machine.kill();
-                    return Err(banner::BannerError::Mismatch {
-                        path: map,
-                        running: format!(
-                            "no banner where this map puts it; profile of {}",
-                            view.profile.kernel.release
-                        ),
-                    }
-                    .into());
-                }
+            let ram = engine.memory();
+            let refused = match banner::check(ram.as_ref(), anch, true) {
+                Verdict::Match(_) => None,
+                Verdict::Mismatch(running) => Some(running),
+                Verdict::NotYet => Some(format!(
+                    "no banner where this map puts it; profile of {}",
+                    kernel.profile.kernel.release
+                )),
+            };
+            if let Some(running) = refused {
+                engine.stop();
+                return Err(banner::BannerError::Mismatch { path: map, running }.into());
             }
         }
-        let _control = match &a.control {
-            Some(path) => Some(crate::control::serve(path, view.clone())?),
-            None => None,
+        let limits = Limits {
+            stop: stop.clone(),
+            timeout: a.timeout.map(Duration::from_secs),
         };
-        let timeout = a.timeout.map(Duration::from_secs);
-        let (record, waited) = tracer.run(&mut machine, &view, &stop, timeout)?;
+        let (record, waited) =
+            crate::watch::watch(&mut engine, &kernel, &watch, a.control.as_deref(), &limits)?;
         match status::check_output(&record, &output_target(&a)) {
             Ok(None) => {}
             lost => {
                 // Events were lost: the run ends here, whatever the guest does.
-                machine.kill();
+                engine.stop();
                 return lost.map(|code| code.unwrap_or(status::BROKEN_PIPE_STATUS));
             }
         }
         if let Err(e) = waited {
-            return Err(why_failed(&mut machine, &stop, e));
+            return Err(why_failed(engine.machine(), &stop, e));
         }
         if stop.load(Ordering::Relaxed) {
             // The guest ended as the Ctrl-C came: still a Ctrl-C.
-            machine.kill();
+            engine.stop();
             return Err(Interrupted.into());
         }
-        return exit_status(machine.finish(), Some(&record.command));
+        return exit_status(engine.finish(), Some(&record.command));
     }
+    let mut machine = QemuMachine::start(cfg, paths, Some(Box::new(std::io::stderr())), None)
+        .map_err(|e| started(e.into()))?;
     let mismatch: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let done = Arc::new(AtomicBool::new(false));
     let identity = anchors.map(|anch| {
@@ -476,7 +473,11 @@ fn why_failed(machine: &mut QemuMachine, stop: &AtomicBool, e: anyhow::Error) ->
             e.downcast_ref::<MachineError>(),
             Some(MachineError::Interrupted)
         )
-        || e.downcast_ref::<Interrupted>().is_some();
+        || e.downcast_ref::<Interrupted>().is_some()
+        || matches!(
+            e.downcast_ref::<SessionError>(),
+            Some(SessionError::Interrupted)
+        );
     if interrupted {
         machine.kill();
         return Interrupted.into();

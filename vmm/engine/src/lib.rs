@@ -24,7 +24,13 @@ pub mod wire;
 
 pub use action::Action;
 pub use addr::{Gpa, Gva};
-pub use engine::{Engine, EngineError, EngineEvent, GuestExit};
+pub use engine::{
+    Capabilities, DenyAt, DenyOffsets, Engine, EngineError, EngineEvent, GuestExit, ProbeRequest,
+};
 pub use hit::{ProbeHit, ProbeId};
 pub use mem::{MemError, PhysMemory, SliceMemory};
 pub use regs::Regs;
+
+/// The 5-byte NOP (`nopl 0x0(%rax,%rax,1)`) every traceable kernel function starts with
+/// once the kernel has patched its `call __fentry__` sites: where ornament's probes go.
+pub const FENTRY_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];

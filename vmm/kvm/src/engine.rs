@@ -10,8 +10,8 @@ use crate::vcpu::exit::StopReason;
 use crate::vcpu::{PauseGate, VcpuEvent};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use ornament_engine::{
-    Action, Engine, EngineError, EngineEvent, Gpa, GuestExit, Gva, PhysMemory, ProbeHit, ProbeId,
-    Regs,
+    Action, Capabilities, DenyAt, Engine, EngineError, EngineEvent, Gpa, GuestExit, Gva,
+    PhysMemory, ProbeHit, ProbeId, ProbeRequest, Regs,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
@@ -134,21 +134,145 @@ pub struct KvmEngine {
     runner: Option<JoinHandle<()>>,
     hold_hits: bool,
     exited: bool,
-    started: bool,
+    /// A pause was asked for and not all vCPUs have parked yet.
+    pausing: bool,
+    /// Where probes go when armed: now, or at the engine's safe point.
+    arming: Arming,
+    /// How the vCPUs ended, once they have.
+    outcomes: Arc<Mutex<Option<RunResult>>>,
 }
 
-/// How long `set_paused(true)` waits for the vCPUs to park.
+/// How the vCPUs of a run ended.
+type RunResult = Result<Vec<VcpuOutcome>, MachineError>;
+
+/// When and where [`Engine::arm`] puts a probe.
+#[derive(Debug, Clone)]
+pub enum Arming {
+    /// At once, at the address vCPU 0's page tables give.
+    Now,
+    /// At the engine's own safe point (a Linux kernel that has finished patching its
+    /// text), at the physical address the layout gives.
+    Deferred(Arc<DeferredArms>),
+}
+
+/// Probes asked for before the safe point, armed all at once when it is reached; after
+/// it, each at once.
+pub struct DeferredArms {
+    traps: Arc<dyn TrapBackend>,
+    memory: std::sync::OnceLock<Arc<KvmMemory>>,
+    /// The probes waiting, and whether the safe point was reached (one lock: a probe is
+    /// either armed by `reach` or by `arm`, never by neither).
+    state: Mutex<(Vec<(ProbeId, Site)>, bool)>,
+    /// The site of a guest-virtual address (the kernel's fixed layout).
+    site_of: fn(Gva) -> Site,
+    error: Mutex<Option<String>>,
+    kicker: Mutex<Option<crate::machine::Kicker>>,
+}
+
+impl std::fmt::Debug for DeferredArms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f.debug_struct("DeferredArms")
+            .field("waiting", &st.0.len())
+            .field("reached", &st.1)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeferredArms {
+    /// Arming with `traps` at sites `site_of` gives.
+    pub fn new(traps: Arc<dyn TrapBackend>, site_of: fn(Gva) -> Site) -> Arc<Self> {
+        Arc::new(Self {
+            traps,
+            memory: std::sync::OnceLock::new(),
+            state: Mutex::new((Vec::new(), false)),
+            site_of,
+            error: Mutex::new(None),
+            kicker: Mutex::new(None),
+        })
+    }
+
+    /// Guest memory exists.
+    pub fn set_memory(&self, memory: Arc<KvmMemory>) {
+        let _ = self.memory.set(memory);
+    }
+
+    /// The safe point is reached (called on the vCPU thread that saw it, before the guest
+    /// runs on): arm every probe waiting.
+    pub fn reach(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 = true;
+        let Some(mem) = self.memory.get() else {
+            return;
+        };
+        for (id, site) in st.0.drain(..) {
+            if let Err(e) = self.traps.arm(id, site, mem.as_ref()) {
+                let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
+                err.get_or_insert(format!("probe at {}: {e}", site.gva));
+            }
+        }
+        tracing::info!("probes armed at the safe point");
+    }
+
+    /// True once the safe point was reached.
+    pub fn reached(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    /// The first arming error, if any.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn arm(&self, id: ProbeId, at: Gva) -> Result<(), EngineError> {
+        let site = (self.site_of)(at);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.1 {
+            st.0.push((id, site));
+            return Ok(());
+        }
+        let mem = self
+            .memory
+            .get()
+            .ok_or(EngineError::Unsupported("guest memory is not there yet"))?;
+        self.traps.arm(id, site, mem.as_ref()).map_err(backend)?;
+        if let Some(k) = &*self.kicker.lock().unwrap_or_else(|p| p.into_inner()) {
+            k.kick();
+        }
+        Ok(())
+    }
+}
+
+/// How long [`KvmEngine::pause_and_wait`] waits for the vCPUs to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl KvmEngine {
     /// Start `machine` (as built: paused before its first instruction) with `traps`.
     /// With `hold_hits`, each hit blocks its vCPU until [`Engine::answer`]; otherwise the
     /// vCPU runs on and the hit is only reported. The guest stays paused until
-    /// `set_paused(false)`, so probes can be armed first.
+    /// [`Engine::resume`], so probes can be armed first.
     pub fn start(
+        machine: Machine,
+        traps: Arc<dyn TrapBackend>,
+        hold_hits: bool,
+    ) -> Result<Self, KvmEngineError> {
+        Self::start_with(
+            machine,
+            traps,
+            hold_hits,
+            Arc::new(RunControl::new()),
+            Arming::Now,
+        )
+    }
+
+    /// [`KvmEngine::start`] with a stop control shared with the machine's devices (a
+    /// console that ends the run) and a choice of [`Arming`].
+    pub fn start_with(
         mut machine: Machine,
         traps: Arc<dyn TrapBackend>,
         hold_hits: bool,
+        control: Arc<RunControl>,
+        arming: Arming,
     ) -> Result<Self, KvmEngineError> {
         let n = u32::try_from(machine.vcpus.len()).map_err(|_| KvmEngineError::NoVcpus)?;
         if n == 0 {
@@ -161,7 +285,11 @@ impl KvmEngine {
             let s = v.fd().get_sregs().map_err(e)?;
             initial.push(Some(regs_from_kvm(&r, &s)));
         }
-        let control = Arc::new(RunControl::new());
+        if let Arming::Deferred(d) = &arming {
+            d.set_memory(machine.vm.memory().clone());
+            *d.kicker.lock().unwrap_or_else(|p| p.into_inner()) = Some(control.kicker());
+        }
+        let outcomes = Arc::new(Mutex::new(None));
         let shared = Arc::new(Shared {
             regs: Mutex::new(initial),
             paused: Mutex::new(true),
@@ -184,17 +312,27 @@ impl KvmEngine {
             let traps = traps.clone();
             let control = control.clone();
             let shared = shared.clone();
+            let memory = memory.clone();
+            let outcomes = outcomes.clone();
             std::thread::Builder::new()
                 .name("ornament-kvm".into())
                 .spawn(move || {
                     let tx = Mutex::new(ev_tx.clone());
-                    let on_event = |vcpu: u32, ev: VcpuEvent<'_>| {
-                        on_vcpu_event(vcpu, ev, &shared, &tx, &answer_rx, hold_hits, &control)
+                    let vcpu_side = VcpuSide {
+                        shared: &shared,
+                        tx: &tx,
+                        answers: &answer_rx,
+                        hold: hold_hits,
+                        control: &control,
+                        memory: &memory,
                     };
+                    let on_event = |vcpu: u32, ev: VcpuEvent<'_>| vcpu_side.on_event(vcpu, ev);
                     let result =
                         run_gated(&mut machine, traps, &on_event, &control, shared.clone());
+                    let exit = guest_exit(&result);
+                    *outcomes.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
                     // The receiver may be gone (engine dropped): nothing to tell then.
-                    let _ = ev_tx.send(EngineEvent::Exited(guest_exit(result)));
+                    let _ = ev_tx.send(EngineEvent::Exited(exit));
                 })
                 .map_err(KvmEngineError::Spawn)?
         };
@@ -209,8 +347,48 @@ impl KvmEngine {
             runner: Some(runner),
             hold_hits,
             exited: false,
-            started: false,
+            pausing: false,
+            arming,
+            outcomes,
         })
+    }
+
+    /// How the vCPUs ended (once the guest has: after [`EngineEvent::Exited`]).
+    pub fn take_outcomes(&self) -> Option<RunResult> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The stop control shared with the vCPU threads.
+    pub fn control(&self) -> &Arc<RunControl> {
+        &self.control
+    }
+
+    /// Stop every vCPU and wait until each has parked (a vCPU held at a hit parks once
+    /// answered, so answer them first). For tests and callers that hold no hits.
+    pub fn pause_and_wait(&mut self) -> Result<(), EngineError> {
+        Engine::pause(self)?;
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while !self.all_parked() {
+            if self.runner.as_ref().is_none_or(|r| r.is_finished()) {
+                return Err(EngineError::GuestGone);
+            }
+            if Instant::now() > deadline {
+                return Err(EngineError::Unsupported(
+                    "vCPUs did not pause in time (one may be held at a hit)",
+                ));
+            }
+            self.control.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.pausing = false;
+        Ok(())
+    }
+
+    fn all_parked(&self) -> bool {
+        self.shared.parked.load(Ordering::SeqCst) >= u64::from(self.vcpu_count)
     }
 
     /// Arm `probe` at a site whose guest-physical address the caller knows (kernel
@@ -228,11 +406,6 @@ impl KvmEngine {
     /// The trap backend in use.
     pub fn traps(&self) -> &Arc<dyn TrapBackend> {
         &self.traps
-    }
-
-    /// True once the guest has been resumed for the first time.
-    fn started(&self) -> bool {
-        self.started
     }
 
     /// True when hits hold their vCPU until answered.
@@ -259,75 +432,107 @@ fn run_gated(
     machine.run_gated(Some(traps), on_event, control, Some(shared))
 }
 
-fn on_vcpu_event(
-    vcpu: u32,
-    ev: VcpuEvent<'_>,
-    shared: &Shared,
-    tx: &Mutex<Sender<EngineEvent>>,
-    answers: &[Mutex<Receiver<Action>>],
+/// What a vCPU thread's hit handler needs.
+struct VcpuSide<'a> {
+    shared: &'a Shared,
+    tx: &'a Mutex<Sender<EngineEvent>>,
+    answers: &'a [Mutex<Receiver<Action>>],
     hold: bool,
-    control: &RunControl,
-) -> bool {
-    let VcpuEvent::Hit { hit, regs, sregs } = ev else {
-        return false;
-    };
-    let mut r = regs_from_kvm(regs, sregs);
-    // Every backend reports the probe address as RIP, whatever KVM showed.
-    r.rip = hit.site.gva.raw();
-    shared.set_regs(vcpu, r);
-    let time_ns = u64::try_from(shared.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    {
-        // Number and send under one lock, so sequence numbers follow delivery order.
-        let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = shared.seq.fetch_add(1, Ordering::SeqCst);
-        let event = EngineEvent::Hit(Box::new(ProbeHit {
-            probe: hit.probe,
-            vcpu,
-            seq,
-            time_ns,
-            regs: r,
-            held: hold,
-            mem: [None; ornament_engine::wire::MAX_MEM_READS],
-            bytes: None,
-        }));
-        if tx.send(event).is_err() {
-            return false;
-        }
-    }
-    if hold {
-        if let Some(rx) = answers.get(vcpu as usize) {
-            let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-            // Wait for the answer, but give up when the engine stops.
-            while !control.stop_requested() {
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Action::PauseGuest) => {
-                        let mut p = shared.paused.lock().unwrap_or_else(|p| p.into_inner());
-                        *p = true;
-                        while *p && !control.stop_requested() {
-                            p = shared.wake.wait(p).unwrap_or_else(|p| p.into_inner());
-                        }
-                        break;
-                    }
-                    Ok(_) => break,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            }
-        }
-    }
-    false
+    control: &'a RunControl,
+    memory: &'a Arc<KvmMemory>,
 }
 
-fn guest_exit(result: Result<Vec<VcpuOutcome>, MachineError>) -> GuestExit {
+impl VcpuSide<'_> {
+    /// A hit on `vcpu`: wait out a pause first (the hit then comes after it, as if the
+    /// vCPU had stopped just before), send it, and when held wait for its answer and
+    /// apply it. True when the registers changed.
+    fn on_event(&self, vcpu: u32, ev: VcpuEvent<'_>) -> bool {
+        let VcpuEvent::Hit { hit, regs, sregs } = ev else {
+            return false;
+        };
+        if self.shared.should_park() {
+            self.shared.park(vcpu, regs, sregs);
+        }
+        let mut r = regs_from_kvm(regs, sregs);
+        // Every backend reports the probe address as RIP, whatever KVM showed.
+        r.rip = hit.site.gva.raw();
+        self.shared.set_regs(vcpu, r);
+        let time_ns = u64::try_from(self.shared.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        {
+            // Number and send under one lock, so sequence numbers follow delivery order.
+            let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = self.shared.seq.fetch_add(1, Ordering::SeqCst);
+            let event = EngineEvent::Hit(Box::new(ProbeHit {
+                probe: hit.probe,
+                vcpu,
+                seq,
+                time_ns,
+                regs: r,
+                held: self.hold,
+                mem: [None; ornament_engine::wire::MAX_MEM_READS],
+                bytes: None,
+            }));
+            if tx.send(event).is_err() {
+                return false;
+            }
+        }
+        if !self.hold {
+            return false;
+        }
+        let Some(rx) = self.answers.get(vcpu as usize) else {
+            return false;
+        };
+        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+        // Wait for the answer, but give up when the engine stops.
+        while !self.control.stop_requested() {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Action::DenySyscall { errno }) => {
+                    return return_early(self.memory.as_ref(), regs, sregs.cr3, errno)
+                }
+                Ok(_) => return false,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        false
+    }
+}
+
+/// Deny a syscall at the first instruction of its entry function: return from it at once
+/// with `-errno` (pop the return address the call pushed). False (nothing changed) when
+/// the stack cannot be read.
+fn return_early(mem: &dyn PhysMemory, regs: &mut kvm_regs, cr3: u64, errno: i32) -> bool {
+    let Some(gpa) = translate(mem, cr3, Gva(regs.rsp)) else {
+        tracing::warn!(
+            rsp = regs.rsp,
+            "deny: the stack is not mapped; the syscall runs"
+        );
+        return false;
+    };
+    let mut ret = [0u8; 8];
+    if mem.read_phys(gpa, &mut ret).is_err() {
+        tracing::warn!(
+            rsp = regs.rsp,
+            "deny: the stack cannot be read; the syscall runs"
+        );
+        return false;
+    }
+    regs.rip = u64::from_le_bytes(ret);
+    regs.rsp = regs.rsp.wrapping_add(8);
+    regs.rax = i64::from(errno).wrapping_neg() as u64;
+    true
+}
+
+fn guest_exit(result: &RunResult) -> GuestExit {
     let outcomes = match result {
         Ok(o) => o,
         Err(e) => {
             return GuestExit::Died {
-                reason: error_chain(&e),
+                reason: error_chain(e),
             }
         }
     };
-    for o in &outcomes {
+    for o in outcomes {
         match &o.result {
             Ok(StopReason::Reset) => return GuestExit::PowerOff,
             Ok(StopReason::SystemEvent(_)) => return GuestExit::PowerOff,
@@ -350,8 +555,21 @@ fn backend(e: impl std::error::Error + Send + Sync + 'static) -> EngineError {
 }
 
 impl Engine for KvmEngine {
-    fn memory(&self) -> &dyn PhysMemory {
-        self.memory.as_ref()
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            deny_at: if self.hold_hits {
+                DenyAt::FunctionEntry
+            } else {
+                DenyAt::Nowhere
+            },
+            dispatcher_probes: false,
+            captures_at_hit: false,
+            pause: true,
+        }
+    }
+
+    fn memory(&self) -> Arc<dyn PhysMemory> {
+        self.memory.clone()
     }
 
     fn vcpu_count(&self) -> u32 {
@@ -367,12 +585,15 @@ impl Engine for KvmEngine {
             ))
     }
 
-    fn arm(&mut self, probe: ProbeId, at: Gva) -> Result<(), EngineError> {
+    fn arm(&mut self, probe: &ProbeRequest) -> Result<(), EngineError> {
+        if let Arming::Deferred(d) = &self.arming {
+            return d.arm(probe.id, probe.at);
+        }
         let cr3 = self.registers(0)?.cr3;
-        let gpa = translate(self.memory.as_ref(), cr3, at)
-            .ok_or_else(|| backend(KvmEngineError::Unmapped(at)))?;
+        let gpa = translate(self.memory.as_ref(), cr3, probe.at)
+            .ok_or_else(|| backend(KvmEngineError::Unmapped(probe.at)))?;
         // A running vCPU picks the new guest-debug setting up at its next exit (kick).
-        self.arm_site(probe, Site { gva: at, gpa })
+        self.arm_site(probe.id, Site { gva: probe.at, gpa })
     }
 
     fn disarm(&mut self, probe: ProbeId) -> Result<(), EngineError> {
@@ -384,19 +605,60 @@ impl Engine for KvmEngine {
         Ok(())
     }
 
+    fn resume(&mut self) -> Result<(), EngineError> {
+        let mut p = self.shared.paused.lock().unwrap_or_else(|p| p.into_inner());
+        *p = false;
+        self.shared.wake.notify_all();
+        self.pausing = false;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), EngineError> {
+        {
+            let mut p = self.shared.paused.lock().unwrap_or_else(|p| p.into_inner());
+            if *p {
+                return Ok(());
+            }
+            *p = true;
+        }
+        self.pausing = true;
+        self.control.kick();
+        Ok(())
+    }
+
     fn next_event(&mut self, timeout: Duration) -> Result<EngineEvent, EngineError> {
         if self.exited {
             return Err(EngineError::GuestGone);
         }
-        match self.events.recv_timeout(timeout) {
-            Ok(ev) => {
-                if matches!(ev, EngineEvent::Exited(_)) {
-                    self.exited = true;
+        let deadline = Instant::now() + timeout;
+        loop {
+            // While pausing, look often: the pause completes when every vCPU has parked
+            // (kicked out of KVM_RUN, halted ones too).
+            let wait = if self.pausing {
+                Duration::from_millis(1)
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
+            match self.events.recv_timeout(wait) {
+                Ok(ev) => {
+                    if matches!(ev, EngineEvent::Exited(_)) {
+                        self.exited = true;
+                    }
+                    return Ok(ev);
                 }
-                Ok(ev)
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(EngineError::GuestGone),
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => Ok(EngineEvent::Idle),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(EngineError::GuestGone),
+            if self.pausing {
+                if self.all_parked() {
+                    self.pausing = false;
+                    return Ok(EngineEvent::Paused);
+                }
+                self.control.kick();
+            }
+            if Instant::now() >= deadline {
+                return Ok(EngineEvent::Idle);
+            }
         }
     }
 
@@ -404,16 +666,11 @@ impl Engine for KvmEngine {
         if !hit.held {
             return match action {
                 Action::Continue => Ok(()),
-                Action::PauseGuest => self.set_paused(true),
+                Action::PauseGuest => self.pause(),
                 Action::DenySyscall { .. } => Err(EngineError::Unsupported(
                     "denying needs a held hit at a syscall-entry probe",
                 )),
             };
-        }
-        if let Action::DenySyscall { .. } = action {
-            return Err(EngineError::Unsupported(
-                "syscall denial is not implemented by the KVM engine yet",
-            ));
         }
         let tx = self
             .answers
@@ -422,34 +679,9 @@ impl Engine for KvmEngine {
         tx.send(action).map_err(|_| EngineError::GuestGone)
     }
 
-    fn set_paused(&mut self, pause: bool) -> Result<(), EngineError> {
-        {
-            let mut p = self.shared.paused.lock().unwrap_or_else(|p| p.into_inner());
-            *p = pause;
-            self.shared.wake.notify_all();
-        }
-        if !pause {
-            self.started = true;
-        }
-        if !pause || !self.started() {
-            return Ok(());
-        }
-        // Kick the vCPUs out of KVM_RUN until every running one has parked (a vCPU held
-        // at a hit parks once answered; a finished one never will).
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        while self.shared.parked.load(Ordering::SeqCst) < u64::from(self.vcpu_count) {
-            if self.runner.as_ref().is_none_or(|r| r.is_finished()) {
-                return Err(EngineError::GuestGone);
-            }
-            if Instant::now() > deadline {
-                return Err(EngineError::Unsupported(
-                    "vCPUs did not pause in time (one may be held at a hit)",
-                ));
-            }
-            self.control.kick();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
+    fn stop(&mut self) {
+        self.control.request_stop();
+        self.shared.wake.notify_all();
     }
 }
 

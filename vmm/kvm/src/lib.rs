@@ -41,6 +41,7 @@ pub mod devices;
 pub mod engine;
 pub mod layout;
 pub mod linux;
+pub mod linux_engine;
 pub mod machine;
 pub mod memory;
 pub mod pvm;

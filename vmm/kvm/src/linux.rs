@@ -194,6 +194,12 @@ pub enum LinuxRunError {
     },
     /// a vCPU failed
     Vcpu(#[source] VcpuError),
+    /// a vCPU failed: {0}
+    VcpuFailed(String),
+    /// cannot start the vCPUs
+    Engine(#[source] crate::engine::KvmEngineError),
+    /// cannot arm a probe: {0}
+    ArmFailed(String),
     /// cannot arm probe {0} at {1:#x}
     Probe(String, u64, #[source] TrapError),
     /// the software int3 backend cannot run Linux probes here; use debug-regs or patched-site
@@ -264,7 +270,53 @@ static INFLATED: AtomicU64 = AtomicU64::new(0);
 
 /// A file removed when dropped.
 #[derive(Debug)]
-struct TempFile(PathBuf);
+pub(crate) struct TempFile(PathBuf);
+
+/// What a boot needs prepared: the command line (with PVM's compatibility options) and
+/// the initramfs to load (on PVM, a gzipped one inflated here at native speed rather than
+/// in emulated kernel mode; the file is removed when this is dropped).
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) cmdline: String,
+    pub(crate) initrd: Option<PathBuf>,
+    _inflated: Option<TempFile>,
+}
+
+pub(crate) fn prepare(
+    cmdline: &str,
+    initrd: Option<&PathBuf>,
+    pvm_compat: bool,
+) -> Result<Prepared, LinuxRunError> {
+    let cmdline = if pvm_compat {
+        compat_cmdline_for_tsc(cmdline, host_tsc_khz())
+    } else {
+        cmdline.to_owned()
+    };
+    let mut inflated = None;
+    if let (true, Some(path)) = (pvm_compat, initrd) {
+        let err = |e| LinuxRunError::Initrd(path.clone(), e);
+        if let Some(bytes) =
+            inflate_leading_gzip(&std::fs::read(path).map_err(err)?).map_err(err)?
+        {
+            let tmp = std::env::temp_dir().join(format!(
+                "ornament-kvm-initrd-{}-{}.cpio",
+                std::process::id(),
+                INFLATED.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&tmp, bytes).map_err(err)?;
+            inflated = Some(TempFile(tmp));
+        }
+    }
+    let initrd = match &inflated {
+        Some(t) => Some(t.0.clone()),
+        None => initrd.cloned(),
+    };
+    Ok(Prepared {
+        cmdline,
+        initrd,
+        _inflated: inflated,
+    })
+}
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -274,7 +326,7 @@ impl Drop for TempFile {
 
 /// Stamps the time of `Run /init` and arms the probes at `arm_after`, on the vCPU
 /// thread that writes the console (so before the guest runs on).
-struct InitWatch {
+pub(crate) struct InitWatch {
     end_watch: Vec<LineWatch>,
     ended: Arc<Mutex<Option<LinuxStop>>>,
     watch: LineWatch,
@@ -285,6 +337,32 @@ struct InitWatch {
     arm_after: String,
     arm: Option<Box<dyn FnOnce() + Send>>,
     inner: Box<dyn Write + Send>,
+}
+
+impl InitWatch {
+    /// Watch the console for the end lines (into `ended`) and `Run /init` (its time from
+    /// `start` into `boot_to_init`); call `arm` at `arm_after`; pass everything to `inner`.
+    pub(crate) fn new(
+        start: Instant,
+        ended: Arc<Mutex<Option<LinuxStop>>>,
+        boot_to_init: Arc<Mutex<Option<Duration>>>,
+        arm_after: Option<String>,
+        arm: Option<Box<dyn FnOnce() + Send>>,
+        inner: Box<dyn Write + Send>,
+    ) -> Self {
+        Self {
+            end_watch: END_LINES.iter().map(|_| LineWatch::default()).collect(),
+            ended,
+            watch: LineWatch::default(),
+            arm_watch: LineWatch::default(),
+            seen: false,
+            start,
+            boot_to_init,
+            arm_after: arm_after.unwrap_or_else(|| ARM_HOOK_AFTER.to_owned()),
+            arm,
+            inner,
+        }
+    }
 }
 
 impl Write for InitWatch {
@@ -336,6 +414,42 @@ impl Write for ReportWatch {
     }
 }
 
+/// The first reason a vCPU stopped by itself (not on request), or the error of the
+/// first vCPU that failed (an instruction the VMM cannot complete, named from
+/// `system_map`).
+pub(crate) fn guest_stop(
+    outcomes: &[crate::machine::VcpuOutcome],
+    system_map: Option<&Path>,
+) -> Result<Option<StopReason>, LinuxRunError> {
+    let mut guest_stop = None;
+    for o in outcomes {
+        match &o.result {
+            Ok(StopReason::Stopped) => {}
+            Ok(r) => guest_stop = guest_stop.or(Some(*r)),
+            Err(VcpuError::Uncompleted {
+                vcpu,
+                rip,
+                cs,
+                bytes,
+            }) => {
+                let symbol = match map_text(system_map) {
+                    Some(t) => nearest_symbol(&t, *rip).unwrap_or_else(|| "unknown".into()),
+                    None => "no System.map".into(),
+                };
+                return Err(LinuxRunError::EmulationFailure {
+                    vcpu: *vcpu,
+                    rip: *rip,
+                    cs: *cs,
+                    bytes: bytes.clone(),
+                    symbol,
+                });
+            }
+            Err(e) => return Err(LinuxRunError::VcpuFailed(crate::support::error_chain(e))),
+        }
+    }
+    Ok(guest_stop)
+}
+
 fn map_text(path: Option<&Path>) -> Option<String> {
     std::fs::read_to_string(path?).ok()
 }
@@ -353,31 +467,8 @@ pub fn run_linux(
         (false, TrapKind::PatchedSite) => Some(Arc::new(PatchedSites::new())),
         (false, TrapKind::Int3) => return Err(LinuxRunError::Int3Backend),
     };
-    let cmdline = if cfg.pvm_compat {
-        compat_cmdline_for_tsc(&cfg.cmdline, host_tsc_khz())
-    } else {
-        cfg.cmdline.clone()
-    };
-    // On PVM, inflate a gzipped initramfs here (native speed) rather than in the guest.
-    let mut inflated = None;
-    if let (true, Some(path)) = (cfg.pvm_compat, &cfg.initrd) {
-        let err = |e| LinuxRunError::Initrd(path.clone(), e);
-        if let Some(bytes) =
-            inflate_leading_gzip(&std::fs::read(path).map_err(err)?).map_err(err)?
-        {
-            let tmp = std::env::temp_dir().join(format!(
-                "ornament-kvm-initrd-{}-{}.cpio",
-                std::process::id(),
-                INFLATED.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::write(&tmp, bytes).map_err(err)?;
-            inflated = Some(TempFile(tmp));
-        }
-    }
-    let initrd = match &inflated {
-        Some(t) => Some(t.0.clone()),
-        None => cfg.initrd.clone(),
-    };
+    let prepared = prepare(&cfg.cmdline, cfg.initrd.as_ref(), cfg.pvm_compat)?;
+    let (cmdline, initrd) = (prepared.cmdline.clone(), prepared.initrd.clone());
     let mc = MachineConfig {
         kernel: cfg.kernel.clone(),
         initrd,
@@ -412,21 +503,14 @@ pub fn run_linux(
         }) as Box<dyn FnOnce() + Send>
     });
     let ended: Arc<Mutex<Option<LinuxStop>>> = Arc::new(Mutex::new(None));
-    let tee = InitWatch {
-        end_watch: END_LINES.iter().map(|_| LineWatch::default()).collect(),
-        ended: ended.clone(),
-        watch: LineWatch::default(),
-        arm_watch: LineWatch::default(),
-        seen: false,
+    let tee = InitWatch::new(
         start,
-        boot_to_init: boot_to_init.clone(),
-        arm_after: cfg
-            .arm_probes_after
-            .clone()
-            .unwrap_or_else(|| ARM_HOOK_AFTER.to_owned()),
+        ended.clone(),
+        boot_to_init.clone(),
+        cfg.arm_probes_after.clone(),
         arm,
-        inner: cfg.console,
-    };
+        cfg.console,
+    );
     let tee2 = ReportWatch {
         watch: LineWatch::default(),
         counting: counting.clone(),
@@ -518,41 +602,7 @@ pub fn run_linux(
         return Err(e);
     }
     let outcomes = outcomes.map_err(LinuxRunError::Machine)?;
-    let mut guest_stop = None;
-    for o in &outcomes {
-        match &o.result {
-            Ok(StopReason::Stopped) => {}
-            Ok(r) => guest_stop = guest_stop.or(Some(*r)),
-            Err(VcpuError::Uncompleted {
-                vcpu,
-                rip,
-                cs,
-                bytes,
-            }) => {
-                let symbol = match map_text(cfg.system_map.as_deref()) {
-                    Some(t) => nearest_symbol(&t, *rip).unwrap_or_else(|| "unknown".into()),
-                    None => "no System.map".into(),
-                };
-                return Err(LinuxRunError::EmulationFailure {
-                    vcpu: *vcpu,
-                    rip: *rip,
-                    cs: *cs,
-                    bytes: bytes.clone(),
-                    symbol,
-                });
-            }
-            Err(_) => {
-                let Err(e) = outcomes
-                    .into_iter()
-                    .find(|o| o.result.is_err())
-                    .map_or(Ok(StopReason::Stopped), |o| o.result)
-                else {
-                    unreachable!("an outcome with an error was found above");
-                };
-                return Err(LinuxRunError::Vcpu(e));
-            }
-        }
-    }
+    let guest_stop = guest_stop(&outcomes, cfg.system_map.as_deref())?;
     let stop = match (watcher_stop, guest_stop) {
         (LinuxStop::Reported, _) => LinuxStop::Reported,
         (_, Some(r)) => LinuxStop::Guest(r),

@@ -2,7 +2,10 @@
 //! by guest-virtual address, exact hit counts per vCPU, held hits answered, pause with
 //! registers, the guest's end reported.
 
-use ornament_engine::{Action, Engine, EngineError, EngineEvent, GuestExit, Gva, ProbeId};
+use ornament_engine::wire::ProbeSpec;
+use ornament_engine::{
+    Action, Engine, EngineError, EngineEvent, GuestExit, Gva, ProbeId, ProbeRequest,
+};
 use ornament_kvm::engine::KvmEngine;
 use ornament_kvm::layout::TEST_CODE_START;
 use ornament_kvm::testing::guests::{self, CALLS_FUNC_OFFSET};
@@ -17,6 +20,17 @@ use std::time::Duration;
 
 const N: u64 = 200;
 
+/// A request for a probe at `at` (this engine holds every hit and captures nothing).
+fn probe(id: u32, at: Gva) -> ProbeRequest {
+    ProbeRequest {
+        id: ProbeId(id),
+        at,
+        symbol: "func".into(),
+        capture: ProbeSpec::default(),
+        deny: false,
+    }
+}
+
 fn count_hits(traps: Arc<dyn TrapBackend>, vcpus: u32) {
     let mut guest = TestGuest::long_mode(guests::CALLS);
     guest.regs.rcx = N;
@@ -24,8 +38,8 @@ fn count_hits(traps: Arc<dyn TrapBackend>, vcpus: u32) {
     let mut e = KvmEngine::start(m, traps, true).expect("engine");
     assert_eq!(e.vcpu_count(), vcpus);
     let func = Gva(TEST_CODE_START.0 + CALLS_FUNC_OFFSET);
-    e.arm(ProbeId(9), func).expect("arm by virtual address");
-    e.set_paused(false).expect("start");
+    e.arm(&probe(9, func)).expect("arm by virtual address");
+    e.resume().expect("start");
     let mut counts = vec![0u64; vcpus as usize];
     let mut last_seq = None;
     loop {
@@ -46,6 +60,7 @@ fn count_hits(traps: Arc<dyn TrapBackend>, vcpus: u32) {
                 assert_eq!(x, GuestExit::PowerOff);
                 break;
             }
+            EngineEvent::Paused => panic!("not paused"),
             EngineEvent::Idle => panic!("no event in 20 s; counts {counts:?}"),
         }
     }
@@ -73,9 +88,9 @@ fn engine_pauses_a_running_guest_and_reads_its_registers() {
     require!("usable /dev/kvm", kvm_usable());
     let m = TestGuest::long_mode(guests::SPIN).build(2).expect("build");
     let mut e = KvmEngine::start(m, Arc::new(PatchedSites::new()), true).expect("engine");
-    e.set_paused(false).expect("run");
+    e.resume().expect("run");
     std::thread::sleep(Duration::from_millis(50));
-    e.set_paused(true).expect("pause");
+    e.pause_and_wait().expect("pause");
     for v in 0..2 {
         let r = e.registers(v).expect("registers while paused");
         assert_eq!(r.rip, TEST_CODE_START.0, "spinning on `jmp .`");
@@ -83,7 +98,7 @@ fn engine_pauses_a_running_guest_and_reads_its_registers() {
         assert_eq!(r.cs, 0x10);
     }
     assert!(matches!(e.registers(2), Err(EngineError::NoSuchVcpu(2))));
-    e.set_paused(false).expect("resume");
+    e.resume().expect("resume");
     assert!(matches!(
         e.next_event(Duration::from_millis(50)),
         Ok(EngineEvent::Idle)
@@ -97,7 +112,7 @@ fn engine_refuses_unmapped_and_unknown_probes() {
     let m = TestGuest::long_mode(guests::CALLS).build(1).expect("build");
     let mut e = KvmEngine::start(m, Arc::new(PatchedSites::new()), true).expect("engine");
     let err = e
-        .arm(ProbeId(1), Gva(0xffff_8000_0000_0000))
+        .arm(&probe(1, Gva(0xffff_8000_0000_0000)))
         .expect_err("not mapped");
     assert!(matches!(err, EngineError::Backend(_)));
     assert!(matches!(
