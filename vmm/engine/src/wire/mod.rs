@@ -23,8 +23,8 @@
 //! RAM's layout, with the RAM file's descriptor as `SCM_RIGHTS` ancillary data on the same
 //! `sendmsg`) so the plugin can read guest memory without QEMU's debug accessors.
 //!
-//! The module's parts: [`reg`] names the registers a probe reads, [`probe`] what it reads at a
-//! hit, [`record`] the records themselves, [`encode`] and [`decode`] their bytes.
+//! The module's parts: `reg` names the registers a probe reads, `probe` what it reads at a
+//! hit, `record` the records themselves, `encode` and `decode` their bytes.
 
 mod decode;
 mod encode;
