@@ -157,33 +157,19 @@ pub fn env() -> Result<Env, String> {
     })
 }
 
-/// The release of a bzImage (`6.1.0-50-cloud-amd64`): the first word of the version
-/// string its setup header points at (`kernel_version` at 0x20e, plus 0x200).
+/// The release of a bzImage (`6.1.0-50-cloud-amd64`): the first word of the version string
+/// its setup header points at, as the image builder reads it.
 pub fn kernel_release(kernel: &Path) -> Result<String, String> {
-    let b = std::fs::read(kernel).map_err(|e| format!("kernel {}: {e}", kernel.display()))?;
-    let bad = || {
-        format!(
-            "kernel {} is not a bzImage with a version string",
-            kernel.display()
-        )
-    };
-    if b.get(0x202..0x206) != Some(b"HdrS") {
-        return Err(bad());
-    }
-    let at = b
-        .get(0x20e..0x210)
-        .map(|v| usize::from(u16::from_le_bytes([v[0], v[1]])) + 0x200)
-        .ok_or_else(bad)?;
-    let text = b.get(at..at.saturating_add(256)).ok_or_else(bad)?;
-    let release: String = text
-        .iter()
-        .take_while(|c| c.is_ascii_graphic())
-        .map(|c| char::from(*c))
-        .collect();
-    if release.is_empty() {
-        return Err(bad());
-    }
-    Ok(release)
+    ornament_images::kernel_file::inspect(kernel)
+        .map_err(|e| e.to_string())?
+        .release()
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            format!(
+                "kernel {} is not a bzImage with a version string",
+                kernel.display()
+            )
+        })
 }
 
 /// The committed profile of `release`, if there is one.
