@@ -5,6 +5,7 @@ use super::{
     Btf, BtfError, BtfType, Detail, Enumerator, Kind, Member, Param, TypeId, VarSecInfo, BTF_MAGIC,
     HEADER_LEN,
 };
+use crate::bytes::{le_u16, le_u32};
 use std::collections::HashMap;
 
 /// A little-endian cursor over a byte slice that never reads out of bounds.
@@ -22,30 +23,25 @@ impl Cursor<'_> {
     }
 }
 
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-pub(super) fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 impl Btf {
     /// Parse raw BTF data (the bytes of a `.BTF` section, or `/sys/kernel/btf/vmlinux`).
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
         if data.len() < HEADER_LEN {
             return Err(BtfError::TooShort { len: data.len() });
         }
-        let magic = le_u16(data, 0);
+        // The header's fields, all inside the HEADER_LEN bytes checked above.
+        let short = || BtfError::TooShort { len: data.len() };
+        let magic = le_u16(data, 0).ok_or_else(short)?;
         if magic != BTF_MAGIC {
             return Err(BtfError::BadMagic { magic });
         }
         if data[2] != 1 {
             return Err(BtfError::Version { version: data[2] });
         }
-        let hdr_len = le_u32(data, 4);
-        let [type_off, type_len, str_off, str_len] =
-            [8, 12, 16, 20].map(|at| u64::from(le_u32(data, at)));
+        let hdr_len = le_u32(data, 4).ok_or_else(short)?;
+        let field = |at| le_u32(data, at).map(u64::from).ok_or_else(short);
+        let (type_off, type_len, str_off, str_len) =
+            (field(8)?, field(12)?, field(16)?, field(20)?);
         if (hdr_len as usize) < HEADER_LEN || hdr_len as usize > data.len() {
             return Err(BtfError::HeaderLen { hdr_len });
         }

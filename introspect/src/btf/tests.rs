@@ -1,7 +1,7 @@
 //! A BTF builder for tests, and the parser checked on built and on broken data.
 
-use super::parse::le_u32;
 use super::*;
+use crate::bytes::le_u32;
 use proptest::prelude::*;
 
 /// Builds BTF bytes for tests.
@@ -305,7 +305,7 @@ fn header_errors() {
     ));
     // A type cut in the middle.
     let (mut bytes, _) = sample();
-    let tl = le_u32(&bytes, 12);
+    let tl = le_u32(&bytes, 12).expect("header");
     bytes[12..16].copy_from_slice(&(tl - 2).to_le_bytes());
     assert!(matches!(
         Btf::parse(&bytes),
