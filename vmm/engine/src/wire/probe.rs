@@ -86,7 +86,7 @@ impl BytesRead {
     }
 }
 
-/// Bit in [`ArmRecord::flags`]: the probe is live (a disarmed probe keeps its callback but
+/// Bit in [`ArmRecord::flags`](super::ArmRecord::flags): the probe is live (a disarmed probe keeps its callback but
 /// does nothing).
 pub const ARM_ENABLED: u32 = 1 << 0;
 

@@ -10,7 +10,7 @@ pub struct ArmRecord {
     pub probe: u32,
     /// Guest-virtual address of the instruction.
     pub addr: u64,
-    /// [`ARM_ENABLED`].
+    /// [`ARM_ENABLED`](super::ARM_ENABLED).
     pub flags: u32,
     /// What to read.
     pub spec: ProbeSpec,
@@ -38,7 +38,7 @@ pub struct AnswerRecord {
 /// Plugin to host: first record of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
-    /// [`WIRE_VERSION`] of the plugin.
+    /// [`WIRE_VERSION`](super::WIRE_VERSION) of the plugin.
     pub version: u32,
     /// QEMU's process id.
     pub pid: u32,
@@ -51,7 +51,7 @@ pub const HIT_HELD: u16 = 1 << 0;
 /// Bit in a hit's header flags: a byte range ([`HitBytes`]) follows the memory reads.
 pub const HIT_BYTES: u16 = 1 << 1;
 
-/// The bytes a probe's [`BytesRead`] got at a hit.
+/// The bytes a probe's [`BytesRead`](super::BytesRead) got at a hit.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct HitBytes {
     /// The bytes read, from the range's start.
