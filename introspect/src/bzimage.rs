@@ -7,6 +7,7 @@
 //! the protected-mode code at `(setup_sects + 1) * 512`. The kernel's build appends
 //! the decompressed size as the payload's last four bytes (little-endian).
 
+use crate::bytes::{le_u16, le_u32};
 use std::fmt;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -186,14 +187,59 @@ fn hex(b: &[u8]) -> String {
         .join(" ")
 }
 
-fn le16(b: &[u8], o: usize) -> Option<u16> {
-    b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+/// The fields of a bzImage's x86 boot (setup) header that we read, at their offsets in the
+/// file (Linux `Documentation/arch/x86/boot.rst`). Fields past the bytes given read as 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetupHeader {
+    /// `setup_sects` (0x1f1), with the protocol's rule that 0 means 4.
+    pub setup_sects: u8,
+    /// `syssize` (0x1f4): the protected-mode code's size in 16-byte paragraphs.
+    pub syssize: u32,
+    /// `version` (0x206): the boot protocol version, e.g. 0x20f.
+    pub protocol: u16,
+    /// `kernel_version` (0x20e): the version string's offset minus 0x200; 0 when none.
+    pub kernel_version: u16,
+    /// `payload_offset` (0x248), from the start of the protected-mode code.
+    pub payload_offset: u32,
+    /// `payload_length` (0x24c).
+    pub payload_length: u32,
 }
 
-fn le32(b: &[u8], o: usize) -> Option<u32> {
-    b.get(o..o + 4)
-        .and_then(|s| <[u8; 4]>::try_from(s).ok())
-        .map(u32::from_le_bytes)
+impl SetupHeader {
+    /// The header of `image`; `None` without the `HdrS` magic at 0x202.
+    pub fn parse(image: &[u8]) -> Option<Self> {
+        if image.get(0x202..0x206) != Some(b"HdrS") {
+            return None;
+        }
+        let u32_at = |o| le_u32(image, o).unwrap_or(0);
+        Some(Self {
+            setup_sects: match image.get(0x1f1).copied().unwrap_or(0) {
+                0 => 4,
+                n => n,
+            },
+            syssize: u32_at(0x1f4),
+            protocol: le_u16(image, 0x206).unwrap_or(0),
+            kernel_version: le_u16(image, 0x20e).unwrap_or(0),
+            payload_offset: u32_at(0x248),
+            payload_length: u32_at(0x24c),
+        })
+    }
+
+    /// Where the protected-mode code starts in the file: after the boot sector and the setup
+    /// sectors.
+    pub fn protected_mode_offset(&self) -> u64 {
+        (u64::from(self.setup_sects) + 1) * 512
+    }
+
+    /// The smallest file this header describes: setup plus `syssize` paragraphs.
+    pub fn expected_len(&self) -> u64 {
+        self.protected_mode_offset() + u64::from(self.syssize) * 16
+    }
+
+    /// Offset of the NUL-terminated version string in the file, if the header names one.
+    pub fn version_offset(&self) -> Option<usize> {
+        (self.kernel_version != 0).then(|| usize::from(self.kernel_version) + 0x200)
+    }
 }
 
 /// Read `path`, a bzImage or an ELF vmlinux, and return the ELF vmlinux.
@@ -229,25 +275,21 @@ pub fn payload<'a>(
     image: &'a [u8],
     path: &Path,
 ) -> Result<(Compression, &'a [u8], u64), BzImageError> {
-    if image.get(0x202..0x206) != Some(b"HdrS") {
+    let Some(header) = SetupHeader::parse(image) else {
         return Err(BzImageError::NotBzImage {
             path: path.to_path_buf(),
         });
-    }
-    let protocol = le16(image, 0x206).unwrap_or(0);
+    };
+    let protocol = header.protocol;
     if protocol < 0x208 {
         return Err(BzImageError::OldProtocol {
             path: path.to_path_buf(),
             protocol,
         });
     }
-    let setup_sects = match image.get(0x1f1).copied().unwrap_or(0) {
-        0 => 4,
-        n => u64::from(n),
-    };
-    let pm_start = (setup_sects + 1) * 512;
-    let offset = u64::from(le32(image, 0x248).unwrap_or(0));
-    let length = u64::from(le32(image, 0x24c).unwrap_or(0));
+    let pm_start = header.protected_mode_offset();
+    let offset = u64::from(header.payload_offset);
+    let length = u64::from(header.payload_length);
     let start = pm_start + offset;
     let end = start + length;
     let size = image.len() as u64;
@@ -271,7 +313,7 @@ pub fn payload<'a>(
         });
     };
     let (body, trailer) = data.split_at(data.len() - 4);
-    let expected = u64::from(le32(trailer, 0).unwrap_or(0));
+    let expected = u64::from(le_u32(trailer, 0).unwrap_or(0));
     Ok((compression, body, expected))
 }
 
@@ -349,7 +391,7 @@ fn lz4_legacy(data: &[u8], cap: u64) -> io::Result<Vec<u8>> {
     let mut out: Vec<u8> = Vec::with_capacity(cap);
     let mut pos = 0usize;
     while pos < data.len() {
-        let word = le32(data, pos).ok_or_else(|| bad("a block size is cut off"))?;
+        let word = le_u32(data, pos).ok_or_else(|| bad("a block size is cut off"))?;
         pos += 4;
         if word == MAGIC {
             continue;
@@ -401,6 +443,25 @@ mod tests {
         let mut v = b"\x7fELF\x02\x01\x01".to_vec();
         v.extend((0..20_000u32).flat_map(|i| (i % 251).to_le_bytes()));
         v
+    }
+
+    #[test]
+    fn setup_header_fields() {
+        let mut b = bz(&[0u8; 8]);
+        b[0x1f4..0x1f8].copy_from_slice(&0x100u32.to_le_bytes());
+        b[0x20e..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        let h = SetupHeader::parse(&b).expect("HdrS");
+        assert_eq!((h.setup_sects, h.protocol, h.syssize), (4, 0x20f, 0x100));
+        assert_eq!((h.payload_offset, h.payload_length), (0x10, 8));
+        assert_eq!(h.protected_mode_offset(), 5 * 512);
+        assert_eq!(h.expected_len(), 5 * 512 + 0x1000);
+        assert_eq!(h.version_offset(), Some(0x500));
+        b[0x1f1] = 0;
+        b[0x20e..0x210].copy_from_slice(&[0, 0]);
+        let h = SetupHeader::parse(&b).expect("HdrS");
+        assert_eq!((h.setup_sects, h.version_offset()), (4, None));
+        assert_eq!(SetupHeader::parse(&b[..0x204]), None);
+        assert_eq!(SetupHeader::parse(&elf()), None);
     }
 
     #[test]

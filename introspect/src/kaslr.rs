@@ -186,8 +186,9 @@ mod tests {
     use crate::paging::PagingMode;
     use crate::testing::{committed_profiles, SynthConfig, SynthGuest};
 
-    #[test]
-    fn slides_from_lstar_and_from_a_hit() {
+    /// Run `check` on a synthetic guest of every committed profile at each paging mode and
+    /// slide the tests use, with the layout it was built at.
+    fn each_slid_guest(check: impl Fn(&Profile, &SynthGuest, KernelLayout)) {
         for p in committed_profiles() {
             for (mode, vs, ps) in [
                 (PagingMode::Level4, 0x1e00_0000, 0x0200_0000),
@@ -205,64 +206,53 @@ mod tests {
                     virt_slide: vs,
                     phys_slide: ps,
                 };
-                let entry = g.layout.virt(p.symbol("entry_SYSCALL_64").expect("sym"));
-                // From user mode with LSTAR.
-                let user = g.regs_user(0);
-                assert_eq!(
-                    detect_from_regs(&g.phys.mem, &p, &user, None, Some(entry.raw()))
-                        .expect("lstar"),
-                    want
-                );
-                // User mode, no LSTAR: the banner scan.
-                assert_eq!(
-                    detect_from_regs(&g.phys.mem, &p, &user, Some("do_exit"), None).expect("scan"),
-                    want
-                );
-                // From a kernel-mode hit at a known symbol.
-                let rip = g.layout.virt(p.symbol("do_exit").expect("sym"));
-                let kregs = g.regs_kernel(1, rip);
-                assert_eq!(
-                    detect_from_regs(&g.phys.mem, &p, &kregs, Some("do_exit"), None).expect("hit"),
-                    want
-                );
-                // phys_base in guest memory agrees with the walk.
-                let mut b = [0u8; 8];
-                ornament_engine::PhysMemory::read_phys(
-                    &g.phys.mem,
-                    want.phys(p.symbol("phys_base").expect("sym")),
-                    &mut b,
-                )
-                .expect("read");
-                assert_eq!(u64::from_le_bytes(b), ps);
+                check(&p, &g, want);
             }
         }
     }
 
     #[test]
+    fn slides_from_lstar_and_from_a_hit() {
+        each_slid_guest(|p, g, want| {
+            let entry = g.layout.virt(p.symbol("entry_SYSCALL_64").expect("sym"));
+            // From user mode with LSTAR.
+            let user = g.regs_user(0);
+            assert_eq!(
+                detect_from_regs(&g.phys.mem, p, &user, None, Some(entry.raw())).expect("lstar"),
+                want
+            );
+            // User mode, no LSTAR: the banner scan.
+            assert_eq!(
+                detect_from_regs(&g.phys.mem, p, &user, Some("do_exit"), None).expect("scan"),
+                want
+            );
+            // From a kernel-mode hit at a known symbol.
+            let rip = g.layout.virt(p.symbol("do_exit").expect("sym"));
+            let kregs = g.regs_kernel(1, rip);
+            assert_eq!(
+                detect_from_regs(&g.phys.mem, p, &kregs, Some("do_exit"), None).expect("hit"),
+                want
+            );
+            // phys_base in guest memory agrees with the walk.
+            let mut b = [0u8; 8];
+            ornament_engine::PhysMemory::read_phys(
+                &g.phys.mem,
+                want.phys(p.symbol("phys_base").expect("sym")),
+                &mut b,
+            )
+            .expect("read");
+            assert_eq!(u64::from_le_bytes(b), want.phys_slide);
+        });
+    }
+
+    #[test]
     fn slides_by_banner_scan() {
-        for p in committed_profiles() {
-            for (mode, vs, ps) in [
-                (PagingMode::Level4, 0x1e00_0000, 0x0200_0000),
-                (PagingMode::Level5, 0x3a20_0000, 0x0160_0000),
-                (PagingMode::Level4, 0, 0),
-            ] {
-                let cfg = SynthConfig {
-                    mode,
-                    virt_slide: vs,
-                    phys_slide: ps,
-                    ..SynthConfig::default()
-                };
-                let g = SynthGuest::new(p.clone(), cfg).expect("guest");
-                let want = KernelLayout {
-                    virt_slide: vs,
-                    phys_slide: ps,
-                };
-                assert_eq!(
-                    detect_by_banner(&g.phys.mem, &p, &g.regs_user(1)).expect("scan"),
-                    want
-                );
-            }
-        }
+        each_slid_guest(|p, g, want| {
+            assert_eq!(
+                detect_by_banner(&g.phys.mem, p, &g.regs_user(1)).expect("scan"),
+                want
+            );
+        });
         // Another kernel's profile finds nothing.
         let [p61, mut p612] = <[_; 2]>::try_from(committed_profiles()).expect("two");
         let g = SynthGuest::new(p61.clone(), SynthConfig::default()).expect("guest");

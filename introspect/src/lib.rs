@@ -62,6 +62,7 @@
 #![forbid(unsafe_code)]
 
 pub mod btf;
+pub mod bytes;
 pub mod bzimage;
 pub mod command;
 pub mod elf;

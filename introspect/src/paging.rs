@@ -1,22 +1,24 @@
-//! x86-64 page-table walk (4- and 5-level, 4 KiB / 2 MiB / 1 GiB pages): `Gva` -> `Gpa`.
+//! x86-64 page-table walk (4- and 5-level, 4 KiB / 2 MiB / 1 GiB pages): `Gva` -> `Gpa`,
+//! typed and cached over the seam crate's one walker (`ornament_engine::paging`).
 
+use ornament_engine::paging::{self, WalkFault};
 use ornament_engine::{Gpa, Gva, MemError, PhysMemory};
 use std::sync::Mutex;
 
 /// CR4.LA57: 5-level paging is on.
-pub const CR4_LA57: u64 = 1 << 12;
+pub const CR4_LA57: u64 = paging::CR4_LA57;
 /// Page-table entry: present.
-pub const PTE_PRESENT: u64 = 1 << 0;
+pub const PTE_PRESENT: u64 = paging::PTE_PRESENT;
 /// Page-table entry: writable.
-pub const PTE_WRITABLE: u64 = 1 << 1;
+pub const PTE_WRITABLE: u64 = paging::PTE_WRITABLE;
 /// Page-table entry: user-accessible.
-pub const PTE_USER: u64 = 1 << 2;
+pub const PTE_USER: u64 = paging::PTE_USER;
 /// Page-directory entry: maps a large page (2 MiB at level 2, 1 GiB at level 3).
-pub const PTE_PAGE_SIZE: u64 = 1 << 7;
+pub const PTE_PAGE_SIZE: u64 = paging::PTE_PS;
 /// Page-table entry: no-execute.
 pub const PTE_NX: u64 = 1 << 63;
 /// Physical-address bits of an entry or of CR3 (bits 12..=51).
-pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+pub const ADDR_MASK: u64 = paging::PTE_ADDR;
 /// CR3 bit that selects the user half of a PTI page-table pair (the kernel PGD is the
 /// 8 KiB-aligned first page, the user PGD the second).
 pub const CR3_PTI_USER: u64 = 1 << 12;
@@ -74,13 +76,6 @@ impl PagingMode {
             PagingMode::Level5
         } else {
             PagingMode::Level4
-        }
-    }
-
-    fn levels(self) -> u8 {
-        match self {
-            PagingMode::Level4 => 4,
-            PagingMode::Level5 => 5,
         }
     }
 
@@ -159,52 +154,30 @@ pub fn translate(
     root: PageRoot,
     gva: Gva,
 ) -> Result<Translation, PagingError> {
-    if !root.mode.is_canonical(gva) {
-        return Err(PagingError::NonCanonical { gva });
-    }
-    let mut table = root.table.raw() & ADDR_MASK;
-    let mut writable = true;
-    let mut user = true;
-    for level in (1..=root.mode.levels()).rev() {
-        let shift = 12 + 9 * u32::from(level - 1);
-        let index = (gva.raw() >> shift) & 0x1ff;
+    let entry = |gpa: u64| {
         let mut buf = [0u8; 8];
-        mem.read_phys(Gpa(table + index * 8), &mut buf)?;
-        let entry = u64::from_le_bytes(buf);
-        if entry & PTE_PRESENT == 0 {
-            return Err(PagingError::NotPresent { level, gva });
+        mem.read_phys(Gpa(gpa), &mut buf)
+            .map(|()| u64::from_le_bytes(buf))
+    };
+    let la57 = root.mode == PagingMode::Level5;
+    match paging::walk_checked(entry, root.table.raw(), la57, gva.raw()) {
+        Ok(w) => Ok(Translation {
+            gpa: Gpa(w.gpa),
+            size: match w.size {
+                s if s == PageSize::Size1G.bytes() => PageSize::Size1G,
+                s if s == PageSize::Size2M.bytes() => PageSize::Size2M,
+                _ => PageSize::Size4K,
+            },
+            writable: w.writable,
+            user: w.user,
+        }),
+        Err(WalkFault::NonCanonical) => Err(PagingError::NonCanonical { gva }),
+        Err(WalkFault::NotPresent { level }) => Err(PagingError::NotPresent { level, gva }),
+        Err(WalkFault::Reserved { level, entry }) => {
+            Err(PagingError::Reserved { level, gva, entry })
         }
-        writable &= entry & PTE_WRITABLE != 0;
-        user &= entry & PTE_USER != 0;
-        let large = entry & PTE_PAGE_SIZE != 0;
-        if large && level >= 4 {
-            return Err(PagingError::Reserved { level, gva, entry });
-        }
-        if level == 1 || large {
-            let size = match level {
-                1 => PageSize::Size4K,
-                2 => PageSize::Size2M,
-                _ => PageSize::Size1G,
-            };
-            let page_mask = size.bytes() - 1;
-            let base = entry & ADDR_MASK & !page_mask;
-            if entry & ADDR_MASK & page_mask != 0 && size != PageSize::Size4K {
-                // Bits 12..21 (2M) or 12..30 (1G) other than PAT (bit 12) are reserved.
-                if entry & ADDR_MASK & page_mask & !(1 << 12) != 0 {
-                    return Err(PagingError::Reserved { level, gva, entry });
-                }
-            }
-            return Ok(Translation {
-                gpa: Gpa(base | (gva.raw() & page_mask)),
-                size,
-                writable,
-                user,
-            });
-        }
-        table = entry & ADDR_MASK;
+        Err(WalkFault::Read(e)) => Err(PagingError::Mem(e)),
     }
-    // Unreachable in practice: the loop returns at level 1.
-    Err(PagingError::NotPresent { level: 1, gva })
 }
 
 /// Number of slots of the translation cache (direct-mapped).

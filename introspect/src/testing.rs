@@ -228,14 +228,9 @@ impl TaskSpec {
     /// A kernel thread.
     pub fn kthread(pid: i32, comm: &str) -> Self {
         Self {
-            pid,
-            tgid: pid,
-            comm: comm.into(),
-            parent: None,
-            creds: [0; 4],
             kernel_thread: true,
             exe_path: None,
-            argv: Vec::new(),
+            ..Self::user(pid, comm, "", &[])
         }
     }
 }

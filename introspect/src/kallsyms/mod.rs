@@ -19,6 +19,7 @@
 //! whose following names decode, symbol after symbol, to exactly the offsets the
 //! markers after them record.
 
+use crate::bytes::{le_u32, le_u64};
 use crate::symbols::{Symbol, SymbolKind};
 use goblin::elf::section_header::{SHF_ALLOC, SHT_NOBITS};
 use ornament_engine::Gva;
@@ -117,16 +118,10 @@ struct Sect<'a> {
 
 impl Sect<'_> {
     fn u32_at(&self, o: usize) -> Option<u32> {
-        self.data
-            .get(o..o.checked_add(4)?)
-            .and_then(|s| <[u8; 4]>::try_from(s).ok())
-            .map(u32::from_le_bytes)
+        le_u32(self.data, o)
     }
     fn u64_at(&self, o: usize) -> Option<u64> {
-        self.data
-            .get(o..o.checked_add(8)?)
-            .and_then(|s| <[u8; 8]>::try_from(s).ok())
-            .map(u64::from_le_bytes)
+        le_u64(self.data, o)
     }
     /// `o` moved up to the next `a`-aligned virtual address.
     fn align_up(&self, o: usize, a: u64) -> usize {
