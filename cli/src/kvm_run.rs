@@ -8,7 +8,7 @@
 //! the link-time one.
 
 use crate::status;
-use crate::watch::{Kernel, WatchPlan};
+use crate::watch::{Extra, Kernel, WatchPlan};
 use anyhow::{Context, Result};
 use ornament_engine::{Engine, EngineEvent};
 use ornament_introspect::kaslr::KernelLayout;
@@ -51,7 +51,12 @@ pub struct KvmBoot {
 pub const PVM_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Boot and run; returns the guest command's status.
-pub fn run(b: KvmBoot, stop: &Arc<AtomicBool>, timeout: Option<Duration>) -> Result<u8> {
+pub fn run(
+    b: KvmBoot,
+    stop: &Arc<AtomicBool>,
+    timeout: Option<Duration>,
+    extra: Option<Extra>,
+) -> Result<u8> {
     let mut engine = LinuxEngine::boot(LinuxBoot {
         kernel: b.kernel,
         initrd: Some(b.initrd),
@@ -75,8 +80,14 @@ pub fn run(b: KvmBoot, stop: &Arc<AtomicBool>, timeout: Option<Duration>) -> Res
                 layout: KernelLayout::NONE,
                 regs: ornament_engine::Regs::default(),
             };
-            let (record, ran) =
-                crate::watch::watch(&mut engine, &kernel, &plan, b.control.as_deref(), &limits)?;
+            let (record, ran) = crate::watch::watch(
+                &mut engine,
+                &kernel,
+                &plan,
+                b.control.as_deref(),
+                &limits,
+                extra,
+            )?;
             if let Some(code) = status::check_output(&record, &b.output_target)? {
                 engine.stop();
                 return Ok(code);

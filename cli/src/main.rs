@@ -4,17 +4,8 @@
 //! errors are printed with their whole chain. Exit status: the guest command's
 //! own status for `run`; 125 when ornament itself fails; 130 on Ctrl-C.
 
-mod banner;
-mod cmd;
-mod control;
-mod guest;
-mod identify;
-mod kvm_run;
-mod select;
-mod status;
-mod watch;
-
 use clap::{Parser, Subcommand};
+use ornament::{cmd, EXIT_ORNAMENT_FAILED};
 use std::process::ExitCode;
 
 /// Watch the tasks of a Linux guest from outside: boot it, run a command in it,
@@ -46,9 +37,6 @@ enum Command {
     #[command(subcommand)]
     Profile(cmd::profile::ProfileCmd),
 }
-
-/// Exit status when ornament itself fails (as `docker run` does).
-pub const EXIT_ORNAMENT_FAILED: u8 = 125;
 
 fn init_logging(verbose: u8) {
     let default = match verbose {

@@ -184,6 +184,42 @@ impl TrapChoice {
     }
 }
 
+/// Ornaments a program adds to `ornament run`'s own (see `examples/exec_counter.rs`).
+pub struct Extra {
+    /// Syscalls its ornaments must see (watched as with `--watch syscall=NAME`; shown only
+    /// when the user asked for them too).
+    pub syscalls: Vec<String>,
+    /// Syscalls its ornaments may deny: their probes are placed and held for it.
+    pub may_deny: Vec<String>,
+    /// Attach the ornaments; called once the session exists, with the view of the
+    /// command's process tree (for [`scoped`]). They come right after the command
+    /// tracker, so the event writer and the summary report what they decided.
+    pub attach: Box<dyn FnOnce(&mut Session, &CommandView) + Send>,
+}
+
+impl std::fmt::Debug for Extra {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extra")
+            .field("syscalls", &self.syscalls)
+            .field("may_deny", &self.may_deny)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WatchPlan {
+    /// Trap what `extra`'s ornaments need.
+    pub fn extend(&mut self, extra: &Extra) {
+        if !extra.syscalls.is_empty() {
+            match &mut self.cfg.syscalls {
+                SyscallWatch::All => {}
+                SyscallWatch::Named(names) => names.extend(extra.syscalls.iter().cloned()),
+                none @ SyscallWatch::None => *none = SyscallWatch::Named(extra.syscalls.clone()),
+            }
+        }
+        self.cfg.may_deny.extend(extra.may_deny.iter().cloned());
+    }
+}
+
 /// What a run's ornaments recorded, for the end of the run.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -243,6 +279,7 @@ fn attach_ornaments(
     session: &mut Session,
     plan: &WatchPlan,
     stop: &Arc<AtomicBool>,
+    extra: Option<Extra>,
 ) -> Result<Outputs> {
     let tracker = CommandTracker::new(CommandMatch {
         parent_tgid: 1,
@@ -251,6 +288,9 @@ fn attach_ornaments(
     let command = tracker.view();
     let scope = plan.scope;
     session.attach(Box::new(tracker));
+    if let Some(extra) = extra {
+        (extra.attach)(session, &command);
+    }
     let rules = session.probes().deny_rules().clone();
     if !rules.is_empty() {
         session.attach(scoped(scope, &command, Box::new(DenySyscalls::new(rules))));
@@ -322,6 +362,7 @@ pub fn watch(
     plan: &WatchPlan,
     control: Option<&Path>,
     limits: &Limits,
+    extra: Option<Extra>,
 ) -> Result<(Record, Result<GuestExit>)> {
     let release = &kernel.profile.kernel.release;
     let mut session = Session::new(&*engine, kernel.profile.clone(), kernel.layout, &plan.cfg)
@@ -329,7 +370,7 @@ pub fn watch(
     for w in session.probes().warnings() {
         eprintln!("ornament: warning: {w}");
     }
-    let outputs = attach_ornaments(&mut session, plan, &limits.stop)?;
+    let outputs = attach_ornaments(&mut session, plan, &limits.stop, extra)?;
     session.on_notice(|n| match n {
         Notice::Paused { by_ornament: true } => eprintln!(
             "ornament: an ornament paused the guest; resume it with `ornament resume --control SOCKET`"

@@ -298,6 +298,9 @@ pub struct WatchConfig {
     /// Hold the vCPU at every syscall probe (an ornament may pause the guest before the
     /// syscall runs); otherwise only probes covering a denied syscall hold.
     pub hold_syscalls: bool,
+    /// Syscalls an ornament may decide to deny (by its own rule, say a path), with no
+    /// rule of their own: their probes are placed and held as for `deny`.
+    pub may_deny: Vec<String>,
     /// Deny at a held probe on each denied syscall's own entry function
     /// (`__x64_sys_NAME`, for engines that return from it early) instead of at the
     /// dispatcher `do_syscall_64` (for engines that deny through guest memory).
@@ -439,6 +442,7 @@ pub struct ProbeSet {
     warnings: Vec<ProbeWarning>,
     reported: Reported,
     deny: BTreeMap<u32, i32>,
+    deniable: BTreeSet<u32>,
 }
 
 /// Resolve syscall names to numbers; unknown names are errors.
@@ -706,7 +710,12 @@ impl ProbeSet {
         layout: KernelLayout,
         cfg: &WatchConfig,
     ) -> Result<Self, ProbesError> {
-        let deny = deny_rules(profile, &cfg.deny)?;
+        let rules = deny_rules(profile, &cfg.deny)?;
+        // Where a deny must be possible: the rules' syscalls and those ornaments may deny.
+        let mut deny = rules.clone();
+        for nr in syscall_numbers(profile, &cfg.may_deny)? {
+            deny.entry(nr).or_insert(0);
+        }
         let named = match &cfg.syscalls {
             SyscallWatch::Named(names) => Some(syscall_numbers(profile, names)?),
             _ => None,
@@ -863,7 +872,8 @@ impl ProbeSet {
             specs: b.specs,
             warnings: b.warnings,
             reported,
-            deny,
+            deniable: deny.keys().copied().collect(),
+            deny: rules,
         })
     }
 
@@ -910,6 +920,11 @@ impl ProbeSet {
     /// The deny rules: syscall number -> errno.
     pub fn deny_rules(&self) -> &BTreeMap<u32, i32> {
         &self.deny
+    }
+
+    /// The syscalls whose probes can deny: the rules' and `may_deny`'s.
+    pub fn deniable(&self) -> &BTreeSet<u32> {
+        &self.deniable
     }
 }
 

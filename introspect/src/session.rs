@@ -126,7 +126,7 @@ impl Session {
     ) -> Result<Self, SessionError> {
         let caps = engine.capabilities();
         let mut cfg = cfg.clone();
-        if !cfg.deny.is_empty() {
+        if !cfg.deny.is_empty() || !cfg.may_deny.is_empty() {
             match caps.deny_at {
                 DenyAt::Dispatcher => cfg.deny_at_entry = false,
                 DenyAt::FunctionEntry => cfg.deny_at_entry = true,
@@ -198,7 +198,7 @@ impl Session {
     /// Arm every probe on `engine` (the guest is stopped, or not started).
     pub fn arm(&self, engine: &mut dyn Engine) -> Result<(), SessionError> {
         let probes = self.monitor.probes();
-        if !probes.deny_rules().is_empty() && self.caps.deny_at == DenyAt::Dispatcher {
+        if !probes.deniable().is_empty() && self.caps.deny_at == DenyAt::Dispatcher {
             engine.enable_deny(&capture::deny_offsets(&self.profile, self.layout)?)?;
         }
         for spec in probes.specs() {

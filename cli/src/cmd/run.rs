@@ -4,6 +4,7 @@ use crate::banner::{self, Verdict};
 use crate::identify;
 use crate::select::{self, EngineChoice, Selected};
 use crate::status;
+use crate::watch::Extra;
 use anyhow::{bail, Context, Result};
 use ornament_engine::Engine;
 use ornament_images::image::files;
@@ -195,6 +196,12 @@ fn resolve(a: &RunArgs) -> Result<Boot> {
 
 /// Run; returns the exit status for the process.
 pub fn run(a: RunArgs) -> Result<u8> {
+    run_with(a, None)
+}
+
+/// `ornament run` with ornaments of a program's own ([`Extra`]), on whichever engine
+/// the arguments choose.
+pub fn run_with(a: RunArgs, extra: Option<Extra>) -> Result<u8> {
     let signals = Signals::install()?;
     // What killed runs left (run directories, old RAM files) goes first.
     ornament_qemu::machine::sweep_debris();
@@ -244,7 +251,10 @@ pub fn run(a: RunArgs) -> Result<u8> {
         .transpose()?;
     tracing::info!(?kind, "kernel");
 
-    let watch = a.watch.plan()?;
+    let mut watch = a.watch.plan()?;
+    if let Some(x) = &extra {
+        watch.extend(x);
+    }
     // Every run observes the command's exit, so every run wants the kernel's profile:
     // the image's, --profile, or one made from the --kernel file itself (cached).
     let made = match (&a.profile, &boot.image_dir) {
@@ -262,7 +272,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
         Err(e)
             if a.profile.is_none()
                 && boot.image_dir.is_none()
-                && !(a.watch.asked() || a.control.is_some()) =>
+                && !(a.watch.asked() || a.control.is_some() || extra.is_some()) =>
         {
             eprintln!("ornament: warning: no profile for {}: {e:#}; ornament cannot observe the command's exit, and takes the status the guest reports", boot.kernel.display());
             None
@@ -306,6 +316,7 @@ pub fn run(a: RunArgs) -> Result<u8> {
             },
             &stop,
             a.timeout.map(Duration::from_secs),
+            extra,
         );
     }
 
@@ -381,8 +392,14 @@ pub fn run(a: RunArgs) -> Result<u8> {
             stop: stop.clone(),
             timeout: a.timeout.map(Duration::from_secs),
         };
-        let (record, waited) =
-            crate::watch::watch(&mut engine, &kernel, &watch, a.control.as_deref(), &limits)?;
+        let (record, waited) = crate::watch::watch(
+            &mut engine,
+            &kernel,
+            &watch,
+            a.control.as_deref(),
+            &limits,
+            extra,
+        )?;
         match status::check_output(&record, &output_target(&a)) {
             Ok(None) => {}
             lost => {

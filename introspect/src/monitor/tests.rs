@@ -74,6 +74,7 @@ fn everything() -> WatchConfig {
         syscalls: SyscallWatch::Named(vec!["openat".into(), "mkdirat".into()]),
         deny: vec![("rmdir".into(), 13)],
         hold_syscalls: false,
+        may_deny: Vec::new(),
         deny_at_entry: false,
     }
 }

@@ -66,12 +66,12 @@ pub fn request(
         capture = capture.with_filter(Reg::Rsi, &nrs);
     }
     capture.hold = hold;
-    let denies = !probes.deny_rules().is_empty() && spec.hold;
+    let denies = !probes.deniable().is_empty() && spec.hold;
     let deny = denies
         && match (caps.deny_at, spec.kind) {
             (DenyAt::Dispatcher, ProbeKind::Syscall(SyscallHook::DoSyscall64)) => true,
             (DenyAt::FunctionEntry, ProbeKind::Syscall(SyscallHook::Function { nr })) => {
-                probes.deny_rules().contains_key(&nr)
+                probes.deniable().contains(&nr)
             }
             _ => false,
         };

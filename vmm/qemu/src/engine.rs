@@ -65,7 +65,8 @@ pub enum QemuEngineError {
 }
 
 /// Where the TCG plugin library is: `$ORNAMENT_TCG_PLUGIN`, else beside the running
-/// executable (cargo's target dir), else `../lib/ornament/`.
+/// executable (cargo's target dir), else one up (cargo's `examples/`), else
+/// `../lib/ornament/`.
 pub fn find_plugin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ORNAMENT_TCG_PLUGIN") {
         return Some(PathBuf::from(p));
@@ -74,6 +75,7 @@ pub fn find_plugin() -> Option<PathBuf> {
     let dir = exe.parent()?;
     [
         dir.join(PLUGIN_SO),
+        dir.join("..").join(PLUGIN_SO),
         dir.join("../lib/ornament").join(PLUGIN_SO),
     ]
     .into_iter()
