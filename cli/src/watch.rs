@@ -194,8 +194,11 @@ pub struct Extra {
     /// Attach the ornaments; called once the session exists, with the view of the
     /// command's process tree (for [`scoped`]). They come right after the command
     /// tracker, so the event writer and the summary report what they decided.
-    pub attach: Box<dyn FnOnce(&mut Session, &CommandView) + Send>,
+    pub attach: AttachFn,
 }
+
+/// Attaches a program's ornaments to the session ([`Extra::attach`]).
+pub type AttachFn = Box<dyn FnOnce(&mut Session, &CommandView) + Send>;
 
 impl std::fmt::Debug for Extra {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
