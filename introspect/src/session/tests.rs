@@ -60,14 +60,17 @@ fn each_world(f: impl Fn(&World)) {
     }
 }
 
-/// Records each event it sees: kind, pid, and the deny decided before it.
+/// An event as a recorder saw it: kind, pid, and the deny decided before it.
+type Seen = (EventKind, i32, Option<i32>);
+
+/// Records each event it sees.
 #[derive(Clone, Default)]
 struct Recorder {
-    seen: Arc<Mutex<Vec<(EventKind, i32, Option<i32>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl Recorder {
-    fn seen(&self) -> Vec<(EventKind, i32, Option<i32>)> {
+    fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("lock").clone()
     }
 }
