@@ -52,11 +52,10 @@ impl Ornament for ExecCounter {
                 if matches!(s.name.as_deref(), Some("mkdir" | "mkdirat"))
                     && s.path
                         .as_deref()
-                        .is_some_and(|p| p.starts_with(DENIED_UNDER)) =>
+                        .is_some_and(|p| p.starts_with(DENIED_UNDER))
+                    && d.deny(EPERM) =>
             {
-                if d.deny(EPERM) {
-                    *self.denied.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                }
+                *self.denied.lock().unwrap_or_else(|p| p.into_inner()) += 1;
             }
             _ => {}
         }
