@@ -67,6 +67,13 @@ pub fn decide(
 /// processes did, the events written, the time. A closed pipe ends quietly with
 /// [`BROKEN_PIPE_STATUS`] (`Some`); any other output error is an error.
 pub fn check_output(record: &Record, target: &str) -> Result<Option<u8>> {
+    if record.dropped > 0 {
+        bail!(
+            "{} events were dropped: the event output ({target}) could not keep up with the guest and its queue ({} events) was full; the tree and the summary miss them too",
+            record.dropped,
+            ornament_introspect::ornament::CONSUMER_QUEUE
+        );
+    }
     let summary = |events: String| {
         eprintln!(
             "ornament: {}{events}; {:.1} s",

@@ -13,7 +13,8 @@ use ornament_introspect::command::{CommandMatch, CommandTracker, CommandView};
 use ornament_introspect::event::EventMask;
 use ornament_introspect::kaslr::KernelLayout;
 use ornament_introspect::ornament::{
-    self, DenySyscalls, EventWriter, OutputHealth, ProcessTree, RunSummary, SummaryCounts, TreeView,
+    self, Consumers, DenySyscalls, EventWriter, Ornament, OutputHealth, ProcessTree, RunSummary,
+    SummaryCounts, TreeView, CONSUMER_QUEUE,
 };
 use ornament_introspect::probes::{parse_deny, SyscallWatch, WatchConfig};
 use ornament_introspect::profile::Profile;
@@ -234,6 +235,9 @@ pub struct Record {
     pub summary: SummaryCounts,
     /// How long the session ran.
     pub elapsed: Duration,
+    /// Events the writer, the tree and the summary never got because their queue was
+    /// full (a sink slower than the guest).
+    pub dropped: u64,
 }
 
 /// The handles of the CLI's ornaments, read at the end.
@@ -243,6 +247,7 @@ struct Outputs {
     tree_out: Option<PathBuf>,
     output: Option<OutputHealth>,
     summary: Arc<std::sync::Mutex<SummaryCounts>>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
     began: Instant,
 }
 
@@ -270,13 +275,15 @@ impl Outputs {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             elapsed: self.began.elapsed(),
+            dropped: self.dropped.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
 
 /// Attach `ornament run`'s ornaments, in delivery order: the command tracker first (every
-/// later one sees the command's tree as it is at the event), then deny, pause-on-exec, the
-/// tree, the event writer and the summary last (they report what the others decided).
+/// later one sees the command's tree as it is at the event), then a program's own, deny,
+/// pause-on-exec, and last the consumers: the tree, the event writer and the summary
+/// (they report what the others decided), behind one bounded queue.
 /// A failing event output sets `stop`.
 fn attach_ornaments(
     session: &mut Session,
@@ -302,10 +309,13 @@ fn attach_ornaments(
         session.set_exec_acts(true);
         session.attach(Box::new(PauseOnExec::new(path.clone())));
     }
+    // The consumers (tree, writer, summary) run behind a bounded queue on a thread of
+    // their own: a slow output never holds a vCPU. Their scope is decided here, inline.
+    let mut consumers: Vec<Box<dyn Ornament>> = Vec::new();
     let tree = plan.tree.then(|| {
         let t = ProcessTree::new();
         let v = t.view();
-        session.attach(scoped(scope, &command, Box::new(t)));
+        consumers.push(Box::new(t));
         v
     });
     let output = if plan.shown == EventMask::NONE {
@@ -327,18 +337,22 @@ fn attach_ornaments(
             .with_mask(plan.shown)
             .stop_on_error(stop.clone());
         let health = writer.health();
-        session.attach(scoped(scope, &command, Box::new(writer)));
+        consumers.push(Box::new(writer));
         Some(health)
     };
     let summary = RunSummary::new();
     let counts = summary.counts();
-    session.attach(scoped(scope, &command, Box::new(summary)));
+    consumers.push(Box::new(summary));
+    let consumers = Consumers::new(consumers, CONSUMER_QUEUE);
+    let dropped = consumers.dropped();
+    session.attach(scoped(scope, &command, Box::new(consumers)));
     Ok(Outputs {
         command,
         tree,
         tree_out: plan.output.clone(),
         output,
         summary: counts,
+        dropped,
         began: Instant::now(),
     })
 }

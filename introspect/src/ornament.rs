@@ -51,8 +51,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod consumers;
 mod summary;
 mod writer;
+pub use consumers::{Consumers, DEFAULT_CAPACITY as CONSUMER_QUEUE};
 pub use summary::{RunSummary, SummaryCounts};
 pub use writer::{EventWriter, Format, OutputHealth, OutputReport};
 
@@ -434,9 +436,18 @@ impl Registry {
     /// Deliver `ev` to every attached ornament whose mask has its kind, in order; return
     /// the combined decision.
     pub fn dispatch(&mut self, ev: &Event) -> Decision {
+        self.dispatch_decided(ev, None)
+    }
+
+    /// [`Registry::dispatch`] of an event on which a deny was already decided elsewhere
+    /// (ornaments that run behind a queue, [`Consumers`], see what was decided inline).
+    pub fn dispatch_decided(&mut self, ev: &Event, denied: Option<i32>) -> Decision {
         self.apply_queued();
         let kind = ev.kind();
         let mut d = Decision::new(kind == EventKind::Syscall);
+        if let Some(errno) = denied {
+            d.deny(errno);
+        }
         d.queue = Some(Arc::clone(&self.shared));
         self.delivered += 1;
         let mut dead = Vec::new();
