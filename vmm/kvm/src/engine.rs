@@ -84,6 +84,8 @@ struct Shared {
     seq: AtomicU64,
     start: Instant,
     control: Arc<RunControl>,
+    /// Values test guests reported on the report port, in order.
+    reports: Mutex<Vec<u32>>,
 }
 
 impl Shared {
@@ -298,6 +300,7 @@ impl KvmEngine {
             seq: AtomicU64::new(0),
             start: Instant::now(),
             control: control.clone(),
+            reports: Mutex::new(Vec::new()),
         });
         let (ev_tx, events) = mpsc::channel();
         let mut answers = Vec::new();
@@ -359,6 +362,15 @@ impl KvmEngine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// What test guests reported on the report port so far, in order.
+    pub fn reports(&self) -> Vec<u32> {
+        self.shared
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The stop control shared with the vCPU threads.
@@ -447,8 +459,16 @@ impl VcpuSide<'_> {
     /// vCPU had stopped just before), send it, and when held wait for its answer and
     /// apply it. True when the registers changed.
     fn on_event(&self, vcpu: u32, ev: VcpuEvent<'_>) -> bool {
-        let VcpuEvent::Hit { hit, regs, sregs } = ev else {
-            return false;
+        let (hit, regs, sregs) = match ev {
+            VcpuEvent::Hit { hit, regs, sregs } => (hit, regs, sregs),
+            VcpuEvent::Report(v) => {
+                self.shared
+                    .reports
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(v);
+                return false;
+            }
         };
         if self.shared.should_park() {
             self.shared.park(vcpu, regs, sregs);

@@ -120,3 +120,34 @@ fn engine_refuses_unmapped_and_unknown_probes() {
         Err(EngineError::NoSuchProbe(ProbeId(5)))
     ));
 }
+
+/// Deny at a function's first instruction: the engine returns from it at once with
+/// `-errno` in rax, so the function's body never runs. The guest sums what `func`
+/// returned over N calls and reports it: N * -errno, not the sum of the arguments.
+#[test]
+fn engine_denies_by_returning_from_the_function() {
+    require!("usable /dev/kvm", kvm_usable());
+    const ERRNO: i32 = 13;
+    let mut guest = TestGuest::long_mode(guests::CALLS);
+    guest.regs.rcx = N;
+    let m = guest.build(1).expect("build");
+    let mut e = KvmEngine::start(m, Arc::new(PatchedSites::new()), true).expect("engine");
+    let func = Gva(TEST_CODE_START.0 + CALLS_FUNC_OFFSET);
+    e.arm(&probe(3, func)).expect("arm");
+    e.resume().expect("start");
+    let mut hits = 0;
+    loop {
+        match e.next_event(Duration::from_secs(20)).expect("event") {
+            EngineEvent::Hit(hit) => {
+                hits += 1;
+                e.answer(&hit, Action::DenySyscall { errno: ERRNO })
+                    .expect("answer");
+            }
+            EngineEvent::Exited(_) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(hits, N);
+    let want = (N as i64 * -i64::from(ERRNO)) as u64 as u32;
+    assert_eq!(e.reports(), vec![want]);
+}
