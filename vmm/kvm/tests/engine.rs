@@ -148,6 +148,8 @@ fn engine_denies_by_returning_from_the_function() {
         }
     }
     assert_eq!(hits, N);
-    let want = (N as i64 * -i64::from(ERRNO)) as u64 as u32;
+    // The low 32 bits of the two's-complement sum.
+    let sum = i64::try_from(N).expect("small") * -i64::from(ERRNO);
+    let want = u32::try_from(sum.rem_euclid(1 << 32)).expect("reduced");
     assert_eq!(e.reports(), vec![want]);
 }
