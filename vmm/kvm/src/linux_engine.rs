@@ -133,7 +133,8 @@ impl LinuxEngine {
             boot_to_init.clone(),
             None,
             Some(reach),
-            cfg.console,
+            // Line ends as under QEMU: the person reading stderr sees one console.
+            Box::new(ornament_engine::console::CrlfToLf::new(cfg.console)),
         );
         let m = build_with_console(&mc, Some(Box::new(tee)), None).map_err(LinuxRunError::Build)?;
         let serial2 = m.serial2.clone();
