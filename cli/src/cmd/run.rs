@@ -335,24 +335,20 @@ pub fn run_with(a: RunArgs, extra: Option<Extra>) -> Result<u8> {
     let initrd = paths.dir.path().join("initramfs");
     write_initrd(&a, &add, &boot.initrd, &initrd)?;
     let cmdline = kernel_cmdline(a.append.as_deref());
-    let cfg = QemuConfig {
-        binary: qemu,
-        kernel: boot.kernel.clone(),
+    let accel = if selected == Selected::QemuKvm {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    let cfg = QemuConfig::boot(
+        qemu,
+        boot.kernel.clone(),
         initrd,
         cmdline,
-        vcpus: a.vcpus,
-        mem_size_mib: a.memory,
-        accel: if selected == Selected::QemuKvm {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        },
-        ram_path: PathBuf::new(),
-        gdb_socket: PathBuf::new(),
-        status_path: PathBuf::new(),
-        start_paused: true,
-        plugin: None,
-    };
+        a.vcpus,
+        a.memory,
+        accel,
+    );
 
     let stop = signals.guest_starting();
     let started = |e: anyhow::Error| {
@@ -482,7 +478,7 @@ pub fn run_with(a: RunArgs, extra: Option<Extra>) -> Result<u8> {
 
 /// The error to report for a run that failed with `e` after QEMU started: an
 /// interruption if one was asked for, else QEMU's own death or a guest panic if that is
-/// what happened (the gdbstub or plugin error it caused says less), else `e`. QEMU is
+/// what happened (the trap backend's error it caused says less), else `e`. QEMU is
 /// stopped.
 fn why_failed(machine: &mut QemuMachine, stop: &AtomicBool, e: anyhow::Error) -> anyhow::Error {
     let interrupted = stop.load(Ordering::Relaxed)

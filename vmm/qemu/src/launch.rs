@@ -42,6 +42,33 @@ pub struct QemuConfig {
 }
 
 impl QemuConfig {
+    /// A guest to boot: the engine fills in its own plumbing (RAM file, gdbstub socket,
+    /// status file, plugin) when it starts QEMU.
+    pub fn boot(
+        binary: PathBuf,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        cmdline: String,
+        vcpus: u32,
+        mem_size_mib: u32,
+        accel: Accel,
+    ) -> Self {
+        Self {
+            binary,
+            kernel,
+            initrd,
+            cmdline,
+            vcpus,
+            mem_size_mib,
+            accel,
+            ram_path: PathBuf::new(),
+            gdb_socket: PathBuf::new(),
+            status_path: PathBuf::new(),
+            start_paused: true,
+            plugin: None,
+        }
+    }
+
     /// The argument vector (without the binary).
     pub fn args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
