@@ -59,8 +59,9 @@ pub struct LinuxRunConfig {
     pub probes: Vec<LinuxProbe>,
     /// The trap backend for `probes` ([`TrapKind::Int3`] is not offered).
     pub trap: TrapKind,
-    /// Console text after which the probes are armed and hits counted (`None`: the
-    /// kernel's `Run /init` line). Counting ends when ttyS1 gets the exit report.
+    /// Console text after which the probes are armed and hits counted (`None`: at the
+    /// arm point, [`crate::arm_point`], when `system_map` names it, else the kernel's
+    /// `Run /init` line). Counting ends when ttyS1 gets the exit report.
     pub arm_probes_after: Option<String>,
     /// Receives every hit once the probes are armed (probe ids are indices into
     /// `probes`).
