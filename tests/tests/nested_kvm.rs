@@ -2,8 +2,9 @@
 //! VT-x/AMD-V, so `scripts/nested-kvm` boots an L1 Linux under QEMU TCG with an emulated
 //! AMD SVM CPU, where Debian's `kvm_amd` gives a real SVM `/dev/kvm`, and runs
 //! `scripts/nested-kvm-suite` inside it: `ornament run --engine kvm` (no `--force`, the
-//! default quiet command line) and the KVM crate's own test binaries. One L1 boot
-//! (about 3.5 minutes on 2 cores) serves every check below.
+//! default quiet command line) on 1, 2 and 4 vCPUs, the KVM crate's own test binaries,
+//! and its real-kernel workload test with each trap backend on 2 vCPUs. One L1 boot
+//! (4-8 minutes on 2 shared cores) serves every check below.
 
 use ornament_tests::workload::{check_workload_events, events};
 use ornament_tests::{can_build_images, has_qemu, ornament_bin, require_host};
@@ -131,14 +132,24 @@ fn our_vmm_on_nested_svm_gives_exit_status_events_and_passes_its_tests() {
 
     // The KVM crate's own tests, every one passing on SVM (L1 runs them with CI=true,
     // so a missing prerequisite fails them rather than skipping).
-    for (name, _) in &bins {
-        let step = format!("test-{name}");
+    let mut steps: Vec<String> = bins.iter().map(|(n, _)| format!("test-{n}")).collect();
+    // The real kernel's workload with exact probe counts, each backend on 2 vCPUs
+    // (an `#[ignore]`d test of the `linux` binary, opted in inside L1).
+    steps.extend(["linux-patched-site-2".into(), "linux-debug-regs-2".into()]);
+    for step in &steps {
         let text = read(&out, &format!("{step}.out"));
-        assert_eq!(status(&out, &step), 0, "{step}:\n{text}");
+        let text = format!("{text}\n{}", read(&out, &format!("{step}.err")));
+        assert_eq!(status(&out, step), 0, "{step}:\n{text}");
         assert!(
             text.lines()
                 .any(|l| l.starts_with("test result: ok.") && l.contains(" 0 failed")),
             "{step}:\n{text}"
         );
+        if step.starts_with("linux-") {
+            assert!(
+                text.contains("test result: ok. 1 passed"),
+                "{step}:\n{text}"
+            );
+        }
     }
 }
