@@ -232,8 +232,14 @@ mod tests {
         let control = RunControl::new();
         let (a, b) = (control.kicker(), control.kicker());
         // No vCPU thread runs, so a kick signals nobody; what matters is who kicks.
-        assert!(!a.kick_if_moved(0), "generation 0 is where the machine starts");
-        assert!(a.kick_if_moved(3), "the first vCPU to see generation 3 kicks");
+        assert!(
+            !a.kick_if_moved(0),
+            "generation 0 is where the machine starts"
+        );
+        assert!(
+            a.kick_if_moved(3),
+            "the first vCPU to see generation 3 kicks"
+        );
         assert!(!b.kick_if_moved(3), "the others do not kick again");
         assert!(!a.kick_if_moved(3));
         assert!(b.kick_if_moved(4));
