@@ -57,6 +57,12 @@ pub fn run(
     timeout: Option<Duration>,
     extra: Option<Extra>,
 ) -> Result<u8> {
+    // Probes are armed when the kernel first reaches kernel_execve (link-time address:
+    // the kernel runs with nokaslr), whatever the console prints.
+    let arm_point = b
+        .watch
+        .as_ref()
+        .and_then(|(_, p)| p.symbol(ornament_kvm::arm_point::ARM_POINT_SYMBOL).ok());
     let mut engine = LinuxEngine::boot(LinuxBoot {
         kernel: b.kernel,
         initrd: Some(b.initrd),
@@ -67,6 +73,7 @@ pub fn run(
         pvm_compat: b.pvm_compat,
         system_map: b.system_map,
         trap: TrapKind::PatchedSite,
+        arm_point,
     })
     .context("starting the guest on ornament's KVM VMM")?;
     let limits = Limits {

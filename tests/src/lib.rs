@@ -2,6 +2,8 @@
 //! `ornament` binary, gating on what the host has, running guests with limits.
 #![forbid(unsafe_code)]
 
+pub mod workload;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

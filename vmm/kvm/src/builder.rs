@@ -15,11 +15,11 @@ use crate::boot::linux::{
     InitrdPlacement,
 };
 use crate::boot::{long_mode_sregs, write_gdt, write_identity_page_tables, BootError};
-use crate::devices::{DevicesError, PioBus, Serial, SharedBuffer, I8042};
+use crate::devices::{DevicesError, PioBus, Rtc, Serial, SharedBuffer, I8042};
 use crate::layout::{
     initrd_placement, BOOT_STACK_POINTER, CMDLINE_MAX_SIZE, CMDLINE_START, I8042 as I8042_PORTS,
     INITRD_DEFAULT_ADDR_MAX, KVM_TSS_ADDRESS, MAX_MEM_SIZE, MIB, PAGE_SIZE, RSDP_START,
-    SERIAL_COM1, SERIAL_COM1_IRQ, SERIAL_COM2, SERIAL_COM2_IRQ, ZERO_PAGE_START,
+    RTC as RTC_PORTS, SERIAL_COM1, SERIAL_COM1_IRQ, SERIAL_COM2, SERIAL_COM2_IRQ, ZERO_PAGE_START,
 };
 use crate::machine::Machine;
 use crate::memory::{KvmMemory, MemoryError};
@@ -447,6 +447,8 @@ pub fn build_with_console(
     )
     .map_err(|e| BuildError::Devices(BuildStep::Devices, e))?;
     bus.insert(I8042_PORTS, Arc::new(Mutex::new(I8042::new())))
+        .map_err(|e| BuildError::Devices(BuildStep::Devices, e))?;
+    bus.insert(RTC_PORTS, Arc::new(Mutex::new(Rtc::new())))
         .map_err(|e| BuildError::Devices(BuildStep::Devices, e))?;
 
     tracing::debug!(step = ?BuildStep::Vcpus, "build");

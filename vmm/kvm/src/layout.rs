@@ -182,6 +182,8 @@ pub const I8042: PortRange = PortRange { base: 0x60, len: 5 };
 pub const I8042_COMMAND_PORT: u16 = I8042.base + 4;
 /// The i8042 command that resets the CPU.
 pub const I8042_CMD_RESET_CPU: u8 = 0xfe;
+/// The CMOS real-time clock: index port 0x70, data port 0x71.
+pub const RTC: PortRange = PortRange { base: 0x70, len: 2 };
 /// The POST diagnostic port: Linux writes it as an I/O delay; we put no device there,
 /// and the benchmark's bare exits use it.
 pub const POST_PORT: u16 = 0x80;
@@ -315,9 +317,10 @@ pub const fn test_memory_map() -> [Region; 5] {
 }
 
 /// Every port we give meaning to, in port order.
-pub const fn port_map() -> [(&'static str, PortRange); 6] {
+pub const fn port_map() -> [(&'static str, PortRange); 7] {
     [
         ("i8042", I8042),
+        ("CMOS RTC", RTC),
         (
             "POST diagnostics (no device)",
             PortRange {

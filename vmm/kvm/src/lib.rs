@@ -24,6 +24,7 @@
 //!   and loop on `next_event`.
 //!
 //! Modules:
+//! - [`arm_point`]: where a Linux run arms its probes (a one-shot breakpoint, not the console);
 //! - [`layout`]: every guest-physical address and port;
 //! - [`memory`], [`vm`], [`vcpu`], [`machine`]: RAM, the VM fd, vCPUs, their threads;
 //! - [`boot`]: GDT, identity page tables, long mode, zero page, e820, CPUID, ACPI (pure);
@@ -35,6 +36,7 @@
 //! - [`support`]: `host_support()` with the trap self-test and measurements;
 //! - [`testing`]: hand-written guests and their harness (and `kvm_usable`, the probe tests gate on).
 
+pub mod arm_point;
 pub mod boot;
 pub mod builder;
 pub mod devices;

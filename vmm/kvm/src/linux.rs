@@ -4,9 +4,11 @@
 //! PVM host ([`crate::pvm`]), slowly (kernel mode emulated: minutes).
 //!
 //! Optional probes (kernel functions by address, e.g. from System.map with `nokaslr`)
-//! are armed with a trap backend when the console shows `Run /init`, that is after the
-//! kernel has rewritten its fentry sites to NOPs, on the vCPU thread that printed it
-//! (before any user code runs), and every hit is counted.
+//! are armed with a trap backend at the arm point ([`crate::arm_point`]: the first
+//! `kernel_execve`, found in System.map), that is after the kernel has rewritten its
+//! fentry sites to NOPs and before any user code runs, on the vCPU that reached it;
+//! without a System.map, or when `arm_probes_after` names console text, when the
+//! console shows that text (default `Run /init`). Every hit is counted.
 
 use crate::builder::{build_with_console, BuildError, ConsoleOutput, MachineConfig};
 use crate::devices::SharedBuffer;
@@ -57,8 +59,9 @@ pub struct LinuxRunConfig {
     pub probes: Vec<LinuxProbe>,
     /// The trap backend for `probes` ([`TrapKind::Int3`] is not offered).
     pub trap: TrapKind,
-    /// Console text after which the probes are armed and hits counted (`None`: the
-    /// kernel's `Run /init` line). Counting ends when ttyS1 gets the exit report.
+    /// Console text after which the probes are armed and hits counted (`None`: at the
+    /// arm point, [`crate::arm_point`], when `system_map` names it, else the kernel's
+    /// `Run /init` line). Counting ends when ttyS1 gets the exit report.
     pub arm_probes_after: Option<String>,
     /// Receives every hit once the probes are armed (probe ids are indices into
     /// `probes`).
@@ -499,9 +502,18 @@ pub fn run_linux(
                     return;
                 }
             }
-            tracing::info!(n = probes.len(), "probes armed at `Run /init`");
+            tracing::info!(n = probes.len(), "probes armed");
         }) as Box<dyn FnOnce() + Send>
     });
+    // Armed at the arm point the VMM sees itself when System.map names it, else (or
+    // when the caller names console text) at the console line.
+    let (traps, arm) = match (traps, arm) {
+        (Some(t), Some(a)) if cfg.arm_probes_after.is_none() => {
+            let (t, a) = crate::arm_point::install(t, cfg.system_map.as_deref(), a);
+            (Some(t), a)
+        }
+        other => other,
+    };
     let ended: Arc<Mutex<Option<LinuxStop>>> = Arc::new(Mutex::new(None));
     let tee = InitWatch::new(
         start,

@@ -2,10 +2,13 @@
 //! engine of `ornament run --engine kvm`. It boots the kernel with an initramfs (on PVM in
 //! compatibility mode), holds every hit, denies a syscall by returning from its entry
 //! function, pauses by parking every vCPU, and arms probes at its own safe point: once
-//! the kernel has finished patching its text, before the first user process runs.
+//! the kernel has finished patching its text, before the first user process runs (the
+//! arm point, [`crate::arm_point`], seen by the VMM itself; the console's `Run /init`
+//! line only when no arm point is known).
 //! The run ends when ornament's `/init` reports on ttyS1, when the kernel says it halted
 //! or panicked, or when the guest stops by itself.
 
+use crate::arm_point::{ArmFn, ArmPoint};
 use crate::builder::{build_with_console, ConsoleOutput, MachineConfig};
 use crate::devices::SharedBuffer;
 use crate::engine::{Arming, DeferredArms, KvmEngine};
@@ -18,7 +21,7 @@ use crate::trap::patch::PatchedSites;
 use crate::trap::{TrapBackend, TrapKind};
 use ornament_engine::report::last_exit_report;
 use ornament_engine::{
-    Action, Capabilities, Engine, EngineError, EngineEvent, PhysMemory, ProbeHit, ProbeId,
+    Action, Capabilities, Engine, EngineError, EngineEvent, Gva, PhysMemory, ProbeHit, ProbeId,
     ProbeRequest, Regs,
 };
 use std::io::Write;
@@ -47,6 +50,10 @@ pub struct LinuxBoot {
     pub system_map: Option<PathBuf>,
     /// Trap backend for probes ([`TrapKind::Int3`] is not offered).
     pub trap: TrapKind,
+    /// The arm point (`kernel_execve` at its link-time address, see [`crate::arm_point`]):
+    /// probes are armed when a vCPU first reaches it. `None`: at the console's
+    /// `Run /init`, which a `quiet` kernel does not print.
+    pub arm_point: Option<Gva>,
 }
 
 impl std::fmt::Debug for LinuxBoot {
@@ -125,14 +132,26 @@ impl LinuxEngine {
         let boot_to_init = Arc::new(Mutex::new(None));
         let reach = {
             let arms = arms.clone();
-            Box::new(move || arms.reach()) as Box<dyn FnOnce() + Send>
+            Box::new(move || arms.reach()) as ArmFn
+        };
+        // The probes are armed on `traps` itself; the machine runs with the arm point's
+        // breakpoint around it.
+        let (machine_traps, console_arm) = match cfg.arm_point {
+            Some(at) => (
+                Arc::new(ArmPoint::new(traps.clone(), at, reach)) as Arc<dyn TrapBackend>,
+                None,
+            ),
+            None => {
+                tracing::warn!("no arm point: probes are armed at the console's `Run /init`, which `quiet` hides");
+                (traps.clone(), Some(reach))
+            }
         };
         let tee = InitWatch::new(
             start,
             ended.clone(),
             boot_to_init.clone(),
             None,
-            Some(reach),
+            console_arm,
             // Line ends as under QEMU: the person reading stderr sees one console.
             Box::new(ornament_engine::console::CrlfToLf::new(cfg.console)),
         );
@@ -141,7 +160,7 @@ impl LinuxEngine {
         let control = Arc::new(RunControl::new());
         let engine = KvmEngine::start_with(
             m,
-            traps,
+            machine_traps,
             true,
             control.clone(),
             Arming::Deferred(arms.clone()),

@@ -6,7 +6,7 @@ use crate::trap::TrapBackend;
 use crate::vcpu::exit::{ExitCtx, ExitStats, StopReason};
 use crate::vcpu::{KvmVcpu, PauseGate, VcpuError, VcpuEvent};
 use crate::vm::KvmVm;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 /// Why a machine could not run.
@@ -33,16 +33,34 @@ pub struct RunControl {
     stop: Arc<AtomicBool>,
     /// The pthread of each running vCPU thread; cleared (under the lock) before it ends.
     threads: Arc<Mutex<Vec<Option<libc::pthread_t>>>>,
+    /// The trap generation the vCPUs were last kicked for ([`Kicker::kick_if_moved`]).
+    kicked_generation: Arc<AtomicU64>,
 }
 
 /// Interrupts every running vCPU's `KVM_RUN` once (a handle vCPU threads can keep).
 #[derive(Debug, Clone)]
-pub struct Kicker(Arc<Mutex<Vec<Option<libc::pthread_t>>>>);
+pub struct Kicker {
+    threads: Arc<Mutex<Vec<Option<libc::pthread_t>>>>,
+    kicked_generation: Arc<AtomicU64>,
+}
 
 impl Kicker {
     /// Interrupt every vCPU thread's `KVM_RUN` once.
     pub fn kick(&self) {
-        kick_threads(&self.0);
+        kick_threads(&self.threads);
+    }
+
+    /// Kick every vCPU when the trap backend's `generation` differs from the one they
+    /// were last kicked for: an arm or disarm done on one vCPU's thread (or anywhere)
+    /// then reaches the others, halted ones included (a vCPU idling in `hlt` stays in
+    /// `KVM_RUN` and would keep its old debug registers until its next exit to us).
+    /// Only the first vCPU to see a new generation kicks. True when it kicked.
+    pub fn kick_if_moved(&self, generation: u64) -> bool {
+        if self.kicked_generation.swap(generation, Ordering::SeqCst) == generation {
+            return false;
+        }
+        self.kick();
+        true
     }
 }
 
@@ -79,7 +97,10 @@ impl RunControl {
 
     /// A handle that kicks the same threads.
     pub fn kicker(&self) -> Kicker {
-        Kicker(self.threads.clone())
+        Kicker {
+            threads: self.threads.clone(),
+            kicked_generation: self.kicked_generation.clone(),
+        }
     }
 
     /// True once a stop was requested.
@@ -199,5 +220,28 @@ impl Machine {
                 .map(|h| h.join().map_err(|_| MachineError::ThreadPanicked))
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kicks_once_per_new_trap_generation() {
+        let control = RunControl::new();
+        let (a, b) = (control.kicker(), control.kicker());
+        // No vCPU thread runs, so a kick signals nobody; what matters is who kicks.
+        assert!(
+            !a.kick_if_moved(0),
+            "generation 0 is where the machine starts"
+        );
+        assert!(
+            a.kick_if_moved(3),
+            "the first vCPU to see generation 3 kicks"
+        );
+        assert!(!b.kick_if_moved(3), "the others do not kick again");
+        assert!(!a.kick_if_moved(3));
+        assert!(b.kick_if_moved(4));
     }
 }

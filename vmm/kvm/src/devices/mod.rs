@@ -1,11 +1,14 @@
-//! Legacy devices behind a port-I/O bus: the serial console and the i8042 (reset only).
+//! Legacy devices behind a port-I/O bus: the serial console, the i8042 (reset only) and
+//! the CMOS real-time clock.
 
 pub mod bus;
 pub mod i8042;
+pub mod rtc;
 pub mod serial;
 
 pub use bus::{PioBus, PioDevice, PioEffect};
 pub use i8042::I8042;
+pub use rtc::Rtc;
 pub use serial::{Serial, SharedBuffer};
 
 /// Why a device access failed.

@@ -157,10 +157,18 @@ impl TrapBackend for DebugRegs {
         let TrapExit::Debug { dr6, pc } = exit else {
             return None;
         };
-        let slot = dr6_hit_slot(dr6)?;
+        // A breakpoint, not a single-step; which probe it is comes from the address
+        // the vCPU stopped at (the same on VMX, SVM and PVM: an instruction breakpoint
+        // is a fault, RIP is the breakpoint), not from DR6's slot: a vCPU that has not
+        // reloaded its debug registers since a disarm and re-arm may have the probe
+        // in another slot.
+        dr6_hit_slot(dr6)?;
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let slot = slots
+            .iter()
+            .position(|s| matches!(s, Some((_, site, _)) if site.gva.raw() == pc))?;
         let (probe, site, is_nop) = slots[slot]?;
-        (site.gva.raw() == pc).then(|| TrapHit {
+        Some(TrapHit {
             probe,
             site,
             step_over: (!is_nop).then(|| Self::debug_from(&slots, Some(slot))),

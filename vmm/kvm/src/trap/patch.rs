@@ -15,6 +15,8 @@ use std::sync::RwLock;
 pub const FENTRY_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// Length of the `out imm8, al` instruction that starts a patched site.
 pub const OUT_LEN: u64 = 2;
+/// Length of a patched site (the fentry NOP it replaces).
+pub const PATCH_LEN: u64 = 5;
 /// What a patched site holds: `out PROBE_PORT, al` (`e6 ef`), then `nopl (%rax)` (`0f 1f 00`).
 pub const PATCHED_SITE: [u8; 5] = [0xe6, probe_port_imm8(), 0x0f, 0x1f, 0x00];
 
@@ -24,16 +26,45 @@ const fn probe_port_imm8() -> u8 {
     PROBE_PORT.to_le_bytes()[0]
 }
 
-/// How far past the site RIP is when its `out` exits to the VMM.
+/// Where KVM leaves RIP when a guest `out` exits to user space.
 ///
-/// Measured on PVM (and what KVM does on VMX/SVM with `kvm_fast_pio` since Linux 5.x
-/// for `out`): the exit reports RIP after the 2-byte `out`, so a hit's RIP is
-/// site + 2; writing the registers back unchanged through SYNC_REGS resumes at the
-/// 3-byte NOP. The KVM tests assert it and the self-test in `support` re-checks it on
-/// the running host.
-pub const EXIT_RIP_OFFSET: u64 = OUT_LEN;
+/// On VMX and SVM (`kvm_fast_pio` in the kernel's `arch/x86/kvm/x86.c`) RIP is still
+/// AT the `out`; KVM moves it past the instruction on the next `KVM_RUN`, when user
+/// space left RIP unchanged. PVM reports RIP AFTER the `out`. A patched site's hit
+/// is recognised under either (see [`PatchedSites`]); this names which one a host
+/// shows, for tests and `doctor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PioExitRip {
+    /// RIP is the `out` instruction itself (VMX, SVM).
+    AtInstruction,
+    /// RIP is the instruction after the `out` (PVM).
+    AfterInstruction,
+}
 
-/// Patched sites, keyed by the RIP their exit reports.
+impl PioExitRip {
+    /// The convention of a host of `kind`: PVM reports RIP after the `out`, hardware
+    /// KVM (and anything not known to be PVM) at it.
+    pub fn of(kind: crate::support::KvmKind) -> Self {
+        match kind {
+            crate::support::KvmKind::Pvm => Self::AfterInstruction,
+            _ => Self::AtInstruction,
+        }
+    }
+
+    /// How far past the start of an `out` of `len` bytes the exit's RIP is.
+    pub fn offset(self, len: u64) -> u64 {
+        match self {
+            Self::AtInstruction => 0,
+            Self::AfterInstruction => len,
+        }
+    }
+}
+
+/// Patched sites, keyed by their address. An exit on [`PROBE_PORT`] is a site's hit
+/// when its RIP is the site (the `out` itself: VMX, SVM) or the site + [`OUT_LEN`]
+/// (after it: PVM). Both cannot match two sites: armed sites are at least
+/// [`PATCHED_SITE`]'s length apart (arming refuses closer ones).
 #[derive(Debug, Default)]
 pub struct PatchedSites {
     sites: RwLock<HashMap<u64, (ProbeId, Site)>>,
@@ -64,12 +95,13 @@ impl TrapBackend for PatchedSites {
         if sites.values().any(|(p, _)| *p == probe) {
             return Err(TrapError::AlreadyArmed(probe));
         }
-        let key = site
-            .gva
-            .checked_add(EXIT_RIP_OFFSET)
-            .ok_or(TrapError::BadSite(site.gva))?
-            .raw();
-        if sites.contains_key(&key) {
+        let key = site.gva.raw();
+        if key.checked_add(PATCH_LEN).is_none() {
+            return Err(TrapError::BadSite(site.gva));
+        }
+        // A site closer than a patch's length to another would overlap it, and make
+        // "RIP at the out" of one "RIP after the out" of the other.
+        if sites.keys().any(|&k| k.abs_diff(key) < PATCH_LEN) {
             return Err(TrapError::SiteTaken(site.gva));
         }
         let mut patched = self.patched.write().unwrap_or_else(|p| p.into_inner());
@@ -120,7 +152,11 @@ impl TrapBackend for PatchedSites {
             return None;
         };
         let sites = self.sites.read().unwrap_or_else(|p| p.into_inner());
-        sites.get(&rip).map(|&(probe, site)| TrapHit {
+        // At the `out` (VMX, SVM), else just after it (PVM).
+        let found = sites
+            .get(&rip)
+            .or_else(|| sites.get(&rip.checked_sub(OUT_LEN)?));
+        found.map(|&(probe, site)| TrapHit {
             probe,
             site,
             step_over: None,
@@ -139,6 +175,43 @@ mod tests {
             gva: Gva(0xffff_ffff_8000_0000 + a),
             gpa: Gpa(a),
         }
+    }
+
+    #[test]
+    fn sites_closer_than_a_patch_are_refused() {
+        let mem = SliceMemory::new(0x100);
+        for a in [0x10, 0x15] {
+            mem.write_phys(Gpa(a), &FENTRY_NOP).expect("in range");
+        }
+        let p = PatchedSites::new();
+        p.arm(ProbeId(1), site(0x10), &mem).expect("fentry NOP");
+        assert!(matches!(
+            p.arm(ProbeId(2), site(0x14), &mem),
+            Err(TrapError::SiteTaken(g)) if g == site(0x14).gva
+        ));
+        p.arm(ProbeId(3), site(0x15), &mem)
+            .expect("a patch's length away");
+        // The RIP after the first site's `out` is not the second site's.
+        let hit = p
+            .recognise(TrapExit::ProbePort {
+                rip: 0xffff_ffff_8000_0012,
+            })
+            .expect("first");
+        assert_eq!(hit.probe, ProbeId(1));
+        let hit = p
+            .recognise(TrapExit::ProbePort {
+                rip: 0xffff_ffff_8000_0017,
+            })
+            .expect("second, PVM convention");
+        assert_eq!(hit.probe, ProbeId(3));
+    }
+
+    #[test]
+    fn exit_rip_conventions() {
+        use crate::support::KvmKind;
+        assert_eq!(PioExitRip::of(KvmKind::Pvm).offset(OUT_LEN), 2);
+        assert_eq!(PioExitRip::of(KvmKind::Hardware).offset(OUT_LEN), 0);
+        assert_eq!(PioExitRip::of(KvmKind::Hardware), PioExitRip::AtInstruction);
     }
 
     #[test]
@@ -174,10 +247,18 @@ mod tests {
             Err(TrapError::Memory(..))
         ));
 
-        let rip = site(0x10).gva.raw() + EXIT_RIP_OFFSET;
-        let hit = p.recognise(TrapExit::ProbePort { rip }).expect("armed");
-        assert_eq!((hit.probe, hit.step_over), (ProbeId(1), None));
-        assert_eq!(p.recognise(TrapExit::ProbePort { rip: rip + 1 }), None);
+        // RIP at the `out` (VMX, SVM) and after it (PVM) are both this site's hit;
+        // one byte further is nobody's.
+        let at = site(0x10).gva.raw();
+        for rip in [at, at + OUT_LEN] {
+            let hit = p.recognise(TrapExit::ProbePort { rip }).expect("armed");
+            assert_eq!((hit.probe, hit.step_over), (ProbeId(1), None));
+            assert_eq!(hit.site, site(0x10));
+        }
+        assert_eq!(p.recognise(TrapExit::ProbePort { rip: at + 1 }), None);
+        assert_eq!(p.recognise(TrapExit::ProbePort { rip: at + 3 }), None);
+        assert_eq!(p.recognise(TrapExit::ProbePort { rip: at - 1 }), None);
+        let rip = at;
 
         p.disarm(ProbeId(1)).expect("armed");
         mem.read_phys(Gpa(0x10), &mut b).expect("in range");

@@ -1,6 +1,7 @@
 //! \[1\] `handle_exit`: one vCPU exit in, one [`ExitAction`] out. Touches no fd, so tests
 //! feed it hand-built `VcpuExit` values.
 
+use crate::arm_point::ARM_POINT_PROBE;
 use crate::devices::{DevicesError, PioBus, PioEffect};
 use crate::layout::{PROBE_PORT, TEST_REPORT_PORT};
 use crate::trap::debugreg::dr6_single_step;
@@ -194,6 +195,9 @@ pub fn handle_exit(exit: VcpuExit<'_>, ctx: &mut ExitCtx) -> Result<ExitAction, 
                 dr6: arch.dr6,
                 pc: arch.pc,
             }) {
+                // The probes were armed (or a stale breakpoint let through): nothing
+                // to deliver; the run loop reloads the debug registers and kicks.
+                Some(hit) if hit.probe == ARM_POINT_PROBE => Ok(ExitAction::Continue),
                 Some(hit) => {
                     ctx.stats.hits += 1;
                     Ok(ExitAction::Hit(hit))
@@ -231,7 +235,7 @@ mod tests {
     use crate::devices::{Serial, SharedBuffer, I8042};
     use crate::layout::{I8042 as I8042_PORTS, I8042_COMMAND_PORT, SERIAL_COM1};
     use crate::trap::debugreg::DebugRegs;
-    use crate::trap::patch::{PatchedSites, EXIT_RIP_OFFSET, FENTRY_NOP};
+    use crate::trap::patch::{PatchedSites, FENTRY_NOP, OUT_LEN};
     use crate::trap::Site;
     use kvm_bindings::kvm_debug_exit_arch;
     use ornament_engine::{Gpa, Gva, PhysMemory, ProbeId, SliceMemory};
@@ -311,7 +315,7 @@ mod tests {
             )
             .expect("armed");
         let (mut ctx, _) = ctx_with(Some(traps));
-        ctx.rip = 0x100 + EXIT_RIP_OFFSET;
+        ctx.rip = 0x100 + OUT_LEN;
         let a = handle_exit(VcpuExit::IoOut(PROBE_PORT, &[0]), &mut ctx).expect("probe");
         assert!(matches!(
             a,

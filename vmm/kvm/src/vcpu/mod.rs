@@ -436,6 +436,11 @@ impl KvmVcpu {
                 ExitAction::PageFaultHook => self.on_pf_hook(ctx)?,
                 ExitAction::Stop(reason) => return Ok(reason),
             }
+            // An arm or disarm during this exit (the arm point, an observer) must reach
+            // every vCPU, halted ones too.
+            if let (Some(t), Some(k)) = (&ctx.traps, &ctx.kicker) {
+                k.kick_if_moved(t.generation());
+            }
         }
     }
 }
