@@ -29,13 +29,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Kernel and System.map of the default image (built into the cache if needed).
+/// Kernel and System.map of the default image with its reference kernel (whose
+/// profile is committed; built into the cache if needed).
 fn default_image() -> Result<(PathBuf, PathBuf), String> {
     static IMG: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
     IMG.get_or_init(|| {
         let img = ornament_images::build_image(
             ornament_images::DEFAULT_IMAGE,
-            &ornament_images::BuildOptions::default(),
+            &ornament_images::BuildOptions::reference(ornament_images::DEFAULT_IMAGE),
         )
         .map_err(|e| format!("building the default image: {e}"))?;
         Ok((img.kernel(), img.system_map()))
