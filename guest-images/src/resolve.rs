@@ -87,7 +87,7 @@ pub enum KernelRequest {
     /// The newest kernel of these meta-packages' series.
     Catalogue(&'static [Source]),
     /// `--kernel-package NAME[=VERSION]`: a meta-package or a concrete kernel package,
-    /// at VERSION or at the newest version the lists have.
+    /// at VERSION or at apt's candidate version (what `apt-get install NAME` takes).
     Package {
         /// The package name.
         name: String,
@@ -211,7 +211,11 @@ pub fn resolve(req: &KernelRequest) -> Result<Resolved, ResolveError> {
                         known: newest_first(versions)?.join(", "),
                     })
                 }
-                None => newest_first(versions)?.remove(0),
+                // What `apt-get install NAME` would take (pin priorities respected:
+                // bookworm-backports only when asked for).
+                None => candidate(name)?.ok_or_else(|| ResolveError::UnknownPackage {
+                    package: name.clone(),
+                })?,
             };
             match meta_target(name, &version)? {
                 // A meta-package: the kernel package it names at this version.
@@ -373,6 +377,21 @@ fn resolve_meta(
     })
 }
 
+/// apt's candidate version of `package` (`apt-cache policy`), if it has one.
+fn candidate(package: &str) -> Result<Option<String>, ResolveError> {
+    let text = apt_cache(&["policy", package])?;
+    Ok(parse_candidate(&text))
+}
+
+/// The `Candidate:` of `apt-cache policy` output; `None` for `(none)` or no such line.
+fn parse_candidate(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate: "))
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && *v != "(none)")
+        .map(str::to_owned)
+}
+
 /// Every (version, suite line) of `package` in apt's lists (`apt-cache madison`).
 fn versions_of(package: &str) -> Result<Vec<(String, String)>, ResolveError> {
     let out = apt_cache(&["madison", package])?;
@@ -509,6 +528,17 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn policy_candidate() {
+        let text = "linux-image-amd64:\n  Installed: (none)\n  Candidate: 6.1.192-3\n  Version table:\n     6.12.95-1~bpo12+1 100\n";
+        assert_eq!(parse_candidate(text), Some("6.1.192-3".to_owned()));
+        assert_eq!(
+            parse_candidate("x:\n  Installed: (none)\n  Candidate: (none)\n"),
+            None
+        );
+        assert_eq!(parse_candidate(""), None);
     }
 
     #[test]
@@ -683,13 +713,15 @@ mod tests {
             e.to_string(),
             "package linux-image-no-such-flavour is not in apt's package lists (run apt-get update, or check its name)"
         );
-        // The user's meta-package: the kernel package its newest version depends on.
+        // The user's meta-package: the kernel package its candidate version (what
+        // `apt-get install` would take; not bookworm-backports' 6.12) depends on.
         let meta =
             resolve(&KernelRequest::parse("linux-image-rt-amd64").expect("parse")).expect("meta");
-        let newest = newest_first(versions_of("linux-image-rt-amd64").expect("madison"))
-            .expect("dpkg")
-            .remove(0);
-        let (target, pinned) = meta_target("linux-image-rt-amd64", &newest)
+        let cand = candidate("linux-image-rt-amd64")
+            .expect("policy")
+            .expect("a candidate");
+        assert!(cand.starts_with("6.1."), "{cand}");
+        let (target, pinned) = meta_target("linux-image-rt-amd64", &cand)
             .expect("show")
             .expect("depends");
         assert_eq!(meta.package, target);
