@@ -250,3 +250,35 @@ fn guest_panic_is_detected_even_with_panic_0() {
         r.stderr
     );
 }
+
+#[test]
+fn kernel_package_pins_the_kernel_the_guest_runs() {
+    require_host!("qemu-system-x86_64", has_qemu());
+    require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+    let pin = ornament_tests::reference_package(ornament_images::DEFAULT_IMAGE);
+    let (r, rt) = run_in_guest(&["--kernel-package", pin], &["uname", "-r"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("\n6.1.0-50-cloud-amd64\n"),
+        "{}",
+        r.stderr
+    );
+    assert_nothing_left(&r, rt.path());
+    // --kernel boots a file: a package for it would mean nothing.
+    let (r, _rt) = ornament(&[
+        "run",
+        "--kernel",
+        "/nonexistent",
+        "--kernel-package",
+        pin,
+        "--",
+        "true",
+    ]);
+    assert_eq!(r.code, Some(125), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("the argument '--kernel <FILE>' cannot be used with '--kernel-package <NAME[=VERSION]>'"),
+        "{}",
+        r.stderr
+    );
+}
