@@ -213,7 +213,8 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
         Err(e) if !opts.rebuild && resolution_unavailable(&e) => {
             return match newest_cached(spec, &root, &suffix, &requested) {
                 Some(mut img) => {
-                    tracing::warn!(image = spec.name, error = %e, "kernel package resolution skipped; using the cached image");
+                    // The caller says so (`resolution_skipped`); the log only records it.
+                    tracing::info!(image = spec.name, error = %e, "kernel package resolution skipped; using the cached image");
                     img.resolution_skipped = Some(e.to_string());
                     Ok(img)
                 }
@@ -233,7 +234,6 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
             return Ok(img);
         }
     }
-    fs::create_dir_all(&root).map_err(io_err(&root))?;
     // One builder at a time per image (parallel runs and tests share the cache);
     // whoever waited finds the image the first one built.
     let lock_path = root.join(LOCK_FILE);
@@ -260,7 +260,7 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
             return match newest_cached(spec, &root, &suffix, &requested) {
                 Some(mut img) => {
                     let why = format!("cannot download {} {}: {e}", target.package, target.version);
-                    tracing::warn!(image = spec.name, error = %why, "kernel package resolution skipped; using the cached image");
+                    tracing::info!(image = spec.name, error = %why, "kernel package resolution skipped; using the cached image");
                     img.resolution_skipped = Some(why);
                     Ok(img)
                 }
