@@ -294,7 +294,10 @@ pub fn resolve_remembered(req: &KernelRequest, memo: &Path) -> Result<Resolved, 
             });
         }
     }
-    let r = resolve(req)?;
+    let pb = crate::progress::spinner(&format!("resolving {key} in apt's package lists"));
+    let r = resolve(req);
+    pb.finish_and_clear();
+    let r = r?;
     if let Some(state) = state {
         all.insert(
             key,
