@@ -38,7 +38,7 @@ fn help_names_every_subcommand() {
         "{out}"
     );
     let groups: [(&str, &[&str]); 2] = [
-        ("image", &["build", "list", "help"]),
+        ("image", &["build", "list", "verify", "help"]),
         ("profile", &["generate", "help"]),
     ];
     for (group, subs) in groups {
@@ -53,6 +53,7 @@ fn help_names_every_subcommand() {
         &["resume"],
         &["image", "build"],
         &["image", "list"],
+        &["image", "verify"],
         &["profile", "generate"],
     ] {
         let mut args = leaf.to_vec();
@@ -74,6 +75,7 @@ fn run_help_explains_the_options() {
     for opt in [
         "--image",
         "--kernel",
+        "--kernel-package",
         "--vcpus",
         "--memory",
         "--engine",

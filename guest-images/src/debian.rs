@@ -1,5 +1,5 @@
-//! Debian packages: find the candidate version, download with `apt-get download`,
-//! and unpack chosen members with `dpkg-deb --fsys-tarfile`.
+//! Debian packages: download with `apt-get download` (which package and version:
+//! `resolve`), and unpack chosen members with `dpkg-deb --fsys-tarfile`.
 
 use crate::progress;
 use std::fs;
@@ -65,41 +65,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DebianError + '_ {
     }
 }
 
-/// The version apt would download for `package`, if apt's lists know it.
-pub fn candidate_version(package: &str) -> Option<String> {
-    let out = Command::new("apt-cache")
-        .args(["show", "--no-all-versions", package])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("Version: ").map(|v| v.trim().to_owned()))
-}
-
-/// The kernel package a meta-package (`linux-image-amd64`, ...) depends on now, per
-/// apt's lists: the first `linux-image-*` of its candidate's `Depends`.
-pub fn meta_package_target(meta: &str) -> Option<String> {
-    let out = Command::new("apt-cache")
-        .args(["show", "--no-all-versions", meta])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let deps = text.lines().find_map(|l| l.strip_prefix("Depends: "))?;
-    deps.split(',')
-        .filter_map(|d| d.split_whitespace().next())
-        .find(|name| name.starts_with("linux-image-"))
-        .map(str::to_owned)
-}
-
-/// Download `packages` into `dir` with `apt-get download`; returns the .deb paths in order.
+/// Download `packages` (`NAME` or `NAME=VERSION`) into `dir` with `apt-get download`;
+/// returns the .deb paths in order.
 pub fn download(packages: &[&str], dir: &Path) -> Result<Vec<PathBuf>, DebianError> {
     let pb = progress::spinner(&format!("downloading {}", packages.join(" ")));
     let out = Command::new("apt-get")
@@ -125,7 +92,8 @@ pub fn download(packages: &[&str], dir: &Path) -> Result<Vec<PathBuf>, DebianErr
 
 /// The `PACKAGE_*.deb` file in `dir`.
 fn find_deb(dir: &Path, package: &str) -> Result<PathBuf, DebianError> {
-    let prefix = format!("{package}_");
+    let name = package.split_once('=').map_or(package, |(n, _)| n);
+    let prefix = format!("{name}_");
     let entries = fs::read_dir(dir).map_err(io_err(dir))?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();

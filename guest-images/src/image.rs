@@ -5,6 +5,7 @@ use crate::catalog::{self, ImageSpec};
 use crate::cpio::CpioWriter;
 use crate::debian::{self, DebianError};
 use crate::progress;
+use crate::resolve::{self, KernelRequest, ResolveError, Resolved};
 use crate::workloads::{self, WorkloadError};
 use flate2::write::GzEncoder;
 use std::fs;
@@ -43,6 +44,16 @@ pub enum ImageError {
     },
     /// Debian package step failed
     Debian(#[from] DebianError),
+    /// cannot tell which kernel package {requested} means now, and no image of it is cached
+    Resolve {
+        /// What was asked for.
+        requested: String,
+        /// Why.
+        #[source]
+        source: ResolveError,
+    },
+    /// bad kernel package
+    Request(#[source] ResolveError),
     /// compiling guest programs failed
     Workload(#[from] WorkloadError),
     /// image cache error
@@ -65,11 +76,11 @@ pub enum ImageError {
         #[source]
         source: Box<ornament_introspect::profile::ProfileError>,
     },
-    /// kernel {path} is release {found}, the catalogue says {expected}
+    /// kernel {path} is release {found}, its package name says {expected}
     WrongRelease {
         /// The kernel file.
         path: PathBuf,
-        /// The catalogue's release.
+        /// The package's release.
         expected: String,
         /// The banner's release.
         found: String,
@@ -108,6 +119,20 @@ pub struct BuildOptions {
     pub rebuild: bool,
     /// Host files to add: (host path, guest path).
     pub add: Vec<(PathBuf, String)>,
+    /// `--kernel-package NAME[=VERSION]`: build from this package (a meta-package or a
+    /// kernel package) instead of the catalogue's meta-packages.
+    pub kernel_package: Option<String>,
+}
+
+impl BuildOptions {
+    /// Options that pin image `name`'s reference kernel (the one whose profile is
+    /// committed), for the tests that check against it.
+    pub fn reference(name: &str) -> Self {
+        BuildOptions {
+            kernel_package: Some(catalog::reference(name).package.to_owned()),
+            ..BuildOptions::default()
+        }
+    }
 }
 
 /// A built image: where its files are.
@@ -117,12 +142,19 @@ pub struct Image {
     pub name: String,
     /// Kernel release.
     pub release: String,
+    /// The kernel package.
+    pub package: String,
     /// Debian package version.
     pub package_version: String,
+    /// What the kernel package was resolved from (see `cache::Manifest::requested`).
+    pub requested: String,
     /// Directory holding the files.
     pub dir: PathBuf,
     /// True when it came from the cache without building.
     pub cached: bool,
+    /// Set when the kernel package could not be resolved now (apt's lists do not have
+    /// it, the archive cannot be reached) and a cached image was used instead: why.
+    pub resolution_skipped: Option<String>,
 }
 
 impl Image {
@@ -144,12 +176,20 @@ impl Image {
     }
 }
 
-/// Find a valid cached image or build it.
+/// Find a valid cached image or build it. The kernel package is resolved now (the
+/// catalogue's meta-packages, or `opts.kernel_package`); when that cannot be done (no
+/// apt lists, the archive unreachable) the newest cached image of the same request is
+/// used, its `resolution_skipped` saying why.
 pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError> {
     let spec = catalog::find(name).ok_or_else(|| ImageError::UnknownImage {
         name: name.to_owned(),
         known: catalog::names().join(", "),
     })?;
+    let req = match &opts.kernel_package {
+        Some(p) => KernelRequest::parse(p).map_err(ImageError::Request)?,
+        None => KernelRequest::Catalogue(spec.sources),
+    };
+    let requested = req.describe();
     let root = cache::cache_root(opts.cache_dir.as_deref())
         .join("images")
         .join(spec.name);
@@ -161,13 +201,39 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
             sweep_partials(&root);
         }
     }
-    if !opts.rebuild {
-        if let Some(img) = find_cached(spec, &root, &suffix) {
-            tracing::info!(image = spec.name, dir = %img.dir.display(), "using cached image");
+    // NAME=VERSION of a kernel package already cached needs no lookup.
+    if let (Some(exact), false) = (req.exact(), opts.rebuild) {
+        if let Some(img) = cached_at(spec, &root.join(format!("{}{suffix}", exact.dir_name()))) {
             return Ok(img);
         }
     }
     fs::create_dir_all(&root).map_err(io_err(&root))?;
+    let target = match resolve::resolve_remembered(&req, &root.join(RESOLVED_FILE)) {
+        Ok(t) => t,
+        Err(e) if !opts.rebuild && resolution_unavailable(&e) => {
+            return match newest_cached(spec, &root, &suffix, &requested) {
+                Some(mut img) => {
+                    // The caller says so (`resolution_skipped`); the log only records it.
+                    tracing::info!(image = spec.name, error = %e, "kernel package resolution skipped; using the cached image");
+                    img.resolution_skipped = Some(e.to_string());
+                    Ok(img)
+                }
+                None => Err(ImageError::Resolve {
+                    requested,
+                    source: e,
+                }),
+            };
+        }
+        Err(e) => return Err(ImageError::Request(e)),
+    };
+    tracing::info!(image = spec.name, %requested, package = %target.package, version = %target.version, "kernel package resolved");
+    let dest = root.join(format!("{}{suffix}", target.dir_name()));
+    if !opts.rebuild {
+        if let Some(img) = cached_at(spec, &dest) {
+            tracing::info!(image = spec.name, dir = %img.dir.display(), "using cached image");
+            return Ok(img);
+        }
+    }
     // One builder at a time per image (parallel runs and tests share the cache);
     // whoever waited finds the image the first one built.
     let lock_path = root.join(LOCK_FILE);
@@ -177,7 +243,7 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
     // left now are of builders that died.
     sweep_partials(&root);
     if !opts.rebuild {
-        if let Some(img) = find_cached(spec, &root, &suffix) {
+        if let Some(img) = cached_at(spec, &dest) {
             return Ok(img);
         }
     }
@@ -185,8 +251,24 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
         .prefix(PARTIAL_PREFIX)
         .tempdir_in(&root)
         .map_err(io_err(&root))?;
-    let version = build_into(spec, work.path(), &opts.add)?;
-    let dest = root.join(format!("{version}{suffix}"));
+    match build_into(spec, &target, &requested, work.path(), &opts.add) {
+        Ok(()) => {}
+        // The archive cannot be reached (or no longer has the package): an older
+        // cached image of the same request still runs.
+        Err(ImageError::Debian(e @ DebianError::Download { .. })) if !opts.rebuild => {
+            drop(work);
+            return match newest_cached(spec, &root, &suffix, &requested) {
+                Some(mut img) => {
+                    let why = format!("cannot download {} {}: {e}", target.package, target.version);
+                    tracing::info!(image = spec.name, error = %why, "kernel package resolution skipped; using the cached image");
+                    img.resolution_skipped = Some(why);
+                    Ok(img)
+                }
+                None => Err(ImageError::Debian(e)),
+            };
+        }
+        Err(e) => return Err(e),
+    }
     if dest.exists() {
         fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
     }
@@ -195,16 +277,30 @@ pub fn build_image(name: &str, opts: &BuildOptions) -> Result<Image, ImageError>
     tracing::info!(image = spec.name, dir = %dest.display(), "image built");
     Ok(Image {
         name: spec.name.to_owned(),
-        release: spec.release.to_owned(),
-        package_version: version,
+        release: target.release,
+        package: target.package,
+        package_version: target.version,
+        requested,
         dir: dest,
         cached: false,
+        resolution_skipped: None,
     })
+}
+
+/// A resolution error that says apt cannot answer now (no lists, no apt), as opposed
+/// to one about what was asked for.
+fn resolution_unavailable(e: &ResolveError) -> bool {
+    matches!(
+        e,
+        ResolveError::ToolMissing { .. } | ResolveError::UnknownPackage { .. }
+    )
 }
 
 /// The lock file of an image's cache directory: held (flock) by its builder for the
 /// whole build, released by the kernel when the builder dies.
 const LOCK_FILE: &str = ".lock";
+/// The remembered resolutions of an image's requests (`resolve::resolve_remembered`).
+pub const RESOLVED_FILE: &str = ".resolved.json";
 /// Prefix of a build in progress (renamed to its version when complete).
 const PARTIAL_PREFIX: &str = ".partial-";
 
@@ -256,40 +352,72 @@ fn add_suffix(add: &[(PathBuf, String)]) -> Result<String, ImageError> {
     Ok(format!("+add-{}", &h[..12]))
 }
 
-fn find_cached(spec: &ImageSpec, root: &Path, suffix: &str) -> Option<Image> {
-    let mut candidates: Vec<String> = Vec::new();
-    if let Some(v) = debian::candidate_version(spec.package) {
-        candidates.push(format!("{v}{suffix}"));
-    } else if let Ok(rd) = fs::read_dir(root) {
-        // No apt lists: any complete cached version will do, newest name last.
-        let mut names: Vec<String> = rd
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.') && n.ends_with(suffix))
-            .filter(|n| suffix.is_empty() != n.contains("+add-"))
-            .collect();
-        names.sort();
-        candidates.extend(names.into_iter().rev());
+/// The image in `dir` if it passes the per-run check (`cache::check`); a damaged one is
+/// logged and left to be rebuilt.
+fn cached_at(spec: &ImageSpec, dir: &Path) -> Option<Image> {
+    match cache::check(dir) {
+        Ok(c) => {
+            let m = c.manifest;
+            Some(Image {
+                name: spec.name.to_owned(),
+                release: m.release,
+                package: m.package,
+                package_version: m.package_version,
+                requested: m.requested,
+                dir: dir.to_path_buf(),
+                cached: true,
+                resolution_skipped: None,
+            })
+        }
+        Err(CacheError::Missing { .. }) if !dir.exists() => None,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cached image is damaged; rebuilding");
+            None
+        }
     }
-    for c in candidates {
-        let dir = root.join(&c);
-        match cache::verify(&dir) {
-            Ok(m) => {
-                return Some(Image {
-                    name: spec.name.to_owned(),
-                    release: m.release,
-                    package_version: m.package_version,
-                    dir,
-                    cached: true,
-                })
-            }
-            Err(CacheError::Missing { .. }) if !dir.exists() => {}
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cached image is damaged; rebuilding");
+}
+
+/// Every image directory of `root` (not the partial builds), sorted by name: those with
+/// files added as `suffix` says (`Some("")`: none added), or all (`None`).
+pub fn cached_dirs(root: &Path, suffix: Option<&str>) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = rd
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let fits = suffix.is_none_or(|suffix| {
+                n.ends_with(suffix) && suffix.is_empty() != n.contains("+add-")
+            });
+            !n.starts_with('.') && fits && e.path().is_dir()
+        })
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// The newest (Debian version order) complete cached image of `requested`.
+fn newest_cached(spec: &ImageSpec, root: &Path, suffix: &str, requested: &str) -> Option<Image> {
+    let mut best: Option<Image> = None;
+    for dir in cached_dirs(root, Some(suffix)) {
+        let Ok(m) = cache::read_manifest(&dir) else {
+            continue;
+        };
+        if m.requested != requested {
+            continue;
+        }
+        let newer = best.as_ref().is_none_or(|b| {
+            resolve::version_gt(&m.package_version, &b.package_version).unwrap_or(false)
+        });
+        if newer {
+            if let Some(img) = cached_at(spec, &dir) {
+                best = Some(img);
             }
         }
     }
-    None
+    best
 }
 
 /// Build every file of `spec` into `dir`; returns the package version. Only the
@@ -297,14 +425,17 @@ fn find_cached(spec: &ImageSpec, root: &Path, suffix: &str) -> Option<Image> {
 /// the System.map and the profile come from the kernel's own kallsyms and `.BTF`.
 fn build_into(
     spec: &ImageSpec,
+    target: &Resolved,
+    requested: &str,
     dir: &Path,
     add: &[(PathBuf, String)],
-) -> Result<String, ImageError> {
+) -> Result<(), ImageError> {
     let debs_dir = dir.join("debs");
     fs::create_dir_all(&debs_dir).map_err(io_err(&debs_dir))?;
-    let debs = debian::download(&[spec.package], &debs_dir)?;
+    let pinned = format!("{}={}", target.package, target.version);
+    let debs = debian::download(&[pinned.as_str()], &debs_dir)?;
     let version = debian::deb_version(&debs[0])?;
-    let rel = spec.release;
+    let rel = target.release.as_str();
     let kernel = dir.join(files::KERNEL);
     debian::extract(
         &debs[0],
@@ -363,12 +494,14 @@ fn build_into(
         Manifest {
             format: cache::MANIFEST_FORMAT,
             image: spec.name.to_owned(),
-            release: spec.release.to_owned(),
-            package_version: version.clone(),
+            release: rel.to_owned(),
+            package: target.package.clone(),
+            package_version: version,
+            requested: requested.to_owned(),
             files: entries,
         },
     )?;
-    Ok(version)
+    Ok(())
 }
 
 /// Where the host's static busybox is (Debian's busybox-static).
@@ -491,7 +624,9 @@ mod tests {
         let partial = root.path().join(format!("{PARTIAL_PREFIX}abc123"));
         fs::create_dir_all(partial.join("debs")).expect("mkdir");
         fs::write(partial.join("debs/x.deb"), b"half a download").expect("write");
-        let built = root.path().join("6.1.176-1");
+        let built = root
+            .path()
+            .join("linux-image-6.1.0-50-cloud-amd64_6.1.176-1");
         fs::create_dir(&built).expect("mkdir");
         sweep_partials(root.path());
         assert!(!partial.exists());

@@ -1,6 +1,7 @@
 //! ornament-images: builds the guests that ornament boots.
 //!
 //! ```text
+//! catalogue meta-packages ─(resolve: apt's lists)─► linux-image-<abi>-<flavour> <version>
 //! linux-image .deb (apt-get download) ──► bzImage, config; its payload: vmlinux, vmlinux.btf,
 //!                                          System.map (kallsyms), profile.json
 //! guest/ (init.sh, *.c) ──────────► initramfs: busybox-static + /init + static workloads
@@ -18,6 +19,7 @@ pub mod kernel_file;
 pub mod overlay;
 pub mod progress;
 pub mod reference;
+pub mod resolve;
 pub mod workloads;
 
 pub use cache::cache_root;

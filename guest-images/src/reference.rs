@@ -4,15 +4,23 @@
 //! `<cache root>/reference/<release>/`. A cached image built before images came from the
 //! kernel package alone (manifest format 1) already holds both and is used instead.
 
-use crate::cache::{self, Manifest};
-use crate::catalog::ImageSpec;
+use crate::cache;
+use crate::catalog::Reference;
 use crate::debian;
 use crate::image::{files, ImageError};
+use crate::resolve::{self, KernelRequest};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 /// Manifest format of the images that held the `-dbg` package's System.map.
 const DBG_IMAGE_FORMAT: u32 = 1;
+
+/// What is read of such an image's manifest.
+#[derive(serde::Deserialize)]
+struct OldManifest {
+    format: u32,
+    release: String,
+}
 
 /// A kernel's files for reference.
 #[derive(Debug, Clone)]
@@ -30,10 +38,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
     }
 }
 
-/// The bzImage of `spec` (and its real System.map when `system_map`), fetched into the
-/// cache on first use.
+/// The bzImage of reference kernel `spec` (and its real System.map when `system_map`),
+/// fetched into the cache on first use.
 pub fn fetch(
-    spec: &ImageSpec,
+    spec: &Reference,
     system_map: bool,
     cache_dir: Option<&Path>,
 ) -> Result<ReferenceFiles, ImageError> {
@@ -86,11 +94,9 @@ pub fn fetch(
 /// names now, fetched into `<cache root>/reference/<package>/` on first use; returns
 /// the kernel package's name and its bzImage.
 pub fn fetch_meta(meta: &str, cache_dir: Option<&Path>) -> Result<(String, PathBuf), ImageError> {
-    let package = debian::meta_package_target(meta).ok_or_else(|| ImageError::UnknownImage {
-        name: meta.to_owned(),
-        known: "a Debian linux-image meta-package that apt-cache knows".into(),
-    })?;
-    let release = package.trim_start_matches("linux-image-").to_owned();
+    let req = KernelRequest::parse(meta).map_err(ImageError::Request)?;
+    let target = resolve::resolve(&req).map_err(ImageError::Request)?;
+    let (package, release) = (target.package.clone(), target.release.clone());
     let dir = cache::cache_root(cache_dir)
         .join("reference")
         .join(&release);
@@ -101,7 +107,8 @@ pub fn fetch_meta(meta: &str, cache_dir: Option<&Path>) -> Result<(String, PathB
     let kernel = dir.join(files::KERNEL);
     if !kernel.exists() {
         let work = tempfile::tempdir_in(&dir).map_err(io_err(&dir))?;
-        let debs = debian::download(&[package.as_str()], work.path())?;
+        let pinned = format!("{}={}", target.package, target.version);
+        let debs = debian::download(&[pinned.as_str()], work.path())?;
         let tmp = work.path().join(files::KERNEL);
         debian::extract(
             &debs[0],
@@ -112,13 +119,17 @@ pub fn fetch_meta(meta: &str, cache_dir: Option<&Path>) -> Result<(String, PathB
     Ok((package, kernel))
 }
 
-/// A complete cached image of `spec` built from the `-dbg` package.
-fn dbg_image(root: &Path, spec: &ImageSpec) -> Option<PathBuf> {
-    let images = root.join("images").join(spec.name);
-    fs::read_dir(images).ok()?.flatten().find_map(|e| {
+/// A complete cached image of `spec`'s kernel built from the `-dbg` package.
+fn dbg_image(root: &Path, spec: &Reference) -> Option<PathBuf> {
+    let images = fs::read_dir(root.join("images")).ok()?;
+    let dirs = images
+        .flatten()
+        .filter_map(|d| fs::read_dir(d.path()).ok())
+        .flat_map(|rd| rd.flatten());
+    dirs.into_iter().find_map(|e| {
         let dir = e.path();
         let text = fs::read_to_string(dir.join(cache::MANIFEST)).ok()?;
-        let m: Manifest = serde_json::from_str(&text).ok()?;
+        let m: OldManifest = serde_json::from_str(&text).ok()?;
         (m.format == DBG_IMAGE_FORMAT && m.release == spec.release).then_some(dir)
     })
 }

@@ -63,6 +63,14 @@ pub fn has_qemu() -> std::io::Result<()> {
     }
 }
 
+/// The package of catalogue image `image`'s reference kernel (the one whose profile is
+/// committed), for `--kernel-package`: tests that check facts of that very kernel
+/// (its release in messages, its committed profile) pin it; the catalogue itself
+/// resolves to the newest kernel of the flavour.
+pub fn reference_package(image: &str) -> &'static str {
+    ornament_images::catalog::reference(image).package
+}
+
 /// Can images be built (apt-get and dpkg-deb present, busybox-static installed)?
 /// The error names the first thing missing.
 pub fn can_build_images() -> std::io::Result<()> {

@@ -7,9 +7,11 @@ use ornament_tests::{
 };
 use std::path::PathBuf;
 
-/// Build (or find) an image and return its directory.
+/// Build (or find) an image with its reference kernel (the messages checked here name
+/// that kernel's release) and return its directory.
 fn image_dir(name: &str) -> PathBuf {
-    let (r, _rt) = ornament(&["image", "build", name]);
+    let pin = ornament_tests::reference_package(name);
+    let (r, _rt) = ornament(&["image", "build", name, "--kernel-package", pin]);
     assert_eq!(r.code, Some(0), "image build {name}: {}", r.stderr);
     let line = r.stdout.lines().last().expect("build prints the image");
     PathBuf::from(line.rsplit(": ").next().expect("dir at the end"))

@@ -218,8 +218,13 @@ fn sigkill_of_image_rebuild_leaves_no_partial_image_after_the_next_start() {
     assert_eq!(partial(), Vec::<String>::new(), "partial image left");
     let mut left = entries(&images);
     left.sort();
+    // The lock, the remembered resolution of the kernel package, the image.
     assert_eq!(
         left,
-        vec![".lock".to_owned(), version.to_string_lossy().into_owned()]
+        vec![
+            ".lock".to_owned(),
+            ".resolved.json".to_owned(),
+            version.to_string_lossy().into_owned()
+        ]
     );
 }

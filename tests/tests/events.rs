@@ -108,11 +108,11 @@ fn events_6_12_two_vcpus() {
 #[test]
 fn events_from_a_kernel_file_alone() {
     gate!();
-    let spec = ornament_images::catalog::find("debian-6.12-cloud").expect("catalogue");
-    let files = match ornament_images::reference::fetch(spec, false, None) {
+    let spec = ornament_images::catalog::reference("debian-6.12-cloud");
+    let files = match ornament_images::reference::fetch(&spec, false, None) {
         Ok(f) => f,
         Err(e) => {
-            if !ornament_tests::require(&format!("the bzImage of {} ({e})", spec.name), false) {
+            if !ornament_tests::require(&format!("the bzImage of {} ({e})", spec.package), false) {
                 return;
             }
             unreachable!("require fails under CI");

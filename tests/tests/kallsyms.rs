@@ -31,8 +31,8 @@ fn key(s: &Symbol) -> (u64, String, char) {
 fn kallsyms_from_the_bzimage_equals_the_real_system_map() {
     require_host!("apt-get and dpkg-deb", can_build_images());
     for (image, map_count, absolute, percpu, tables, ks_count) in EXPECTED {
-        let spec = catalog::find(image).expect("catalogue image");
-        let files = match reference::fetch(spec, true, None) {
+        let spec = catalog::reference(image);
+        let files = match reference::fetch(&spec, true, None) {
             Ok(f) => f,
             Err(e) => {
                 let what = format!("the bzImage and -dbg System.map of {image} ({e})");

@@ -7,7 +7,8 @@
 //! The `-dbg` vmlinux (about 600 MB, from a ~300 MB .deb) is fetched once into
 //! `<cache root>/debug/<package>/` and reused.
 
-use ornament_images::{cache_root, debian, ImageSpec, IMAGES};
+use ornament_images::catalog::{self, Reference};
+use ornament_images::{cache_root, debian};
 use ornament_tests::require_host;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -243,7 +244,7 @@ fn parse_pahole(text: &str) -> Result<BTreeMap<String, Layout>, String> {
 /// The full vmlinux (with DWARF) of `spec`'s `-dbg` package, fetched once into
 /// `<cache root>/debug/<package>/` (downloaded and unpacked into a scratch directory
 /// there, then renamed into place, so a file at the final path is complete).
-fn debug_vmlinux(spec: &ImageSpec) -> Result<PathBuf, String> {
+fn debug_vmlinux(spec: &Reference) -> Result<PathBuf, String> {
     let dir = cache_root(None).join("debug").join(spec.dbg_package);
     let vmlinux = dir.join(format!("vmlinux-{}", spec.release));
     if vmlinux.is_file() {
@@ -303,13 +304,10 @@ fn profile_matches_pahole(name: &str) {
         "apt-get and dpkg-deb (to fetch the -dbg package)",
         ornament_tests::can_build_images()
     );
-    let spec = IMAGES
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no image {name} in the catalog"));
+    let spec = catalog::reference(name);
     let vmlinux = require_host!(
         &format!("the -dbg vmlinux of {}", spec.dbg_package),
-        debug_vmlinux(spec)
+        debug_vmlinux(&spec)
     );
     let profile = committed_profile(spec.release);
     let structs = profile["structs"]

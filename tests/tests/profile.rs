@@ -12,9 +12,11 @@ const IMAGES: [(&str, &str); 2] = [
     ("debian-6.12-cloud", "6.12.117+deb12-cloud-amd64"),
 ];
 
-/// `ornament image build NAME`; its directory (the last word of the last stdout line).
+/// `ornament image build NAME --kernel-package` its reference kernel; its directory
+/// (the last word of the last stdout line).
 fn image_dir(name: &str) -> PathBuf {
-    let (r, _rt) = ornament(&["image", "build", name]);
+    let pin = ornament_tests::reference_package(name);
+    let (r, _rt) = ornament(&["image", "build", name, "--kernel-package", pin]);
     assert_eq!(r.code, Some(0), "image build {name}: {}", r.stderr);
     let last = r
         .stdout
@@ -83,8 +85,9 @@ fn committed_profiles_regenerate_byte_for_byte() {
 fn profile_from_the_bzimage_alone_equals_the_committed_one() {
     require_host!("apt-get and dpkg-deb", can_build_images());
     for (image, release) in IMAGES {
-        let spec = catalog::find(image).expect("catalogue image");
-        let files = match reference::fetch(spec, false, None) {
+        let spec = catalog::reference(image);
+        assert_eq!(spec.release, release);
+        let files = match reference::fetch(&spec, false, None) {
             Ok(f) => f,
             Err(e) => {
                 if !require(&format!("the bzImage of {image} ({e})"), false) {

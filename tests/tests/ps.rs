@@ -57,6 +57,9 @@ impl Run {
             "qemu",
             "--image",
             image,
+            // The release checked is the reference kernel's.
+            "--kernel-package",
+            ornament_tests::reference_package(image),
             "--vcpus",
             &vcpus,
             "--timeout",
@@ -380,7 +383,7 @@ fn ps_in_guest(image: &str, release: &str, vcpus: u32, append: Option<&str>) {
         .find_map(|l| l.trim().strip_prefix("PSTEST-TEXT "))
         .and_then(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
         .unwrap_or_else(|| panic!("no PSTEST-TEXT line with an address:\n{console}"));
-    let img = ornament_images::build_image(image, &ornament_images::BuildOptions::default())
+    let img = ornament_images::build_image(image, &ornament_images::BuildOptions::reference(image))
         .expect("the image the guest runs");
     let map = std::fs::read_to_string(img.system_map()).expect("System.map");
     let map_text = map

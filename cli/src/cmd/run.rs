@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// Guest image to boot (see `ornament image list`); built on first use.
     #[arg(long, default_value = DEFAULT_IMAGE, conflicts_with = "kernel")]
     image: String,
+    /// Build the image's kernel from this Debian package instead of the newest of the
+    /// image's meta-packages: a meta-package or a kernel package, at VERSION if given.
+    #[arg(long, value_name = "NAME[=VERSION]", conflicts_with = "kernel")]
+    kernel_package: Option<String>,
     /// Boot this kernel (bzImage or ELF vmlinux) instead of an image's.
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
@@ -170,9 +174,12 @@ fn resolve(a: &RunArgs) -> Result<Boot> {
         Some(k) => {
             let initrd = match &a.initrd {
                 Some(i) => i.clone(),
-                None => build_image(DEFAULT_IMAGE, &opts)
-                    .context("building the default image for its initramfs")?
-                    .initramfs(),
+                None => {
+                    let img = build_image(DEFAULT_IMAGE, &opts)
+                        .context("building the default image for its initramfs")?;
+                    super::image::announce_skipped(&img);
+                    img.initramfs()
+                }
             };
             Ok(Boot {
                 kernel: k.clone(),
@@ -182,8 +189,13 @@ fn resolve(a: &RunArgs) -> Result<Boot> {
             })
         }
         None => {
+            let opts = BuildOptions {
+                kernel_package: a.kernel_package.clone(),
+                ..opts
+            };
             let img = build_image(&a.image, &opts)
                 .with_context(|| format!("preparing image {}", a.image))?;
+            super::image::announce_skipped(&img);
             Ok(Boot {
                 kernel: img.kernel(),
                 initrd: img.initramfs(),

@@ -295,11 +295,14 @@ mod tests {
     fn kernel_files(release: &str) -> Option<(PathBuf, PathBuf)> {
         let spec = ornament_images::IMAGES
             .iter()
-            .find(|s| s.release == release)
-            .unwrap_or_else(|| panic!("no image in the catalog has kernel {release}"));
+            .find(|s| s.reference.is_some_and(|r| r.release == release))
+            .unwrap_or_else(|| panic!("no image in the catalog has reference kernel {release}"));
         let img = ornament_test_gate::require(
-            &format!("image {}", spec.name),
-            ornament_images::build_image(spec.name, &ornament_images::BuildOptions::default()),
+            &format!("image {} with kernel {release}", spec.name),
+            ornament_images::build_image(
+                spec.name,
+                &ornament_images::BuildOptions::reference(spec.name),
+            ),
         )?;
         Some((
             img.system_map(),

@@ -103,7 +103,8 @@ mod tests {
             "the default guest image",
             ornament_images::build_image(
                 ornament_images::DEFAULT_IMAGE,
-                &ornament_images::BuildOptions::default(),
+                // The reference kernel (6.1.0-50-cloud): the addresses below are its.
+                &ornament_images::BuildOptions::reference(ornament_images::DEFAULT_IMAGE),
             )
         );
         let vmlinux = img.path(ornament_images::image::files::VMLINUX);

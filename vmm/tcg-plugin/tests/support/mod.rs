@@ -31,9 +31,10 @@ use std::time::{Duration, Instant};
 pub fn default_image() -> Result<(PathBuf, PathBuf), String> {
     static IMG: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
     IMG.get_or_init(|| {
+        // The reference kernel of the default image: its profile is committed.
         let img = ornament_images::build_image(
             ornament_images::DEFAULT_IMAGE,
-            &ornament_images::BuildOptions::default(),
+            &ornament_images::BuildOptions::reference(ornament_images::DEFAULT_IMAGE),
         )
         .map_err(|e| format!("building the default image: {e}"))?;
         Ok((img.kernel(), img.system_map()))
