@@ -14,6 +14,8 @@ use ornament_engine::{Engine, EngineEvent};
 use ornament_introspect::kaslr::KernelLayout;
 use ornament_introspect::profile::Profile;
 use ornament_introspect::session::{Limits, SessionError};
+use ornament_introspect::symbols::SymbolTable;
+use ornament_kvm::arm_point::ARM_POINT_SYMBOL;
 use ornament_kvm::linux_engine::{LinuxBoot, LinuxEngine};
 use ornament_kvm::trap::TrapKind;
 use std::path::{Path, PathBuf};
@@ -58,11 +60,20 @@ pub fn run(
     extra: Option<Extra>,
 ) -> Result<u8> {
     // Probes are armed when the kernel first reaches kernel_execve (link-time address:
-    // the kernel runs with nokaslr), whatever the console prints.
-    let arm_point = b
-        .watch
-        .as_ref()
-        .and_then(|(_, p)| p.symbol(ornament_kvm::arm_point::ARM_POINT_SYMBOL).ok());
+    // the kernel runs with nokaslr), whatever the console prints: from the profile, else
+    // from the kernel's System.map.
+    let arm_point = b.watch.as_ref().and_then(|(_, p)| {
+        p.symbol(ARM_POINT_SYMBOL).ok().or_else(|| {
+            let map = b.system_map.as_deref()?;
+            match SymbolTable::from_system_map(map) {
+                Ok(t) => t.lookup(ARM_POINT_SYMBOL),
+                Err(e) => {
+                    tracing::warn!(map = %map.display(), error = %e, "cannot read the System.map");
+                    None
+                }
+            }
+        })
+    });
     let mut engine = LinuxEngine::boot(LinuxBoot {
         kernel: b.kernel,
         initrd: Some(b.initrd),
