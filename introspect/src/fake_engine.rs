@@ -236,12 +236,9 @@ impl Engine for FakeEngine {
         if self.ended {
             return Err(EngineError::GuestGone);
         }
-        if let Some(h) = &self.held {
-            return Err(EngineError::Unsupported(if h.held {
-                "a held hit was not answered"
-            } else {
-                "unreachable"
-            }));
+        // Only held hits are kept: the session must answer one before asking for more.
+        if self.held.is_some() {
+            return Err(EngineError::Unsupported("a held hit was not answered"));
         }
         if self.pausing {
             self.pausing = false;

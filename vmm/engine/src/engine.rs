@@ -19,7 +19,7 @@ use crate::addr::Gva;
 use crate::hit::{ProbeHit, ProbeId};
 use crate::mem::PhysMemory;
 use crate::regs::Regs;
-use crate::wire::ProbeSpec;
+use crate::wire::{MemRead, ProbeSpec, Reg, RegMask};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,6 +130,38 @@ pub struct DenyOffsets {
     pub syscall_emu_bit: u32,
     /// Offset of `ax` in `struct pt_regs`.
     pub pt_regs_ax_offset: u64,
+}
+
+impl DenyOffsets {
+    /// The spec for a held probe at `do_syscall_64` that reports only the listed syscall
+    /// numbers (`rsi`) and carries what a deny through memory needs: rdi (pt_regs), rsi,
+    /// cr3, cr4, gs_base plus `extra` registers, and memory read 0 = the current task.
+    pub fn entry_spec(&self, syscalls: &[u64], extra: RegMask) -> ProbeSpec {
+        let mut spec = ProbeSpec::regs(RegMask(
+            RegMask::of(&[
+                Reg::Rdi,
+                Reg::Rsi,
+                Reg::Cr3,
+                Reg::Cr4,
+                Reg::GsBase,
+                Reg::Rip,
+            ])
+            .0 | extra.0,
+        ))
+        .with_filter(Reg::Rsi, syscalls);
+        spec.hold = true;
+        spec.mem[0] = MemRead::at_reg(Reg::GsBase, self.current_task_offset, 8);
+        spec
+    }
+
+    /// The spec for the held probe at `syscall_exit_to_user_mode` where a deny is undone:
+    /// the page tables and memory read 0 = the current task.
+    pub fn exit_spec(&self) -> ProbeSpec {
+        let mut spec = ProbeSpec::regs(RegMask::of(&[Reg::Cr3, Reg::Cr4, Reg::GsBase]));
+        spec.hold = true;
+        spec.mem[0] = MemRead::at_reg(Reg::GsBase, self.current_task_offset, 8);
+        spec
+    }
 }
 
 /// A machine running a guest, seen from `introspect`.

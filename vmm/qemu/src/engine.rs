@@ -478,13 +478,7 @@ impl Engine for QemuEngine {
         let ram = self.ram.clone();
         match &mut self.backend {
             Backend::Plugin { link, deny, .. } => {
-                let cfg = DenyConfig {
-                    syscall_exit: o.syscall_exit,
-                    current_task_offset: o.current_task_offset,
-                    syscall_work_offset: o.syscall_work_offset,
-                    syscall_emu_bit: o.syscall_emu_bit,
-                    pt_regs_ax_offset: o.pt_regs_ax_offset,
-                };
+                let cfg = *o;
                 link.enable_deny(cfg, ram).map_err(EngineError::backend)?;
                 *deny = Some(cfg);
                 Ok(())

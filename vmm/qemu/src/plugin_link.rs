@@ -31,8 +31,8 @@
 //! Every offset comes from the caller (a kernel profile), none is a constant here.
 
 use ornament_engine::wire::{
-    self, AnswerRecord, ArmRecord, DisarmRecord, ErrorRecord, HitRecord, MemRead, Msg, ProbeSpec,
-    RamPaging, RamRecord, RamRegion, Reg, RegMask, ARM_ENABLED, MAX_MEM_READS,
+    self, AnswerRecord, ArmRecord, DisarmRecord, ErrorRecord, HitRecord, Msg, ProbeSpec, RamPaging,
+    RamRecord, RamRegion, RegMask, ARM_ENABLED, MAX_MEM_READS,
 };
 use ornament_engine::{Action, Gpa, Gva, MemError, PhysMemory, ProbeHit, ProbeId};
 use std::collections::{HashMap, VecDeque};
@@ -103,50 +103,10 @@ pub trait GuestRam: PhysMemory {
     fn fetch_and_u64(&self, gpa: Gpa, mask: u64) -> Result<u64, MemError>;
 }
 
-/// Kernel facts a deny needs, all from the guest's profile (nothing here is a constant).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DenyConfig {
-    /// Address of `syscall_exit_to_user_mode` (slide applied).
-    pub syscall_exit: Gva,
-    /// Per-CPU offset of `current_task` (added to `gs_base` in kernel mode).
-    pub current_task_offset: u64,
-    /// Offset of `thread_info.syscall_work` in `task_struct` (x86-64: thread_info is at 0).
-    pub syscall_work_offset: u64,
-    /// `SYSCALL_WORK_BIT_SYSCALL_EMU`.
-    pub syscall_emu_bit: u32,
-    /// Offset of `ax` in `struct pt_regs`.
-    pub pt_regs_ax_offset: u64,
-}
-
-impl DenyConfig {
-    /// The spec for a held probe at `do_syscall_64` that reports only the listed syscall
-    /// numbers (`rsi`) and carries what a deny needs: rdi (pt_regs), rsi, cr3, cr4, gs_base
-    /// plus `extra` registers, and memory read 0 = the current task.
-    pub fn entry_spec(&self, syscalls: &[u64], extra: RegMask) -> ProbeSpec {
-        let mut spec = ProbeSpec::regs(RegMask(
-            RegMask::of(&[
-                Reg::Rdi,
-                Reg::Rsi,
-                Reg::Cr3,
-                Reg::Cr4,
-                Reg::GsBase,
-                Reg::Rip,
-            ])
-            .0 | extra.0,
-        ))
-        .with_filter(Reg::Rsi, syscalls);
-        spec.hold = true;
-        spec.mem[0] = MemRead::at_reg(Reg::GsBase, self.current_task_offset, 8);
-        spec
-    }
-
-    fn exit_spec(&self) -> ProbeSpec {
-        let mut spec = ProbeSpec::regs(RegMask::of(&[Reg::Cr3, Reg::Cr4, Reg::GsBase]));
-        spec.hold = true;
-        spec.mem[0] = MemRead::at_reg(Reg::GsBase, self.current_task_offset, 8);
-        spec
-    }
-}
+/// Kernel facts a deny needs, all from the guest's profile: the engine seam's
+/// [`DenyOffsets`], with the probe specs of the deny path
+/// ([`DenyOffsets::entry_spec`], [`DenyOffsets::exit_spec`]).
+pub use ornament_engine::DenyOffsets as DenyConfig;
 
 /// A hit as the plugin reported it: the engine's [`ProbeHit`] plus the probe's memory reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -831,6 +791,7 @@ pub use ornament_engine::paging::translate;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ornament_engine::wire::Reg;
     use ornament_engine::wire::{put_hit_head, put_hit_value, Hello, HIT_HELD};
     use ornament_engine::SliceMemory;
 
