@@ -5,7 +5,7 @@ use std::path::Path;
 /// `--engine` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineChoice {
-    /// Our KVM VMM where KVM can run an unmodified kernel, else QEMU.
+    /// Our KVM VMM on hardware KVM (unless the run needs QEMU), else QEMU.
     Auto,
     /// Our own KVM VMM.
     Kvm,
@@ -77,14 +77,38 @@ pub enum SelectError {
     KvmEngineNotReady,
 }
 
-/// Decide, and say why.
-pub fn select(choice: EngineChoice, force: bool) -> Result<(Selected, String), SelectError> {
-    let kind = kvm_kind();
+/// Decide, and say why. `needs_qemu` names what the run asks for that only QEMU
+/// offers (every-syscall watching, a QEMU trap backend, a QEMU binary), if anything:
+/// `auto` then takes QEMU even on hardware KVM.
+pub fn select(
+    choice: EngineChoice,
+    force: bool,
+    needs_qemu: Option<&str>,
+) -> Result<(Selected, String), SelectError> {
+    decide(kvm_kind(), choice, force, needs_qemu)
+}
+
+fn decide(
+    kind: KvmKind,
+    choice: EngineChoice,
+    force: bool,
+    needs_qemu: Option<&str>,
+) -> Result<(Selected, String), SelectError> {
     match choice {
+        EngineChoice::Auto if kind == KvmKind::Hardware => Ok(match needs_qemu {
+            None => (
+                Selected::Kvm { pvm_compat: false },
+                "engine kvm: KVM is hardware virtualization here, so ornament's own VMM runs the guest (probes trapped by KVM exits; --engine qemu for QEMU)".to_owned(),
+            ),
+            Some(what) => (
+                Selected::QemuKvm,
+                format!("engine qemu with KVM acceleration: KVM is hardware here, but {what} needs QEMU"),
+            ),
+        }),
         EngineChoice::Qemu | EngineChoice::Auto => Ok(match kind {
             KvmKind::Hardware => (
                 Selected::QemuKvm,
-                "engine qemu with KVM acceleration: KVM is hardware here, and ornament's own KVM VMM does not boot Linux yet".to_owned(),
+                "engine qemu with KVM acceleration (KVM is hardware here)".to_owned(),
             ),
             KvmKind::Pvm if choice == EngineChoice::Auto => (
                 Selected::QemuTcg,
@@ -106,9 +130,54 @@ pub fn select(choice: EngineChoice, force: bool) -> Result<(Selected, String), S
             KvmKind::Inaccessible => Err(SelectError::KvmInaccessible),
             KvmKind::Hardware => Ok((
                 Selected::Kvm { pvm_compat: false },
-                "engine kvm (ornament's own VMM on hardware KVM; not yet tested on such a host)".to_owned(),
+                "engine kvm (ornament's own VMM on hardware KVM)".to_owned(),
             )),
             KvmKind::Unknown => Err(SelectError::KvmEngineNotReady),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_our_vmm_on_hardware_kvm_unless_the_run_needs_qemu() {
+        let (s, why) = decide(KvmKind::Hardware, EngineChoice::Auto, false, None).unwrap();
+        assert_eq!(s, Selected::Kvm { pvm_compat: false });
+        assert!(why.starts_with("engine kvm: KVM is hardware"), "{why}");
+        let (s, why) = decide(
+            KvmKind::Hardware,
+            EngineChoice::Auto,
+            false,
+            Some("--watch syscall (every syscall)"),
+        )
+        .unwrap();
+        assert_eq!(s, Selected::QemuKvm);
+        assert!(
+            why.ends_with("--watch syscall (every syscall) needs QEMU"),
+            "{why}"
+        );
+        let (s, _) = decide(KvmKind::Hardware, EngineChoice::Qemu, false, None).unwrap();
+        assert_eq!(s, Selected::QemuKvm);
+    }
+
+    #[test]
+    fn auto_takes_qemu_tcg_on_pvm_and_without_kvm() {
+        for kind in [
+            KvmKind::Pvm,
+            KvmKind::Absent,
+            KvmKind::Inaccessible,
+            KvmKind::Unknown,
+        ] {
+            let (s, _) = decide(kind, EngineChoice::Auto, false, None).unwrap();
+            assert_eq!(s, Selected::QemuTcg, "{kind:?}");
+        }
+        assert!(matches!(
+            decide(KvmKind::Pvm, EngineChoice::Kvm, false, None),
+            Err(SelectError::KvmIsPvm)
+        ));
+        let (s, _) = decide(KvmKind::Pvm, EngineChoice::Kvm, true, None).unwrap();
+        assert_eq!(s, Selected::Kvm { pvm_compat: true });
     }
 }

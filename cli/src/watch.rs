@@ -174,6 +174,22 @@ impl WatchArgs {
     }
 }
 
+impl WatchPlan {
+    /// What of this plan only QEMU offers, said as the user asked it, if anything:
+    /// every-syscall watching (our VMM traps fentry sites, one per named syscall) or a
+    /// QEMU trap backend.
+    pub fn needs_qemu(&self) -> Option<String> {
+        if self.cfg.syscalls == SyscallWatch::All {
+            return Some("--watch syscall (every syscall)".to_owned());
+        }
+        match self.trap {
+            TrapChoice::Auto => None,
+            TrapChoice::Plugin => Some("--trap plugin".to_owned()),
+            TrapChoice::Gdbstub => Some("--trap gdbstub".to_owned()),
+        }
+    }
+}
+
 impl TrapChoice {
     /// The engine's own name for the choice.
     pub fn engine(self) -> ornament_qemu::TrapChoice {

@@ -112,10 +112,41 @@ fn our_vmm_on_nested_svm_gives_exit_status_events_and_passes_its_tests() {
     assert!(!modules.lines().any(|m| m == "kvm_pvm"), "{modules}");
     assert!(read(&out, "dev-kvm").contains("/dev/kvm"));
 
-    // The command's exit status, without --force, on our VMM.
+    // doctor: hardware KVM, every trap backend self-tested with its cost per hit, and
+    // auto picking our VMM.
+    let doctor = read(&out, "doctor.out");
+    assert_eq!(status(&out, "doctor"), 0, "{doctor}");
+    assert!(doctor.lines().any(|l| l == "kvm: hardware"), "{doctor}");
+    for trap in ["patched-site", "debug-regs"] {
+        let line = doctor
+            .lines()
+            .find(|l| l.starts_with(&format!("kvm trap {trap}:")))
+            .unwrap_or_else(|| panic!("doctor reports no {trap} backend:\n{doctor}"));
+        assert!(
+            line.contains(": works (") && line.ends_with(" us per hit)"),
+            "{line}"
+        );
+    }
+    assert!(doctor.contains("kvm exit round trip: "), "{doctor}");
+    assert!(
+        doctor.contains("engine auto: engine kvm: KVM is hardware"),
+        "{doctor}"
+    );
+
+    // The command's exit status, without --force, on our VMM, which auto picks.
     let err = read(&out, "exit7.err");
     assert_eq!(status(&out, "exit7"), 7, "{err}");
-    assert!(err.contains("ornament: engine kvm"), "{err}");
+    assert!(
+        err.contains("ornament: engine kvm: KVM is hardware virtualization here"),
+        "{err}"
+    );
+    // The guest keeps time with kvmclock (KVM's paravirtual clock, offered through the
+    // CPUID leaves KVM reports as supported), and the CMOS RTC gave it the date.
+    assert!(
+        err.contains("clocksource: Switched to clocksource kvm-clock"),
+        "{err}"
+    );
+    assert!(err.contains("setting system clock to 20"), "{err}");
 
     // The workload's events are exactly its ground truth, on 1, 2 and 4 vCPUs, with the
     // console quiet (the kernel never printed `Run /init`: arming did not need it).

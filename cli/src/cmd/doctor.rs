@@ -69,7 +69,7 @@ pub fn run(a: DoctorArgs) -> Result<()> {
         plugin_api: q.plugin_api,
         plugin_library: ornament_qemu::engine::find_plugin().map(|p| p.display().to_string()),
     });
-    let (auto, reason) = match select::select(EngineChoice::Auto, false) {
+    let (auto, reason) = match select::select(EngineChoice::Auto, false, None) {
         Ok((s, why)) => (format!("{s:?}"), why),
         Err(e) => ("none".to_owned(), e.to_string()),
     };

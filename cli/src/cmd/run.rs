@@ -236,7 +236,14 @@ pub fn run_with(a: RunArgs, extra: Option<Extra>) -> Result<u8> {
             bail!("--add {}: no such file on the host", host.display());
         }
     }
-    let (selected, why) = select::select(a.engine, a.force)?;
+    let mut watch = a.watch.plan()?;
+    if let Some(x) = &extra {
+        watch.extend(x);
+    }
+    let needs_qemu = watch
+        .needs_qemu()
+        .or_else(|| a.qemu.as_ref().map(|q| format!("--qemu {}", q.display())));
+    let (selected, why) = select::select(a.engine, a.force, needs_qemu.as_deref())?;
     eprintln!("ornament: {why}");
 
     let boot = resolve(&a)?;
@@ -263,10 +270,6 @@ pub fn run_with(a: RunArgs, extra: Option<Extra>) -> Result<u8> {
         .transpose()?;
     tracing::info!(?kind, "kernel");
 
-    let mut watch = a.watch.plan()?;
-    if let Some(x) = &extra {
-        watch.extend(x);
-    }
     // Every run observes the command's exit, so every run wants the kernel's profile:
     // the image's, --profile, or one made from the --kernel file itself (cached).
     let made = match (&a.profile, &boot.image_dir) {
