@@ -133,7 +133,8 @@ fn our_vmm_on_nested_svm_gives_exit_status_events_and_passes_its_tests() {
         "{doctor}"
     );
 
-    // The command's exit status, without --force, on our VMM, which auto picks.
+    // The command's exit status, without --force, on our VMM, which auto picks, booting
+    // the bzImage given as --kernel (decompressed by ornament; profile made from it).
     let err = read(&out, "exit7.err");
     assert_eq!(status(&out, "exit7"), 7, "{err}");
     assert!(

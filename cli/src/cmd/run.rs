@@ -296,16 +296,23 @@ pub fn run_with(a: RunArgs, extra: Option<Extra>) -> Result<u8> {
     };
     if let Selected::Kvm { pvm_compat } = selected {
         // Our VMM boots the ELF vmlinux directly (the bzImage decompressor alone
-        // takes minutes in emulated kernel mode).
+        // takes minutes in emulated kernel mode, and the layout is the link-time one
+        // either way: `nokaslr` below): a bzImage is decompressed here, as the image
+        // build does.
+        let dir = private_dir()?;
         let kernel = match (&boot.image_dir, &kind) {
-            (Some(dir), _) => dir.join(files::VMLINUX),
+            (Some(image), _) => image.join(files::VMLINUX),
             (None, kernel_file::KernelKind::Elf) => boot.kernel.clone(),
             (None, _) => {
-                eprintln!("ornament: warning: {} is a bzImage; under PVM its decompressor alone takes minutes (an ELF vmlinux boots directly)", boot.kernel.display());
-                boot.kernel.clone()
+                let v = ornament_introspect::bzimage::read_vmlinux(&boot.kernel)?;
+                let elf = dir.path().join("vmlinux");
+                std::fs::write(&elf, &v.bytes).with_context(|| {
+                    format!("writing the decompressed kernel {}", elf.display())
+                })?;
+                tracing::info!(compression = ?v.compression, bytes = v.bytes.len(), "bzImage decompressed for our VMM");
+                elf
             }
         };
-        let dir = private_dir()?;
         let initrd = dir.path().join("initramfs");
         write_initrd(&a, &add, &boot.initrd, &initrd)?;
         let mut cmdline = kernel_cmdline(a.append.as_deref());
