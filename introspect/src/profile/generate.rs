@@ -50,6 +50,9 @@ const OPTIONAL_SYMBOLS: &[&str] = &[
     "vmemmap_base",
     "do_group_exit",
     "release_task",
+    // Where our VMM arms its probes (the first exec of user space): with it in the
+    // profile, a kernel given as a bzImage alone (no System.map) arms there too.
+    "kernel_execve",
 ];
 
 /// Struct members recorded: (struct, required members, optional members).

@@ -1,12 +1,12 @@
 //! ACPI tables, so Linux finds every vCPU (its cloud config has no MP tables): RSDP,
-//! XSDT, FADT (hardware-reduced), a DSDT describing the two UARTs, and a MADT with one
+//! XSDT, FADT (hardware-reduced), a DSDT describing the two UARTs and the RTC, and a MADT with one
 //! local APIC per vCPU, the I/O APIC and the PC's IRQ 0 -> GSI 2 override. Pure: bytes
 //! out. The DSDT's AML comes from rust-vmm's `acpi_tables`.
 
 use acpi_tables::{aml, Aml, AmlSink};
 
 use crate::layout::{
-    PortRange, ACPI_TABLES_SIZE, ACPI_TABLES_START, APIC_START, IOAPIC_START, RSDP_START,
+    PortRange, ACPI_TABLES_SIZE, ACPI_TABLES_START, APIC_START, IOAPIC_START, RSDP_START, RTC,
     SERIAL_COM1, SERIAL_COM1_IRQ, SERIAL_COM2, SERIAL_COM2_IRQ,
 };
 
@@ -61,30 +61,48 @@ fn finish(mut t: Vec<u8>) -> Vec<u8> {
     t
 }
 
-/// One 16550 UART as an ACPI device (`PNP0501`) with its ports and its interrupt.
-fn uart_aml(name: &str, uid: u8, ports: PortRange, irq: u32, out: &mut Vec<u8>) {
+/// One ISA device under `\_SB` (`_HID`, `_UID`, and a `_CRS` of its ports and, when it
+/// has one, its interrupt).
+fn isa_device_aml(
+    name: &str,
+    hid: &str,
+    uid: u8,
+    ports: PortRange,
+    irq: Option<u32>,
+    out: &mut Vec<u8>,
+) {
     let len = u8::try_from(ports.len).unwrap_or(8);
-    let hid = aml::EISAName::new("PNP0501");
+    let hid = aml::EISAName::new(hid);
     let io = aml::IO::new(ports.base, ports.base, 1, len);
     // Consumer, edge-triggered, active high, exclusive: the ISA line the VMM's irqfd
     // raises.
-    let int = aml::Interrupt::new(true, true, false, false, irq);
-    let crs = aml::ResourceTemplate::new(vec![&io, &int]);
+    let int = irq.map(|irq| aml::Interrupt::new(true, true, false, false, irq));
+    let mut resources: Vec<&dyn Aml> = vec![&io];
+    if let Some(int) = &int {
+        resources.push(int);
+    }
+    let crs = aml::ResourceTemplate::new(resources);
     let hid_name = aml::Name::new("_HID".into(), &hid);
     let uid_name = aml::Name::new("_UID".into(), &uid);
     let crs_name = aml::Name::new("_CRS".into(), &crs);
     aml::Device::new(name.into(), vec![&hid_name, &uid_name, &crs_name]).to_aml_bytes(out);
 }
 
-/// The DSDT: COM1 and COM2 under `\_SB`. With a hardware-reduced FADT Linux has no
-/// legacy PIC and maps no ISA IRQ by itself, so the legacy 8250 ports' `request_irq`
-/// fails and user space gets no console; described here, `8250_pnp` takes the ports
-/// over with an interrupt mapped through the I/O APIC (as Firecracker and Cloud
-/// Hypervisor describe theirs).
+/// The DSDT: COM1, COM2 and the CMOS RTC under `\_SB`. With a hardware-reduced FADT
+/// Linux has no legacy PIC and maps no ISA IRQ by itself, so the legacy 8250 ports'
+/// `request_irq` fails and user space gets no console; described here, `8250_pnp` takes
+/// the ports over with an interrupt mapped through the I/O APIC (as Firecracker and
+/// Cloud Hypervisor describe theirs). The RTC (`PNP0B00`) is described without an
+/// interrupt (its alarms and periodic interrupt are not modelled): left to the
+/// kernel's own platform device, `rtc_cmos` asks for ISA IRQ 8, which no legacy PIC
+/// backs here, and its probe fails (-EINVAL), so nothing sets the clock from it.
 pub fn dsdt() -> Vec<u8> {
     let mut devices = Vec::new();
-    uart_aml("COM1", 1, SERIAL_COM1, SERIAL_COM1_IRQ, &mut devices);
-    uart_aml("COM2", 2, SERIAL_COM2, SERIAL_COM2_IRQ, &mut devices);
+    let com1 = Some(SERIAL_COM1_IRQ);
+    isa_device_aml("COM1", "PNP0501", 1, SERIAL_COM1, com1, &mut devices);
+    let com2 = Some(SERIAL_COM2_IRQ);
+    isa_device_aml("COM2", "PNP0501", 2, SERIAL_COM2, com2, &mut devices);
+    isa_device_aml("RTC_", "PNP0B00", 0, RTC, None, &mut devices);
     let mut t = header(b"DSDT", HEADER_LEN, 2);
     let body = RawAml(&devices);
     aml::Scope::new("\\_SB_".into(), vec![&body]).to_aml_bytes(&mut t);
@@ -265,14 +283,14 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_describes_both_uarts() {
+    fn dsdt_describes_both_uarts_and_the_rtc() {
         let d = dsdt();
         assert!(sums_to_zero(&d));
         assert_eq!(&d[..4], b"DSDT");
         let body = &d[HEADER_LEN..];
-        // Scope(\_SB_) then two Device()s (ExtOpPrefix 0x5b, DeviceOp 0x82).
+        // Scope(\_SB_) then three Device()s (ExtOpPrefix 0x5b, DeviceOp 0x82).
         assert_eq!(body[0], 0x10);
-        assert_eq!(body.windows(2).filter(|w| w == &[0x5b, 0x82]).count(), 2);
+        assert_eq!(body.windows(2).filter(|w| w == &[0x5b, 0x82]).count(), 3);
         for (name, port, irq) in [(b"COM1", 0x3f8u16, 4u8), (b"COM2", 0x2f8, 3)] {
             assert!(body.windows(4).any(|w| w == name));
             // IO port descriptor: decode16, min, max, alignment 1, 8 ports.
@@ -290,6 +308,16 @@ mod tests {
                 .count(),
             2
         );
+        // The RTC: EISA id PNP0B00, ports 0x70-0x71, and no interrupt descriptor
+        // (0x89) between its IO descriptor and the end of its resource template.
+        assert!(body.windows(4).any(|w| w == b"RTC_"));
+        assert!(body.windows(5).any(|w| w == [0x0c, 0x41, 0xd0, 0x0b, 0x00]));
+        let io = [0x47, 1, 0x70, 0, 0x70, 0, 1, 2];
+        let at = body
+            .windows(8)
+            .position(|w| w == io)
+            .expect("the RTC's ports");
+        assert_eq!(body[at + 8], 0x79, "end tag right after the RTC's ports");
         if let Some(path) = std::env::var_os("ORNAMENT_DUMP_DSDT") {
             std::fs::write(path, &d).expect("write the DSDT");
         }
