@@ -8,6 +8,7 @@ use crate::vcpu::{KvmVcpu, PauseGate, VcpuError, VcpuEvent};
 use crate::vm::KvmVm;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
 
 /// Why a machine could not run.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -35,13 +36,30 @@ pub struct RunControl {
     threads: Arc<Mutex<Vec<Option<libc::pthread_t>>>>,
     /// The trap generation the vCPUs were last kicked for ([`Kicker::kick_if_moved`]).
     kicked_generation: Arc<AtomicU64>,
+    /// Per vCPU slot, the trap generation its guest-debug state holds ([`Kicker::ack`]).
+    acks: Arc<Mutex<Arc<[AtomicU64]>>>,
 }
+
+/// An acknowledgement that says "not in `KVM_RUN`: syncs before it enters the guest"
+/// (a parked or finished vCPU).
+pub const ACK_OUTSIDE: u64 = u64::MAX;
+
+/// How long a vCPU that moved the trap generation waits for the others to load it
+/// before it lets its guest go on ([`Kicker::kick_and_wait`]).
+pub const ARM_BARRIER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How often the barrier re-kicks: a kick that lands just before a vCPU enters
+/// `KVM_RUN` does not interrupt it, the next one does.
+const ARM_BARRIER_REKICK: Duration = Duration::from_micros(200);
 
 /// Interrupts every running vCPU's `KVM_RUN` once (a handle vCPU threads can keep).
 #[derive(Debug, Clone)]
 pub struct Kicker {
     threads: Arc<Mutex<Vec<Option<libc::pthread_t>>>>,
     kicked_generation: Arc<AtomicU64>,
+    acks: Arc<[AtomicU64]>,
+    /// The vCPU slot this handle belongs to (`None`: not a vCPU thread).
+    slot: Option<usize>,
 }
 
 impl Kicker {
@@ -61,6 +79,48 @@ impl Kicker {
         }
         self.kick();
         true
+    }
+
+    /// Record that this handle's vCPU holds `generation` in its guest-debug state
+    /// ([`ACK_OUTSIDE`] while it is parked, outside `KVM_RUN`).
+    pub fn ack(&self, generation: u64) {
+        if let Some(a) = self.slot.and_then(|s| self.acks.get(s)) {
+            a.store(generation, Ordering::SeqCst);
+        }
+    }
+
+    /// Kick until every other running vCPU has acknowledged `generation` (or a later
+    /// one), at most `timeout`: per-vCPU state such as debug registers then holds
+    /// the new probes on every vCPU before the caller's guest runs on, so a hit on
+    /// another vCPU right after an arm is not missed. True when all acknowledged.
+    pub fn kick_and_wait(&self, generation: u64, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            let waiting: Vec<usize> = {
+                let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+                (0..self.acks.len())
+                    .filter(|&i| Some(i) != self.slot)
+                    .filter(|&i| threads.get(i).is_some_and(Option::is_some))
+                    .filter(|&i| {
+                        let a = self.acks[i].load(Ordering::SeqCst);
+                        a != ACK_OUTSIDE && a < generation
+                    })
+                    .collect()
+            };
+            if waiting.is_empty() {
+                return true;
+            }
+            if start.elapsed() >= timeout {
+                tracing::warn!(
+                    ?waiting,
+                    generation,
+                    "vCPUs did not load the new probes in time"
+                );
+                return false;
+            }
+            self.kick();
+            std::thread::sleep(ARM_BARRIER_REKICK);
+        }
     }
 }
 
@@ -95,11 +155,19 @@ impl RunControl {
         kick_threads(&self.threads);
     }
 
-    /// A handle that kicks the same threads.
+    /// A handle that kicks the same threads (not a vCPU's own: it acknowledges
+    /// nothing).
     pub fn kicker(&self) -> Kicker {
+        self.kicker_for(None)
+    }
+
+    /// The handle of the vCPU thread in `slot` (`None`: of no vCPU).
+    fn kicker_for(&self, slot: Option<usize>) -> Kicker {
         Kicker {
             threads: self.threads.clone(),
             kicked_generation: self.kicked_generation.clone(),
+            acks: self.acks.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            slot,
         }
     }
 
@@ -176,6 +244,8 @@ impl Machine {
         let pvm = self.pvm.clone();
         let n = self.vcpus.len();
         *control.threads.lock().unwrap_or_else(|p| p.into_inner()) = vec![None; n];
+        *control.acks.lock().unwrap_or_else(|p| p.into_inner()) =
+            (0..n).map(|_| AtomicU64::new(0)).collect();
         std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .vcpus
@@ -197,9 +267,12 @@ impl Machine {
                         ctx.gate = gate;
                         ctx.memory = memory;
                         ctx.pvm = pvm;
-                        ctx.kicker = Some(control.kicker());
+                        ctx.kicker = Some(control.kicker_for(Some(slot)));
                         let result = vcpu.run(&mut ctx, &mut |i, ev| on_event(i, ev));
                         control.threads.lock().unwrap_or_else(|p| p.into_inner())[slot] = None;
+                        if let Some(k) = &ctx.kicker {
+                            k.ack(ACK_OUTSIDE);
+                        }
                         let ends_machine = match &result {
                             Ok(StopReason::Stopped) => false,
                             Ok(_) => stop_all,
@@ -243,5 +316,40 @@ mod tests {
         assert!(!b.kick_if_moved(3), "the others do not kick again");
         assert!(!a.kick_if_moved(3));
         assert!(b.kick_if_moved(4));
+    }
+
+    #[test]
+    fn an_arm_waits_until_the_other_vcpus_acknowledge() {
+        install_kick_handler().expect("handler");
+        let control = RunControl::new();
+        *control.acks.lock().expect("acks") = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let (me, other, parked) = (
+            control.kicker_for(Some(0)),
+            control.kicker_for(Some(1)),
+            control.kicker_for(Some(2)),
+        );
+        // Nobody runs: nothing to wait for.
+        assert!(me.kick_and_wait(5, Duration::ZERO));
+        // Slot 1 is a running thread (kicks reach it) that holds generation 4; slot 2
+        // is parked (outside KVM_RUN), which never holds an arm up.
+        parked.ack(ACK_OUTSIDE);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() }).expect("send");
+            other.ack(4);
+            std::thread::sleep(Duration::from_millis(50));
+            other.ack(5);
+        });
+        let pthread = rx.recv().expect("thread");
+        {
+            let mut threads = control.threads.lock().expect("threads");
+            *threads = vec![None, Some(pthread), Some(pthread)];
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!me.kick_and_wait(5, Duration::from_millis(1)), "4 < 5");
+        assert!(me.kick_and_wait(5, Duration::from_secs(5)), "acknowledged");
+        control.threads.lock().expect("threads").fill(None);
+        t.join().expect("join");
     }
 }

@@ -5,7 +5,7 @@
 pub mod complete;
 pub mod exit;
 
-use crate::trap::{GuestDebug, TrapHit};
+use crate::trap::{GuestDebug, TrapHit, TrapKind};
 use exit::{handle_exit, ExitAction, ExitCtx, ExitError, StopReason};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
@@ -141,6 +141,9 @@ impl KvmVcpu {
             let debug = self.wanted_debug(ctx);
             self.set_guest_debug(debug)?;
             self.debug_generation = Some(key);
+        }
+        if let (Some(k), Some(g)) = (&ctx.kicker, key.0) {
+            k.ack(g);
         }
         Ok(())
     }
@@ -382,6 +385,10 @@ impl KvmVcpu {
             }
             if let Some(gate) = ctx.gate.clone() {
                 if gate.should_park() {
+                    // Outside KVM_RUN until it syncs again: no arm waits for it.
+                    if let Some(k) = &ctx.kicker {
+                        k.ack(crate::machine::ACK_OUTSIDE);
+                    }
                     let sync = self.fd.sync_regs();
                     gate.park(self.index, &sync.regs, &sync.sregs);
                     continue;
@@ -438,8 +445,15 @@ impl KvmVcpu {
             }
             // An arm or disarm during this exit (the arm point, an observer) must reach
             // every vCPU, halted ones too.
+            // Debug registers are per vCPU: this vCPU's guest waits until the others
+            // hold the new probes too, or a hit there right after the arm is missed
+            // (memory patches need no wait: every vCPU sees them at once).
             if let (Some(t), Some(k)) = (&ctx.traps, &ctx.kicker) {
-                k.kick_if_moved(t.generation());
+                let g = t.generation();
+                if k.kick_if_moved(g) && t.kind() == TrapKind::DebugRegs {
+                    k.ack(crate::machine::ACK_OUTSIDE);
+                    k.kick_and_wait(g, crate::machine::ARM_BARRIER_TIMEOUT);
+                }
             }
         }
     }
