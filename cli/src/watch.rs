@@ -350,6 +350,7 @@ fn attach_ornaments(
             Format::Json => ornament::Format::Json,
         };
         let writer = EventWriter::new(out, format)
+            .for_run(session.run_info().clone())
             .with_mask(plan.shown)
             .stop_on_error(stop.clone());
         let health = writer.health();

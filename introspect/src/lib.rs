@@ -73,6 +73,7 @@ pub mod identity;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod kernel;
+pub mod lineage;
 pub mod monitor;
 pub mod ornament;
 pub mod paging;

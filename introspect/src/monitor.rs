@@ -36,14 +36,15 @@ use crate::event::{
 };
 use crate::kaslr::KernelLayout;
 use crate::kernel::{is_kernel_address, Kernel, KernelError};
+use crate::lineage::{Lineage, RunInfo};
 use crate::ornament::Registry;
 use crate::paging::PageRoot;
 use crate::probes::{
     dentry_stamp, ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CHILD_FLAGS,
     MEM_CHILD_MM, MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXEC_DENTRY,
     MEM_EXEC_EXE_FILE, MEM_EXEC_MM, MEM_EXEC_NAME_HASH, MEM_EXEC_PARENT, MEM_EXIT_CODE,
-    MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_PID, MEM_HDR_PPID,
-    MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID,
+    MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_EUID, MEM_HDR_PID,
+    MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID,
     PROC_EVENT_UID,
 };
 use crate::profile::{Profile, ProfileError};
@@ -123,6 +124,8 @@ pub struct Monitor {
     bprm: Option<BprmOffsets>,
     /// Syscall names and path-argument index, by number.
     syscalls: Vec<Option<(String, Option<usize>)>>,
+    /// Stamps each event with its wall-clock time and process identities.
+    lineage: Lineage,
     stats: MonitorStats,
 }
 
@@ -217,8 +220,19 @@ impl Monitor {
             dentry_stamp,
             bprm,
             syscalls,
+            lineage: Lineage::new(RunInfo::new()),
             stats: MonitorStats::default(),
         })
+    }
+
+    /// The run the events are stamped with.
+    pub fn run_info(&self) -> &RunInfo {
+        self.lineage.run()
+    }
+
+    /// Stamp events with `lineage` (a given run, a test's clock) from now on.
+    pub fn set_lineage(&mut self, lineage: Lineage) {
+        self.lineage = lineage;
     }
 
     /// The ornaments.
@@ -254,18 +268,16 @@ impl Monitor {
             tracing::debug!(probe = ?hit.probe, "hit of a probe not in the set");
             return HitOutcome::nothing();
         };
-        let built = self.build(spec, hit);
-        let (ev, no_current) = match built {
-            Built::Event(ev, no_current) => (ev, no_current),
-            Built::Filtered => {
-                self.stats.filtered += 1;
-                return HitOutcome::nothing();
-            }
+        // None: the hit is filtered out (not a watched syscall, not a setid).
+        let Some((mut ev, no_current)) = self.build(spec, hit) else {
+            self.stats.filtered += 1;
+            return HitOutcome::nothing();
         };
         if no_current {
             self.stats.no_current += 1;
         }
         self.stats.events += 1;
+        self.lineage.stamp(&mut ev);
         let d = self.registry.dispatch(&ev);
         let action = d.action();
         if !hit.held && action != Action::Continue {
@@ -297,7 +309,7 @@ impl Monitor {
         hash_ok && parent_ok
     }
 
-    fn build(&self, spec: &ArmSpec, hit: &ProbeHit) -> Built {
+    fn build(&self, spec: &ArmSpec, hit: &ProbeHit) -> Option<(Event, bool)> {
         let kernel = Kernel::new(&*self.mem, &self.profile, self.layout);
         let reader = TaskReader::from_offsets(&kernel, self.task_off, self.limits);
         // Uncached: a hit reads a few dozen words, fewer than a translation cache costs
@@ -326,6 +338,7 @@ impl Monitor {
             reader: &reader,
             vm: &vm,
             hit,
+            euid_at_hit: !matches!(spec.kind, ProbeKind::Exec(_)),
         };
         let arg = |v: u64| Some(Gva(v)).filter(|&g| is_kernel_address(g));
         let task_arg = arg(hit.regs.rdi).or(current);
@@ -360,6 +373,8 @@ impl Monitor {
                     child_tgid,
                     thread: matches!((child_pid, child_tgid), (Some(p), Some(t)) if p != t),
                     kernel_thread: kthread.unwrap_or(false),
+                    // Stamped with the rest by the lineage.
+                    child_exec_id: None,
                 })
             }
             ProbeKind::Exec(ExecHook::ProcExecConnector) => {
@@ -473,7 +488,7 @@ impl Monitor {
                                 .as_ref()
                                 .is_some_and(|f| !f.contains(&nr))
                         {
-                            return Built::Filtered;
+                            return None;
                         }
                         nr
                     }
@@ -514,25 +529,16 @@ impl Monitor {
                 let changed = match hit.regs.rsi & 0xffff_ffff {
                     PROC_EVENT_UID => IdChange::Uid,
                     PROC_EVENT_GID => IdChange::Gid,
-                    _ => return Built::Filtered,
+                    _ => return None,
                 };
-                let creds = task_arg.and_then(|t| reader.creds(&vm, t).ok());
                 Event::Setid(SetidEvent {
                     task: r.header(task_arg),
                     changed,
-                    gid: creds.map(|c| c[1]),
-                    euid: creds.map(|c| c[2]),
-                    egid: creds.map(|c| c[3]),
                 })
             }
         };
-        Built::Event(ev, no_current)
+        Some((ev, no_current))
     }
-}
-
-enum Built {
-    Event(Event, bool),
-    Filtered,
 }
 
 /// The reads of one hit.
@@ -540,6 +546,8 @@ struct Reader<'r, 'k, 'v> {
     reader: &'r TaskReader<'k>,
     vm: &'r VirtMem<'v>,
     hit: &'r ProbeHit,
+    /// The hit's `MEM_HDR_EUID` slot holds the header's euid and egid.
+    euid_at_hit: bool,
 }
 
 impl Reader<'_, '_, '_> {
@@ -581,15 +589,42 @@ impl Reader<'_, '_, '_> {
                 r.offsets().comm_size,
             )
             .or_else(|| r.comm(vm, t).ok());
-            h.uid = match kptr_at_hit(m(MEM_HDR_CRED)) {
-                Some(None) => None,
-                Some(Some(_)) => m(MEM_HDR_UID)
-                    .map(low32)
-                    .or_else(|| r.creds(vm, t).ok().map(|c| c[0])),
-                None => r.creds(vm, t).ok().map(|c| c[0]),
-            };
+            [h.uid, h.gid, h.euid, h.egid] = self.creds(t, kptr_at_hit(m(MEM_HDR_CRED)), m);
         }
         h
+    }
+
+    /// (uid, gid, euid, egid) of `task`: from the hit's reads (`MEM_HDR_UID` and, unless
+    /// its slot holds something else for this probe, `MEM_HDR_EUID`: each a pair of ids in
+    /// one word) where it has them, else from the cred the hit read (`cred`; `Some(None)`:
+    /// the task had none), else from `task->cred` now.
+    fn creds(
+        &self,
+        task: Gva,
+        cred: Option<Option<Gva>>,
+        m: impl Fn(usize) -> Option<u64>,
+    ) -> [Option<u32>; 4] {
+        if cred == Some(None) {
+            return [None; 4];
+        }
+        let (r, vm) = (self.reader, self.vm);
+        let o = r.offsets();
+        let split = |v: Option<u64>, paired: bool| match v {
+            Some(v) => (Some(low32(v)), paired.then(|| low32(v >> 32))),
+            None => (None, None),
+        };
+        let (uid, gid) = split(m(MEM_HDR_UID), o.cred_gid == o.cred_uid.wrapping_add(4));
+        let euid_read = self.euid_at_hit.then(|| m(MEM_HDR_EUID)).flatten();
+        let (euid, egid) = split(euid_read, o.cred_egid == o.cred_euid.wrapping_add(4));
+        let ids = [uid, gid, euid, egid];
+        if ids.iter().all(Option::is_some) {
+            return ids;
+        }
+        let now = match cred {
+            Some(Some(c)) => r.creds_of(vm, c).ok(),
+            _ => r.creds(vm, task).ok(),
+        };
+        std::array::from_fn(|i| ids[i].or(now.map(|c| c[i])))
     }
 
     /// A NUL-terminated string at user address `at` of `task`'s address space.
