@@ -70,6 +70,62 @@ fn events_6_1_one_vcpu() {
     check("debian-6.1-cloud", "1");
 }
 
+/// `--format ecs`: every document of the workload's run is made of ECS fields of ECS's
+/// types (its published definitions), and the workload's processes join up by
+/// `process.entity_id`: each child's `process.parent.entity_id` is its parent's.
+#[test]
+fn ecs_documents_of_the_workload_follow_ecs() {
+    gate!();
+    let flat = ornament_tests::gate::require!(
+        "ECS's field definitions (npm and node, or a cached ecs_flat.json)",
+        ornament_tests::ecs::ecs_flat()
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("events.ecs.json");
+    let (r, rt) = ornament(&[
+        "run",
+        "--image",
+        "debian-6.1-cloud",
+        "--watch",
+        "fork,exec,exit,syscall=getpriority",
+        "--format",
+        "ecs",
+        "--output",
+        out.to_str().expect("utf8"),
+        "--",
+        "/ornament/bin/ornament-workload",
+        "all",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_nothing_left(&r, rt.path());
+    let docs = events(&out);
+    let f = facts(&r.stderr);
+    let mut entity_of = std::collections::BTreeMap::new();
+    for d in &docs {
+        ornament_tests::ecs::check_ecs(d, &flat);
+        let p = &d["process"];
+        if d["event"]["action"] == "exec" {
+            entity_of.insert(i(p, "pid"), p["entity_id"].clone());
+        }
+    }
+    let mut joined = 0;
+    for (parent, child) in &f.forks {
+        let (Some(pe), Some(ce)) = (entity_of.get(parent), entity_of.get(child)) else {
+            continue;
+        };
+        for d in docs.iter().filter(|d| d["process"]["entity_id"] == *ce) {
+            assert_eq!(d["process"]["parent"]["entity_id"], *pe, "{d}");
+            joined += 1;
+        }
+    }
+    assert!(joined > 0, "no child joined to its parent");
+    let exits = docs
+        .iter()
+        .filter(|d| d["event"]["action"] == "exit")
+        .count();
+    assert!(exits >= f.exits.len(), "{exits} exits for {:?}", f.exits);
+}
+
 #[test]
 fn events_6_1_two_vcpus() {
     gate!();

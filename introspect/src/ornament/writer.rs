@@ -23,6 +23,8 @@ pub enum Format {
     Text,
     /// JSON lines (the schema of `introspect/EVENTS.md`).
     Json,
+    /// Elastic Common Schema documents, one per line ([`super::ecs`]).
+    Ecs,
 }
 
 #[derive(Debug, Default)]
@@ -178,6 +180,7 @@ impl EventWriter {
                 event: ev,
             })
             .unwrap_or_default(),
+            Format::Ecs => super::ecs::document(ev, self.seq, &self.run).to_string(),
         }
     }
 
