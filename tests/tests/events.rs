@@ -126,6 +126,66 @@ fn ecs_documents_of_the_workload_follow_ecs() {
     assert!(exits >= f.exits.len(), "{exits} exits for {:?}", f.exits);
 }
 
+/// A pid used again within a run (the guest's `ns_last_pid` set back): the two processes
+/// with the same pid have different `exec_id`s, each the `child_exec_id` of its own fork,
+/// and both name the shell's `exec_id` as their parent's.
+#[test]
+fn exec_ids_change_when_a_pid_is_reused() {
+    gate!();
+    let script = "for i in 1 2 3 4 5; do \
+        /bin/true & p=$!; wait $p; \
+        echo $((p - 1)) > /proc/sys/kernel/ns_last_pid; \
+        /bin/true & q=$!; wait $q; \
+        [ $p = $q ] && break; \
+        done; echo \"W reuse first=$p second=$q\" >&2";
+    let (r, rt) = ornament_tests::run_in_guest(
+        &["--watch", "fork,exec,exit", "--format", "json"],
+        &["sh", "-c", script],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_nothing_left(&r, rt.path());
+    let line = r
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("W reuse "))
+        .expect("the reuse line");
+    let pids: Vec<i64> = line
+        .split_whitespace()
+        .filter_map(|w| w.split_once('=').and_then(|(_, v)| v.parse().ok()))
+        .collect();
+    assert!(
+        pids.len() == 2 && pids[0] == pids[1],
+        "no pid reused: {line}"
+    );
+    let evs: Vec<Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    check_schema(&evs);
+    check_lineage(&evs);
+    let sh = evs
+        .iter()
+        .rfind(|e| e["event"] == "exec" && e["argv"][0] == "sh")
+        .expect("exec of sh");
+    let execs: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["event"] == "exec" && e["tgid"] == pids[0])
+        .collect();
+    assert!(execs.len() >= 2, "{execs:?}");
+    let last_two = &execs[execs.len() - 2..];
+    assert_ne!(last_two[0]["exec_id"], last_two[1]["exec_id"]);
+    for x in last_two {
+        assert_eq!(x["parent_exec_id"], sh["exec_id"], "{x}");
+        assert!(
+            evs.iter().any(|f| f["event"] == "fork"
+                && f["child_exec_id"] == x["exec_id"]
+                && f["exec_id"] == sh["exec_id"]),
+            "no fork by sh gave {x}"
+        );
+    }
+}
+
 #[test]
 fn events_6_1_two_vcpus() {
     gate!();
