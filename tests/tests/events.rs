@@ -6,7 +6,7 @@
 //! nothing missing, duplicated or invented.
 
 use ornament_tests::schema::{check_lineage, check_schema};
-use ornament_tests::workload::{check_workload_events, events, facts, i};
+use ornament_tests::workload::{check_workload_events, events, facts, i, json_lines};
 use ornament_tests::{
     assert_nothing_left, can_build_images, has_kvm, has_qemu, ornament, require_host,
     GUEST_TIMEOUT_SECS,
@@ -157,11 +157,7 @@ fn exec_ids_change_when_a_pid_is_reused() {
         pids.len() == 2 && pids[0] == pids[1],
         "no pid reused: {line}"
     );
-    let evs: Vec<Value> = r
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
+    let evs = json_lines(&r.stdout);
     check_schema(&evs);
     check_lineage(&evs);
     let sh = evs
@@ -183,6 +179,66 @@ fn exec_ids_change_when_a_pid_is_reused() {
                 && f["exec_id"] == sh["exec_id"]),
             "no fork by sh gave {x}"
         );
+    }
+}
+
+/// Real and effective ids, read at the hit by the plugin and from memory under the
+/// gdbstub alike: `su` to uid 1000 / gid 1001 (its setid events carry the new ids), then a
+/// setuid-root copy of busybox run by that user (uid 1000, euid 0) from exec to exit.
+#[test]
+fn real_and_effective_ids_through_su_and_a_setuid_binary() {
+    gate!();
+    let script = "echo 'idtest:x:1000:1001::/tmp:/bin/sh' >> /etc/passwd; \
+        echo 'idtest:x:1001:' >> /etc/group; \
+        cp /bin/busybox /tmp/suidbb && chmod 4755 /tmp/suidbb; \
+        su -s /bin/sh idtest -c '/tmp/suidbb true; exit 4'";
+    let ids = |e: &Value| ["uid", "gid", "euid", "egid"].map(|k| i(e, k));
+    for trap in ["plugin", "gdbstub"] {
+        let (r, rt) = ornament_tests::run_in_guest(
+            &[
+                "--trap",
+                trap,
+                "--watch",
+                "fork,exec,exit,setid",
+                "--format",
+                "json",
+            ],
+            &["sh", "-c", script],
+        );
+        assert_eq!(r.code, Some(4), "{trap}: {}", r.stderr);
+        assert_nothing_left(&r, rt.path());
+        let evs = json_lines(&r.stdout);
+        check_schema(&evs);
+        // The first event of `kind` whose argv (exec) or comm (others) starts with `what`.
+        let find = |kind: &str, what: &str| {
+            evs.iter()
+                .find(|e| {
+                    let text = match kind {
+                        "exec" => e["argv"].as_array().map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        }),
+                        _ => e["comm"].as_str().map(str::to_owned),
+                    };
+                    e["event"] == kind && text.is_some_and(|t| t.starts_with(what))
+                })
+                .unwrap_or_else(|| panic!("{trap}: no {kind} of {what}"))
+        };
+        let su_uid = evs
+            .iter()
+            .find(|e| e["event"] == "setid" && e["changed"] == "uid" && e["comm"] == "su")
+            .expect("su's setuid");
+        let got = [
+            ids(su_uid),
+            ids(find("exec", "sh -c /tmp/suidbb")),
+            ids(find("exec", "/tmp/suidbb")),
+            ids(find("exit", "suidbb")),
+        ];
+        let user = [1000, 1001, 1000, 1001];
+        let setuid_root = [1000, 1001, 0, 1001];
+        assert_eq!(got, [user, user, setuid_root, setuid_root], "{trap}");
     }
 }
 
