@@ -24,6 +24,19 @@ pub fn require<R: gate::Requirement>(what: &str, requirement: R) -> bool {
     gate::require(what, requirement).is_some()
 }
 
+/// Gate a real-guest test on what booting the default image under QEMU needs: QEMU, and
+/// what building the image takes (each as [`require_host!`]).
+#[macro_export]
+macro_rules! require_qemu_guest {
+    () => {
+        $crate::require_host!("qemu-system-x86_64", $crate::has_qemu());
+        $crate::require_host!(
+            "apt-get, dpkg-deb and busybox-static",
+            $crate::can_build_images()
+        );
+    };
+}
+
 /// Gate a test on a prerequisite: `require_host!("QEMU", has_qemu());` The one rule of
 /// [`ornament_test_gate`]: under CI a missing prerequisite fails the test, outside CI
 /// the test prints `SKIPPED: ... needs ...` and returns.
