@@ -31,6 +31,8 @@ pub enum Format {
     Text,
     /// One JSON object per line (schema: introspect/EVENTS.md).
     Json,
+    /// One Elastic Common Schema document per line (ECS 9.4.0).
+    Ecs,
 }
 
 /// How probes trap under QEMU.
@@ -348,8 +350,10 @@ fn attach_ornaments(
         let format = match plan.format {
             Format::Text => ornament::Format::Text,
             Format::Json => ornament::Format::Json,
+            Format::Ecs => ornament::Format::Ecs,
         };
         let writer = EventWriter::new(out, format)
+            .for_run(session.run_info().clone())
             .with_mask(plan.shown)
             .stop_on_error(stop.clone());
         let health = writer.health();

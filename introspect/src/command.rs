@@ -245,6 +245,7 @@ mod tests {
             child_tgid: Some(child),
             thread: false,
             kernel_thread: false,
+            child_exec_id: None,
         })
     }
 

@@ -1,12 +1,23 @@
 //! \[5\] Typed events (fork, exec, exit, syscall, setid): one JSON object per line, and a
 //! one-line text form. The schema is [`SCHEMA_DOC`] (also `introspect/EVENTS.md`).
 
+mod text;
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+pub use text::write_escaped;
 
 /// The JSON-lines schema of every event, as documentation (the same text as
 /// `introspect/EVENTS.md`).
 pub const SCHEMA_DOC: &str = include_str!("../EVENTS.md");
+
+/// The version of the JSON schema (`schema` in every line `ornament run` writes): a change
+/// of a field's meaning is a new version.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The JSON Schema (draft 2020-12) of the lines `ornament run --format json` writes.
+pub const JSON_SCHEMA: &str = include_str!("../events.schema.json");
 
 /// Most `argv` entries an exec event carries; more set `argv_truncated`.
 pub const MAX_ARGV_ENTRIES: usize = 1024;
@@ -126,6 +137,9 @@ impl std::ops::BitOr for EventMask {
 /// memory is `null`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TaskHeader {
+    /// Host wall-clock time of the probe hit, RFC 3339 UTC with nanoseconds (filled in by
+    /// [`crate::lineage::Lineage::stamp`]).
+    pub time: Option<String>,
     /// Host monotonic time of the probe hit, nanoseconds since the engine started.
     pub time_ns: u64,
     /// The vCPU (0-based) that hit the probe.
@@ -140,6 +154,17 @@ pub struct TaskHeader {
     pub comm: Option<String>,
     /// Real user id.
     pub uid: Option<u32>,
+    /// Real group id.
+    pub gid: Option<u32>,
+    /// Effective user id.
+    pub euid: Option<u32>,
+    /// Effective group id.
+    pub egid: Option<u32>,
+    /// The process's identity in this run, unique across pid reuse and runs
+    /// (`RUN_ID:TGID:SERIAL`, [`crate::lineage`]); `None` when its tgid was unreadable.
+    pub exec_id: Option<String>,
+    /// The parent process's identity (`exec_id` of the process `ppid`).
+    pub parent_exec_id: Option<String>,
 }
 
 /// A task was created: `fork`, `vfork`, `clone`, `clone3`, or a kernel thread. The
@@ -158,6 +183,8 @@ pub struct ForkEvent {
     pub thread: bool,
     /// The new task is a kernel thread (`PF_KTHREAD`, no mm).
     pub kernel_thread: bool,
+    /// The new task's process identity (the `exec_id` its own events carry).
+    pub child_exec_id: Option<String>,
 }
 
 /// A task executed a new program. Reported only for an exec that succeeded. The header's
@@ -250,7 +277,7 @@ pub enum IdChange {
 }
 
 /// A task's credentials changed (`setuid`, `setresgid`, a setuid exec, ...). The header's
-/// `uid` is the new real uid.
+/// `uid`, `gid`, `euid` and `egid` are the new ones.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetidEvent {
     /// The task.
@@ -258,12 +285,6 @@ pub struct SetidEvent {
     pub task: TaskHeader,
     /// Which ids changed.
     pub changed: IdChange,
-    /// New real group id.
-    pub gid: Option<u32>,
-    /// New effective user id.
-    pub euid: Option<u32>,
-    /// New effective group id.
-    pub egid: Option<u32>,
 }
 
 /// One event. Its JSON form is one object whose `event` field names the kind.
@@ -305,6 +326,17 @@ impl Event {
         }
     }
 
+    /// The common fields, to fill in.
+    pub fn task_mut(&mut self) -> &mut TaskHeader {
+        match self {
+            Event::Fork(e) => &mut e.task,
+            Event::Exec(e) => &mut e.task,
+            Event::Exit(e) => &mut e.task,
+            Event::Syscall(e) => &mut e.task,
+            Event::Setid(e) => &mut e.task,
+        }
+    }
+
     /// False only for a syscall trapped for a deny rule alone (see
     /// [`SyscallEvent::reported`]): writers skip it.
     pub fn is_reported(&self) -> bool {
@@ -331,184 +363,6 @@ impl Event {
     }
 }
 
-struct Opt<'a, T>(&'a Option<T>);
-
-impl<T: fmt::Display> fmt::Display for Opt<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("?"),
-        }
-    }
-}
-
-/// A string from the guest in double quotes, every byte that could end a line or
-/// steer a terminal escaped (see [`write_escaped`]).
-struct Quoted<'a>(&'a str);
-
-impl fmt::Display for Quoted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"")?;
-        write_escaped(f, self.0)?;
-        f.write_str("\"")
-    }
-}
-
-/// A `comm` in the text form: bare when it is plain (letters, digits, `-_./:+@()`),
-/// quoted and escaped otherwise, so that it can neither end the line nor pose as
-/// another field.
-struct Comm<'a>(&'a Option<String>);
-
-impl fmt::Display for Comm<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            None => f.write_str("?"),
-            Some(c)
-                if !c.is_empty()
-                    && c.chars()
-                        .all(|ch| ch.is_ascii_alphanumeric() || "-_./:+@()".contains(ch)) =>
-            {
-                f.write_str(c)
-            }
-            Some(c) => Quoted(c).fmt(f),
-        }
-    }
-}
-
-/// Writes `s` with `\\`, `\"`, `\n`, `\r`, `\t` and `\u{..}` for every other control
-/// character (C0, DEL, C1: what a terminal acts on), and `\xNN` for a byte that was not
-/// UTF-8 ([`crate::guest_text`]), so that nothing the guest wrote can start a new line or
-/// an escape sequence in ornament's text output, and every byte shows as itself.
-pub fn write_escaped(f: &mut impl fmt::Write, s: &str) -> fmt::Result {
-    for ch in s.chars() {
-        match ch {
-            '\\' => f.write_str("\\\\")?,
-            '"' => f.write_str("\\\"")?,
-            '\n' => f.write_str("\\n")?,
-            '\r' => f.write_str("\\r")?,
-            '\t' => f.write_str("\\t")?,
-            c if c.is_control() => write!(f, "\\u{{{:x}}}", u32::from(c))?,
-            c => match crate::guest_text::raw_byte(c) {
-                Some(b) => write!(f, "\\x{b:02x}")?,
-                None => f.write_char(c)?,
-            },
-        }
-    }
-    Ok(())
-}
-
-impl fmt::Display for TaskHeader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{:09} cpu{} {}[{}",
-            self.time_ns / 1_000_000_000,
-            self.time_ns % 1_000_000_000,
-            self.vcpu,
-            Comm(&self.comm),
-            Opt(&self.tgid),
-        )?;
-        if self.pid != self.tgid {
-            write!(f, "/{}", Opt(&self.pid))?;
-        }
-        write!(f, "] ppid={} uid={}", Opt(&self.ppid), Opt(&self.uid))
-    }
-}
-
-impl fmt::Display for Event {
-    /// `SECONDS.NANOS cpuN COMM[TGID(/TID)] ppid=P uid=U KIND details`, `?` for
-    /// unreadable fields.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.task(), self.kind())?;
-        match self {
-            Event::Fork(e) => {
-                write!(
-                    f,
-                    " child={}",
-                    Opt(if e.thread {
-                        &e.child_pid
-                    } else {
-                        &e.child_tgid
-                    })
-                )?;
-                if e.thread {
-                    write!(f, " thread-of={}", Opt(&e.child_tgid))?;
-                }
-                if e.kernel_thread {
-                    f.write_str(" kthread")?;
-                }
-                Ok(())
-            }
-            Event::Exec(e) => {
-                match &e.filename {
-                    Some(p) => write!(f, " {}", Quoted(p))?,
-                    None => f.write_str(" ?")?,
-                }
-                f.write_str(" argv=[")?;
-                for (i, a) in e.argv.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(",")?;
-                    }
-                    Quoted(a).fmt(f)?;
-                }
-                if e.argv_truncated {
-                    f.write_str(",...")?;
-                }
-                f.write_str("]")
-            }
-            Event::Exit(e) => {
-                match e.signal {
-                    Some(s) => write!(f, " signal={s}")?,
-                    None => write!(f, " code={}", e.exit_code)?,
-                }
-                if e.core_dumped {
-                    f.write_str(" core")?;
-                }
-                if e.group_exit {
-                    f.write_str(" group")?;
-                }
-                Ok(())
-            }
-            Event::Syscall(e) => {
-                match &e.name {
-                    Some(n) => write!(f, " {n}(")?,
-                    None => write!(f, " #{}(", e.nr)?,
-                }
-                for (i, a) in e.args.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(", ")?;
-                    }
-                    write!(f, "{a:#x}")?;
-                }
-                f.write_str(")")?;
-                if let Some(p) = &e.path {
-                    write!(f, " path={}", Quoted(p))?;
-                }
-                if let Some(errno) = e.denied {
-                    match crate::probes::errno_name(errno) {
-                        Some(n) => write!(f, " denied={n}")?,
-                        None => write!(f, " denied={errno}")?,
-                    }
-                }
-                Ok(())
-            }
-            Event::Setid(e) => {
-                let which = match e.changed {
-                    IdChange::Uid => "uid",
-                    IdChange::Gid => "gid",
-                };
-                write!(
-                    f,
-                    " {which} gid={} euid={} egid={}",
-                    Opt(&e.gid),
-                    Opt(&e.euid),
-                    Opt(&e.egid)
-                )
-            }
-        }
-    }
-}
-
 /// Index of the first path argument of a path-taking x86-64 syscall, by name.
 pub fn path_arg(syscall: &str) -> Option<usize> {
     Some(match syscall {
@@ -528,126 +382,4 @@ pub fn path_arg(syscall: &str) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn header() -> TaskHeader {
-        TaskHeader {
-            time_ns: 1_500_000_000,
-            vcpu: 1,
-            pid: Some(42),
-            tgid: Some(42),
-            ppid: Some(1),
-            comm: Some("sh".into()),
-            uid: Some(0),
-        }
-    }
-
-    #[test]
-    fn json_schema_round_trips_and_names_every_field() {
-        let events = vec![
-            Event::Fork(ForkEvent {
-                task: header(),
-                child_pid: Some(43),
-                child_tgid: Some(43),
-                thread: false,
-                kernel_thread: false,
-            }),
-            Event::Exec(ExecEvent {
-                task: header(),
-                filename: Some("/bin/ls".into()),
-                argv: vec!["ls".into(), "-l".into()],
-                argv_truncated: false,
-            }),
-            Event::Exit(ExitEvent {
-                task: header(),
-                exit_code: 3,
-                signal: None,
-                core_dumped: false,
-                group_exit: true,
-            }),
-            Event::Syscall(SyscallEvent {
-                task: header(),
-                nr: 258,
-                name: Some("mkdirat".into()),
-                args: [0xffff_ff9c, 0x1000, 0o755, 0, 0, 0],
-                path: Some("/tmp/x".into()),
-                denied: None,
-                reported: true,
-            }),
-            Event::Setid(SetidEvent {
-                task: header(),
-                changed: IdChange::Uid,
-                gid: Some(0),
-                euid: Some(1000),
-                egid: Some(0),
-            }),
-        ];
-        for e in &events {
-            let line = e.to_json();
-            assert!(!line.contains('\n'));
-            assert_eq!(&Event::from_json(&line).expect("parse"), e, "{line}");
-            let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-            for k in [
-                "event", "time_ns", "vcpu", "pid", "tgid", "ppid", "comm", "uid",
-            ] {
-                assert!(v.get(k).is_some(), "{k} in {line}");
-                assert!(SCHEMA_DOC.contains(&format!("`{k}`")), "{k} documented");
-            }
-            for k in v.as_object().expect("object").keys() {
-                assert!(SCHEMA_DOC.contains(&format!("`{k}`")), "{k} documented");
-            }
-        }
-        assert_eq!(
-            events[2].to_json(),
-            r#"{"event":"exit","time_ns":1500000000,"vcpu":1,"pid":42,"tgid":42,"ppid":1,"comm":"sh","uid":0,"exit_code":3,"signal":null,"core_dumped":false,"group_exit":true}"#
-        );
-        assert_eq!(
-            events[3].to_text(),
-            "1.500000000 cpu1 sh[42] ppid=1 uid=0 syscall mkdirat(0xffffff9c, 0x1000, 0x1ed, 0x0, 0x0, 0x0) path=\"/tmp/x\""
-        );
-        assert_eq!(
-            events[1].to_text(),
-            "1.500000000 cpu1 sh[42] ppid=1 uid=0 exec \"/bin/ls\" argv=[\"ls\",\"-l\"]"
-        );
-        assert!(Event::from_json("{\"event\":\"nope\"}").is_err());
-    }
-
-    #[test]
-    fn guest_strings_cannot_forge_a_line_or_reach_the_terminal() {
-        let mut h = header();
-        h.comm = Some("a\n9.999 cpu0 ss".into());
-        let ev = Event::Exec(ExecEvent {
-            task: h,
-            filename: Some("/tmp/a\n9.999 cpu0 ss[1] exit\u{1b}[2J\u{9b}1m\\".into()),
-            argv: vec!["x\"y\r".into()],
-            argv_truncated: false,
-        });
-        let text = ev.to_text();
-        assert!(!text.contains(['\n', '\r', '\u{1b}', '\u{9b}']), "{text}");
-        assert_eq!(
-            text,
-            r#"1.500000000 cpu1 "a\n9.999 cpu0 ss"[42] ppid=1 uid=0 exec "/tmp/a\n9.999 cpu0 ss[1] exit\u{1b}[2J\u{9b}1m\\" argv=["x\"y\r"]"#
-        );
-        // Bytes that are not UTF-8 show as themselves, and a backslash as itself.
-        let mut h = header();
-        h.comm = Some(crate::guest_text::decode(b"x\xff\\x41"));
-        assert!(h.to_string().contains(r#" "x\xff\\x41"[42]"#), "{h}");
-        // A plain comm stays bare; an odd one is quoted so it cannot pose as fields.
-        let mut h = header();
-        h.comm = Some("kworker/0:1".into());
-        assert!(h.to_string().contains(" kworker/0:1[42]"));
-        h.comm = Some("x] ppid=9".into());
-        assert!(h.to_string().contains(r#" "x] ppid=9"[42]"#), "{h}");
-    }
-
-    #[test]
-    fn masks() {
-        let m = EventMask::FORK | EventMask::EXIT;
-        assert!(m.contains(EventKind::Fork) && !m.contains(EventKind::Exec));
-        assert_eq!(EventMask::of(EventKind::ALL), EventMask::ALL);
-        assert_eq!(path_arg("openat"), Some(1));
-        assert_eq!(path_arg("open"), Some(0));
-        assert_eq!(path_arg("read"), None);
-    }
-}
+pub(crate) mod tests;

@@ -36,8 +36,10 @@
 //! 5. [`probes::ProbeSet::new`]`(profile, layout, &WatchConfig)`: arm each
 //!    [`probes::ArmSpec`] on the engine; then [`monitor::Monitor::new`], attach ornaments
 //!    through [`monitor::Monitor::registry_mut`], and per hit
-//!    [`monitor::Monitor::on_hit`] gives the events and the [`ornament_engine::Action`]
-//!    to answer with. Event schema: [`event::SCHEMA_DOC`] (`introspect/EVENTS.md`).
+//!    [`monitor::Monitor::on_hit`] gives the events (stamped by [`lineage::Lineage`]:
+//!    wall-clock time, `exec_id`s) and the [`ornament_engine::Action`] to answer with.
+//!    Event schema: [`event::SCHEMA_DOC`] (`introspect/EVENTS.md`, JSON Schema
+//!    [`event::JSON_SCHEMA`]); ECS documents: [`ornament::ecs`].
 //!
 //! ```
 //! use ornament_introspect::{kaslr, kernel::Kernel, profile::Profile, task::TaskReader};
@@ -73,6 +75,7 @@ pub mod identity;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod kernel;
+pub mod lineage;
 pub mod monitor;
 pub mod ornament;
 pub mod paging;

@@ -36,14 +36,15 @@ use crate::event::{
 };
 use crate::kaslr::KernelLayout;
 use crate::kernel::{is_kernel_address, Kernel, KernelError};
+use crate::lineage::{Lineage, RunInfo};
 use crate::ornament::Registry;
 use crate::paging::PageRoot;
 use crate::probes::{
     dentry_stamp, ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CHILD_FLAGS,
     MEM_CHILD_MM, MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXEC_DENTRY,
     MEM_EXEC_EXE_FILE, MEM_EXEC_MM, MEM_EXEC_NAME_HASH, MEM_EXEC_PARENT, MEM_EXIT_CODE,
-    MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_PID, MEM_HDR_PPID,
-    MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID,
+    MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_EUID, MEM_HDR_PID,
+    MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID,
     PROC_EVENT_UID,
 };
 use crate::profile::{Profile, ProfileError};
@@ -51,6 +52,9 @@ use crate::task::{Argv, Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
 use crate::vmem::VirtMem;
 use ornament_engine::{Action, Gva, PhysMemory, ProbeHit};
 use std::sync::Arc;
+
+mod reader;
+use reader::{kptr_at_hit, low32, low32_signed, Reader};
 
 /// Why a monitor could not be built.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -123,6 +127,8 @@ pub struct Monitor {
     bprm: Option<BprmOffsets>,
     /// Syscall names and path-argument index, by number.
     syscalls: Vec<Option<(String, Option<usize>)>>,
+    /// Stamps each event with its wall-clock time and process identities.
+    lineage: Lineage,
     stats: MonitorStats,
 }
 
@@ -136,44 +142,6 @@ impl std::fmt::Debug for Monitor {
             .field("stats", &self.stats)
             .finish()
     }
-}
-
-/// The low 32 bits of a register (an `int` or `long` argument read as 32 bits).
-fn low32(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
-}
-
-/// The low 32 bits as a signed `int` (a `pid_t`, an `atomic_t`).
-fn low32_signed(v: u64) -> i32 {
-    i32::from_le_bytes(low32(v).to_le_bytes())
-}
-
-/// A pointer read at the hit: `Some(Some(p))` a kernel address, `Some(None)` read but not a
-/// kernel address (the field it leads to is unreadable), `None` not read.
-fn kptr_at_hit(v: Option<u64>) -> Option<Option<Gva>> {
-    v.map(|p| Some(Gva(p)).filter(|&g| is_kernel_address(g)))
-}
-
-/// `comm` from its 16 bytes read at the hit, as [`VirtMem::read_cstr`] decodes it.
-fn comm_at_hit(lo: Option<u64>, hi: Option<u64>, size: u64) -> Option<String> {
-    if size != 16 {
-        return None;
-    }
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&lo?.to_le_bytes());
-    b[8..].copy_from_slice(&hi?.to_le_bytes());
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    Some(crate::guest_text::decode(&b[..end]))
-}
-
-/// The last path component, cut to `TASK_COMM_LEN - 1` bytes (what exec sets `comm` to).
-fn comm_of(filename: &str) -> String {
-    let base = filename.rsplit('/').next().unwrap_or(filename);
-    let mut end = base.len().min(15);
-    while !base.is_char_boundary(end) {
-        end -= 1;
-    }
-    base[..end].to_owned()
 }
 
 impl Monitor {
@@ -217,8 +185,19 @@ impl Monitor {
             dentry_stamp,
             bprm,
             syscalls,
+            lineage: Lineage::new(RunInfo::new()),
             stats: MonitorStats::default(),
         })
+    }
+
+    /// The run the events are stamped with.
+    pub fn run_info(&self) -> &RunInfo {
+        self.lineage.run()
+    }
+
+    /// Stamp events with `lineage` (a given run, a test's clock) from now on.
+    pub fn set_lineage(&mut self, lineage: Lineage) {
+        self.lineage = lineage;
     }
 
     /// The ornaments.
@@ -254,18 +233,16 @@ impl Monitor {
             tracing::debug!(probe = ?hit.probe, "hit of a probe not in the set");
             return HitOutcome::nothing();
         };
-        let built = self.build(spec, hit);
-        let (ev, no_current) = match built {
-            Built::Event(ev, no_current) => (ev, no_current),
-            Built::Filtered => {
-                self.stats.filtered += 1;
-                return HitOutcome::nothing();
-            }
+        // None: the hit is filtered out (not a watched syscall, not a setid).
+        let Some((mut ev, no_current)) = self.build(spec, hit) else {
+            self.stats.filtered += 1;
+            return HitOutcome::nothing();
         };
         if no_current {
             self.stats.no_current += 1;
         }
         self.stats.events += 1;
+        self.lineage.stamp(&mut ev);
         let d = self.registry.dispatch(&ev);
         let action = d.action();
         if !hit.held && action != Action::Continue {
@@ -297,7 +274,7 @@ impl Monitor {
         hash_ok && parent_ok
     }
 
-    fn build(&self, spec: &ArmSpec, hit: &ProbeHit) -> Built {
+    fn build(&self, spec: &ArmSpec, hit: &ProbeHit) -> Option<(Event, bool)> {
         let kernel = Kernel::new(&*self.mem, &self.profile, self.layout);
         let reader = TaskReader::from_offsets(&kernel, self.task_off, self.limits);
         // Uncached: a hit reads a few dozen words, fewer than a translation cache costs
@@ -326,6 +303,7 @@ impl Monitor {
             reader: &reader,
             vm: &vm,
             hit,
+            euid_at_hit: !matches!(spec.kind, ProbeKind::Exec(_)),
         };
         let arg = |v: u64| Some(Gva(v)).filter(|&g| is_kernel_address(g));
         let task_arg = arg(hit.regs.rdi).or(current);
@@ -360,6 +338,8 @@ impl Monitor {
                     child_tgid,
                     thread: matches!((child_pid, child_tgid), (Some(p), Some(t)) if p != t),
                     kernel_thread: kthread.unwrap_or(false),
+                    // Stamped with the rest by the lineage.
+                    child_exec_id: None,
                 })
             }
             ProbeKind::Exec(ExecHook::ProcExecConnector) => {
@@ -473,7 +453,7 @@ impl Monitor {
                                 .as_ref()
                                 .is_some_and(|f| !f.contains(&nr))
                         {
-                            return Built::Filtered;
+                            return None;
                         }
                         nr
                     }
@@ -514,144 +494,15 @@ impl Monitor {
                 let changed = match hit.regs.rsi & 0xffff_ffff {
                     PROC_EVENT_UID => IdChange::Uid,
                     PROC_EVENT_GID => IdChange::Gid,
-                    _ => return Built::Filtered,
+                    _ => return None,
                 };
-                let creds = task_arg.and_then(|t| reader.creds(&vm, t).ok());
                 Event::Setid(SetidEvent {
                     task: r.header(task_arg),
                     changed,
-                    gid: creds.map(|c| c[1]),
-                    euid: creds.map(|c| c[2]),
-                    egid: creds.map(|c| c[3]),
                 })
             }
         };
-        Built::Event(ev, no_current)
-    }
-}
-
-enum Built {
-    Event(Event, bool),
-    Filtered,
-}
-
-/// The reads of one hit.
-struct Reader<'r, 'k, 'v> {
-    reader: &'r TaskReader<'k>,
-    vm: &'r VirtMem<'v>,
-    hit: &'r ProbeHit,
-}
-
-impl Reader<'_, '_, '_> {
-    fn header(&self, task: Option<Gva>) -> TaskHeader {
-        self.header_at_hit(task, false)
-    }
-
-    /// The header of `task`; with `at_hit`, the `MEM_HDR_*` values the engine read at the hit
-    /// (which are `task`'s) are taken first, each field read now where they are missing.
-    fn header_at_hit(&self, task: Option<Gva>, at_hit: bool) -> TaskHeader {
-        let mut h = TaskHeader {
-            time_ns: self.hit.time_ns,
-            vcpu: self.hit.vcpu,
-            ..TaskHeader::default()
-        };
-        if let Some(t) = task {
-            let (r, vm) = (self.reader, self.vm);
-            let m = |i: usize| {
-                at_hit
-                    .then(|| self.hit.mem.get(i).copied().flatten())
-                    .flatten()
-            };
-            h.pid = m(MEM_HDR_PID)
-                .map(low32_signed)
-                .or_else(|| r.pid(vm, t).ok());
-            h.tgid = m(MEM_HDR_TGID)
-                .map(low32_signed)
-                .or_else(|| r.tgid(vm, t).ok());
-            h.ppid = match kptr_at_hit(m(MEM_HDR_REAL_PARENT)) {
-                Some(None) => None,
-                Some(Some(_)) => m(MEM_HDR_PPID)
-                    .map(low32_signed)
-                    .or_else(|| r.ppid(vm, t).ok()),
-                None => r.ppid(vm, t).ok(),
-            };
-            h.comm = comm_at_hit(
-                m(MEM_HDR_COMM[0]),
-                m(MEM_HDR_COMM[1]),
-                r.offsets().comm_size,
-            )
-            .or_else(|| r.comm(vm, t).ok());
-            h.uid = match kptr_at_hit(m(MEM_HDR_CRED)) {
-                Some(None) => None,
-                Some(Some(_)) => m(MEM_HDR_UID)
-                    .map(low32)
-                    .or_else(|| r.creds(vm, t).ok().map(|c| c[0])),
-                None => r.creds(vm, t).ok().map(|c| c[0]),
-            };
-        }
-        h
-    }
-
-    /// A NUL-terminated string at user address `at` of `task`'s address space.
-    fn user_string(&self, task: Gva, at: u64) -> Option<String> {
-        let mm = self.reader.mm(self.vm, task).ok()??;
-        let uvm = self.reader.user_vm(self.vm, mm).ok()?;
-        uvm.read_cstr(Gva(at), MAX_PATH_BYTES).ok().map(|s| s.text)
-    }
-
-    fn exec_from_bprm(
-        &self,
-        off: Option<BprmOffsets>,
-        bprm: Option<Gva>,
-        current: Option<Gva>,
-    ) -> ExecEvent {
-        let mut ev = ExecEvent {
-            task: self.header(current),
-            ..ExecEvent::default()
-        };
-        let (Some(off), Some(bprm)) = (off, bprm) else {
-            ev.argv_truncated = true;
-            return ev;
-        };
-        let vm = self.vm;
-        ev.filename = vm
-            .read_ptr(bprm.wrapping_add(off.filename))
-            .ok()
-            .filter(|&p| is_kernel_address(p))
-            .and_then(|p| vm.read_cstr(p, MAX_PATH_BYTES).ok())
-            .map(|s| s.text);
-        if let Some(f) = &ev.filename {
-            ev.task.comm = Some(comm_of(f));
-        }
-        let argc = vm.read_u32(bprm.wrapping_add(off.argc)).unwrap_or(0);
-        let start = vm.read_u64(bprm.wrapping_add(off.p)).ok();
-        let mm = vm
-            .read_ptr(bprm.wrapping_add(off.mm))
-            .ok()
-            .filter(|&p| is_kernel_address(p));
-        let uvm = mm.and_then(|mm| self.reader.user_vm(vm, mm).ok());
-        let (Some(uvm), Some(mut at)) = (uvm, start) else {
-            ev.argv_truncated = argc > 0;
-            return ev;
-        };
-        let budget = usize::try_from(Limits::default().max_argv_bytes).unwrap_or(usize::MAX);
-        let mut used = 0usize;
-        for _ in 0..argc.min(u32::try_from(MAX_ARGV_ENTRIES).unwrap_or(u32::MAX)) {
-            let Ok(s) = uvm.read_cstr(Gva(at), budget - used) else {
-                ev.argv_truncated = true;
-                return ev;
-            };
-            used += s.text.len() + 1;
-            at = at.wrapping_add(s.text.len() as u64 + 1);
-            let cut = s.truncated;
-            ev.argv.push(s.text);
-            if cut || used >= budget {
-                ev.argv_truncated = true;
-                return ev;
-            }
-        }
-        ev.argv_truncated = usize::try_from(argc).unwrap_or(usize::MAX) > ev.argv.len();
-        ev
+        Some((ev, no_current))
     }
 }
 

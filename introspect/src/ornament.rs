@@ -51,6 +51,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod consumers;
+pub mod ecs;
 mod summary;
 mod writer;
 pub use consumers::{Consumers, DEFAULT_CAPACITY as CONSUMER_QUEUE};

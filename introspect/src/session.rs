@@ -190,6 +190,16 @@ impl Session {
         self.notice = Some(Box::new(f));
     }
 
+    /// The run the events are stamped with (its id and host).
+    pub fn run_info(&self) -> &crate::lineage::RunInfo {
+        self.monitor.run_info()
+    }
+
+    /// Stamp events with `lineage` (a given run or clock) from now on.
+    pub fn set_lineage(&mut self, lineage: crate::lineage::Lineage) {
+        self.monitor.set_lineage(lineage);
+    }
+
     /// What the monitor counted.
     pub fn stats(&self) -> MonitorStats {
         self.monitor.stats()
@@ -310,5 +320,7 @@ impl Session {
     }
 }
 
+#[cfg(test)]
+mod lineage_tests;
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,8 @@
 //! `ornament` binary, gating on what the host has, running guests with limits.
 #![forbid(unsafe_code)]
 
+pub mod ecs;
+pub mod schema;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +22,19 @@ pub use ornament_test_gate::in_ci;
 /// `Option`, or a `Result` whose error says why.
 pub fn require<R: gate::Requirement>(what: &str, requirement: R) -> bool {
     gate::require(what, requirement).is_some()
+}
+
+/// Gate a real-guest test on what booting the default image under QEMU needs: QEMU, and
+/// what building the image takes (each as [`require_host!`]).
+#[macro_export]
+macro_rules! require_qemu_guest {
+    () => {
+        $crate::require_host!("qemu-system-x86_64", $crate::has_qemu());
+        $crate::require_host!(
+            "apt-get, dpkg-deb and busybox-static",
+            $crate::can_build_images()
+        );
+    };
 }
 
 /// Gate a test on a prerequisite: `require_host!("QEMU", has_qemu());` The one rule of

@@ -65,9 +65,12 @@ pub fn facts(console: &str) -> Facts {
 
 /// The JSON-lines event file at `path`.
 pub fn events(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .expect("event file")
-        .lines()
+    json_lines(&std::fs::read_to_string(path).expect("event file"))
+}
+
+/// The JSON values of the lines of `text` (an event output).
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
         .collect()
 }

@@ -5,11 +5,9 @@
 //! did; every event of its process tree is checked against that, one by one:
 //! nothing missing, duplicated or invented.
 
+use ornament_tests::schema::{check_lineage, check_schema};
 use ornament_tests::workload::{check_workload_events, events, facts, i};
-use ornament_tests::{
-    assert_nothing_left, can_build_images, has_kvm, has_qemu, ornament, require_host,
-    GUEST_TIMEOUT_SECS,
-};
+use ornament_tests::{assert_nothing_left, has_kvm, ornament, require_host, GUEST_TIMEOUT_SECS};
 use serde_json::Value;
 
 fn check(image: &str, vcpus: &str) {
@@ -50,13 +48,15 @@ fn check_boot(boot: &[&str], vcpus: &str, engine: &[&str], timeout_secs: u64) {
     let (r, rt) = ornament(&args);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_nothing_left(&r, rt.path());
-    check_workload_events(&r.stderr, &events(&out));
+    let evs = events(&out);
+    check_workload_events(&r.stderr, &evs);
+    check_schema(&evs);
+    check_lineage(&evs);
 }
 
 macro_rules! gate {
     () => {
-        require_host!("qemu-system-x86_64", has_qemu());
-        require_host!("apt-get, dpkg-deb and busybox-static", can_build_images());
+        ornament_tests::require_qemu_guest!()
     };
 }
 
@@ -159,7 +159,8 @@ fn unknown_syscall_and_bad_errno_are_refused() {
     assert!(r.stderr.contains("bogus"), "{}", r.stderr);
 }
 
-/// The workload's events, with pids relative to its root and host times dropped.
+/// The workload's events, with pids relative to its root, and host times and the run's
+/// identities (which differ from run to run) dropped.
 fn tree_events(evs: &[Value], root: i64) -> Vec<Value> {
     let rel = |v: &Value| {
         v.as_i64()
@@ -172,8 +173,18 @@ fn tree_events(evs: &[Value], root: i64) -> Vec<Value> {
         .map(|e| {
             let mut e = e.clone();
             let o = e.as_object_mut().expect("object");
-            o.remove("time_ns");
-            o.remove("vcpu");
+            for k in [
+                "time_ns",
+                "vcpu",
+                "time",
+                "run_id",
+                "host",
+                "exec_id",
+                "parent_exec_id",
+                "child_exec_id",
+            ] {
+                o.remove(k);
+            }
             for k in ["pid", "tgid", "ppid", "child_pid", "child_tgid"] {
                 if let Some(v) = o.get(k).cloned() {
                     if k == "ppid" && v.as_i64().is_some_and(|p| p < root) {
@@ -220,6 +231,8 @@ fn gdbstub_and_plugin_backends_give_identical_events() {
         assert_nothing_left(&r, rt.path());
         let f = facts(&r.stderr);
         let evs = events(&out);
+        check_schema(&evs);
+        check_lineage(&evs);
         // The shell that runs both workloads is the root of the tree.
         let root = evs
             .iter()

@@ -2,6 +2,7 @@
 //! hypervisor saw, guest-chosen names cannot forge output lines, a denied syscall says
 //! so and denials cover only the command's tree, and lost events never pass silently.
 
+use ornament_tests::workload::json_lines;
 use ornament_tests::{
     assert_nothing_left, can_build_images, has_qemu, ornament_bin, run_in_guest, GUEST_TIMEOUT_SECS,
 };
@@ -10,12 +11,6 @@ use serde_json::Value;
 fn requirements() -> bool {
     ornament_tests::require("qemu-system-x86_64", has_qemu())
         && ornament_tests::require("apt-get, dpkg-deb and busybox-static", can_build_images())
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
-        .collect()
 }
 
 #[test]

@@ -361,6 +361,7 @@ fn builtins_deny_write_tree_count() {
             child_tgid: Some(11),
             thread: true,
             kernel_thread: false,
+            child_exec_id: None,
         }),
         exec(11),
         syscall(11, 83),

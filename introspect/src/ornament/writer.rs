@@ -8,7 +8,8 @@
 //! given, is set so that the run ends instead of going on unrecorded.
 
 use super::{Decision, Ornament};
-use crate::event::{Event, EventMask};
+use crate::event::{Event, EventMask, SCHEMA_VERSION};
+use crate::lineage::RunInfo;
 use serde::Serialize;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +23,8 @@ pub enum Format {
     Text,
     /// JSON lines (the schema of `introspect/EVENTS.md`).
     Json,
+    /// Elastic Common Schema documents, one per line ([`super::ecs`]).
+    Ecs,
 }
 
 #[derive(Debug, Default)]
@@ -91,10 +94,14 @@ impl OutputHealth {
     }
 }
 
-/// One JSON line: the event's own fields after its number.
+/// One JSON line: the schema version, the line's number and the run, then the event's own
+/// fields.
 #[derive(Serialize)]
 struct Numbered<'a> {
+    schema: u32,
     seq: u64,
+    run_id: &'a str,
+    host: Option<&'a str>,
     #[serde(flatten)]
     event: &'a Event,
 }
@@ -107,6 +114,7 @@ pub struct EventWriter {
     format: Format,
     mask: EventMask,
     seq: u64,
+    run: RunInfo,
     health: OutputHealth,
     stop: Option<Arc<AtomicBool>>,
 }
@@ -129,6 +137,7 @@ impl EventWriter {
             format,
             mask: EventMask::ALL,
             seq: 0,
+            run: RunInfo::new(),
             health: OutputHealth::default(),
             stop: None,
         }
@@ -137,6 +146,13 @@ impl EventWriter {
     /// Only the kinds in `mask`.
     pub fn with_mask(mut self, mask: EventMask) -> Self {
         self.mask = mask;
+        self
+    }
+
+    /// Lines name `run` (the session's [`crate::session::Session::run_info`], whose id the
+    /// events' `exec_id`s carry); without it, a run of the writer's own.
+    pub fn for_run(mut self, run: RunInfo) -> Self {
+        self.run = run;
         self
     }
 
@@ -157,10 +173,14 @@ impl EventWriter {
             Format::Text => ev.to_text(),
             // Serialising these plain structs cannot fail (string keys, no maps).
             Format::Json => serde_json::to_string(&Numbered {
+                schema: SCHEMA_VERSION,
                 seq: self.seq,
+                run_id: &self.run.run_id,
+                host: self.run.host.as_deref(),
                 event: ev,
             })
             .unwrap_or_default(),
+            Format::Ecs => super::ecs::document(ev, self.seq, &self.run).to_string(),
         }
     }
 
@@ -234,20 +254,9 @@ impl Ornament for EventWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::tests::SharedBuf as Buf;
     use crate::event::{ExitEvent, SyscallEvent, TaskHeader};
     use crate::ornament::{DenySyscalls, Registry};
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().expect("buf").extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
 
     /// Accepts `ok` lines, then fails every write with `kind`.
     struct Failing {
@@ -295,7 +304,7 @@ mod tests {
                 ..SyscallEvent::default()
             }));
         }
-        let text = String::from_utf8(buf.0.lock().expect("buf").clone()).expect("utf8");
+        let text = buf.text();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).expect("json"))
@@ -319,6 +328,59 @@ mod tests {
                 error: None
             }
         );
+    }
+
+    #[test]
+    fn every_json_line_validates_against_the_schema_and_breaks_it_when_changed() {
+        use crate::event::tests::{samples, schema_validator, RUN_ID};
+        let v = schema_validator();
+        let buf = Buf::default();
+        let mut w = EventWriter::new(Box::new(buf.clone()), Format::Json).for_run(RunInfo {
+            run_id: RUN_ID.into(),
+            host: Some("builder".into()),
+        });
+        let d = Decision::new(false);
+        for e in samples() {
+            w.write(&e, &d);
+        }
+        let text = buf.text();
+        let mut kinds = Vec::new();
+        for line in text.lines() {
+            let j: serde_json::Value = serde_json::from_str(line).expect("json");
+            if let Err(e) = v.validate(&j) {
+                panic!("{e} at {}: {line}", e.instance_path());
+            }
+            assert_eq!(
+                (&j["schema"], &j["run_id"], &j["host"]),
+                (&2.into(), &RUN_ID.into(), &"builder".into())
+            );
+            kinds.push(j["event"].as_str().expect("kind").to_owned());
+            // What a reader relies on is enforced: a missing field, an unknown one, a
+            // time without nanoseconds, another version, a foreign exec_id.
+            let obj = j.as_object().expect("object");
+            let mut broken = Vec::new();
+            for k in obj.keys() {
+                let mut b = obj.clone();
+                b.remove(k);
+                broken.push(b);
+            }
+            for (k, bad) in [
+                ("extra", serde_json::json!(1)),
+                ("time", "2026-12-03T07:30:01Z".into()),
+                ("schema", 1.into()),
+                ("exec_id", "42".into()),
+                ("uid", (-1).into()),
+            ] {
+                let mut b = obj.clone();
+                b.insert(k.into(), bad);
+                broken.push(b);
+            }
+            for b in broken {
+                let b = serde_json::Value::Object(b);
+                assert!(!v.is_valid(&b), "accepted {b}");
+            }
+        }
+        assert_eq!(kinds, ["fork", "exec", "exit", "syscall", "setid"]);
     }
 
     #[test]

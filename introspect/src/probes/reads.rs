@@ -30,8 +30,13 @@ pub const MEM_HDR_REAL_PARENT: usize = 11;
 pub const MEM_HDR_PPID: usize = 12;
 /// ... `[13]` `task->cred`, ...
 pub const MEM_HDR_CRED: usize = 13;
-/// ... and `[14]` `task->cred->uid`.
+/// ... and `[14]` `task->cred->uid`, with `gid` in its high half where the profile has
+/// `gid` right after `uid` (it always has: `struct cred` keeps them side by side) ...
 pub const MEM_HDR_UID: usize = 14;
+/// ... and for fork, exit and syscall probes `[15]` `task->cred->euid`, with `egid` in its
+/// high half likewise (exec probes use `[15]` for [`MEM_EXEC_PARENT`]: their `euid` and
+/// `egid` are read from the cred read at the hit, when the event is built).
+pub const MEM_HDR_EUID: usize = 15;
 /// Fork probes read the child (rdi): `ProbeHit::mem[0]` `child->pid`, ...
 pub const MEM_CHILD_PID: usize = 0;
 /// ... `[1]` `child->tgid`, ...
@@ -127,8 +132,12 @@ pub fn hit_reads(
     let chain = |j: usize, offset: u64, len: u8| {
         MemRead::at_mem(u8::try_from(j).unwrap_or(u8::MAX), offset, len)
     };
-    // The header of the task whose address is `base` (a read or a register).
-    let header = |m: &mut [MemRead; MAX_MEM_READS], base: MemBase| -> Result<(), ProfileError> {
+    // The header of the task whose address is `base` (a read or a register), with its
+    // euid and egid unless `MEM_HDR_EUID` is taken.
+    let header = |m: &mut [MemRead; MAX_MEM_READS],
+                  base: MemBase,
+                  with_euid: bool|
+     -> Result<(), ProfileError> {
         let at = |offset: u64, len: u8| MemRead { base, offset, len };
         m[MEM_HDR_PID] = at(t("pid")?, 4);
         m[MEM_HDR_TGID] = at(t("tgid")?, 4);
@@ -141,7 +150,21 @@ pub fn hit_reads(
         m[MEM_HDR_REAL_PARENT] = at(t("real_parent")?, 8);
         m[MEM_HDR_PPID] = chain(MEM_HDR_REAL_PARENT, t("tgid")?, 4);
         m[MEM_HDR_CRED] = at(t("cred")?, 8);
-        m[MEM_HDR_UID] = chain(MEM_HDR_CRED, profile.offset("cred", "uid")?, 4);
+        let pair = |a: &str, b: &str| -> Result<(u64, u8), ProfileError> {
+            let first = profile.offset("cred", a)?;
+            let len = if profile.offset("cred", b)? == first.wrapping_add(4) {
+                8
+            } else {
+                4
+            };
+            Ok((first, len))
+        };
+        let (uid, len) = pair("uid", "gid")?;
+        m[MEM_HDR_UID] = chain(MEM_HDR_CRED, uid, len);
+        if with_euid {
+            let (euid, len) = pair("euid", "egid")?;
+            m[MEM_HDR_EUID] = chain(MEM_HDR_CRED, euid, len);
+        }
         Ok(())
     };
     match kind {
@@ -154,12 +177,14 @@ pub fn hit_reads(
             header(
                 &mut m,
                 MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),
+                true,
             )?;
         }
         ProbeKind::Fork(_) => {
             header(
                 &mut m,
                 MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),
+                true,
             )?;
             m[MEM_CHILD_PID] = MemRead::at_reg(Reg::Rdi, t("pid")?, 4);
             m[MEM_CHILD_TGID] = MemRead::at_reg(Reg::Rdi, t("tgid")?, 4);
@@ -167,7 +192,7 @@ pub fn hit_reads(
             m[MEM_CHILD_MM] = MemRead::at_reg(Reg::Rdi, t("mm")?, 8);
         }
         ProbeKind::Exit(ExitHook::ProcExitConnector) => {
-            header(&mut m, MemBase::Reg(Reg::Rdi))?;
+            header(&mut m, MemBase::Reg(Reg::Rdi), true)?;
             m[MEM_EXIT_CODE] = MemRead::at_reg(Reg::Rdi, t("exit_code")?, 4);
             m[MEM_EXIT_SIGNAL] = MemRead::at_reg(Reg::Rdi, t("signal")?, 8);
             if let Ok(live) = profile.offset("signal_struct", "live") {
@@ -175,7 +200,7 @@ pub fn hit_reads(
             }
         }
         ProbeKind::Exec(ExecHook::ProcExecConnector) => {
-            header(&mut m, MemBase::Reg(Reg::Rdi))?;
+            header(&mut m, MemBase::Reg(Reg::Rdi), false)?;
             let mm = |f: &str| profile.offset("mm_struct", f);
             m[MEM_EXEC_MM] = MemRead::at_reg(Reg::Rdi, t("mm")?, 8);
             m[MEM_EXEC_EXE_FILE] = chain(MEM_EXEC_MM, mm("exe_file")?, 8);

@@ -184,13 +184,14 @@ fn hit_reads_layout() {
             }
             let used = m.iter().filter(|r| r.base != MemBase::None).count();
             let want = match kind {
-                ProbeKind::Fork(_) => 13,
-                ProbeKind::Exit(ExitHook::ProcExitConnector) => 12,
-                // The task's 8-read header, mm, exe_file, its dentry, arg_start, arg_end,
-                // the dentry's name hash and parent.
+                // The current task, its 9-read header (with euid), the child's 4 fields.
+                ProbeKind::Fork(_) => 14,
+                ProbeKind::Exit(ExitHook::ProcExitConnector) => 13,
+                // The task's 8-read header (no euid), mm, exe_file, its dentry, arg_start,
+                // arg_end, the dentry's name hash and parent.
                 ProbeKind::Exec(ExecHook::ProcExecConnector) => 16,
-                // Six arguments, the current task and its 8-read header.
-                ProbeKind::Syscall(_) => 15,
+                // Six arguments, the current task and its 9-read header.
+                ProbeKind::Syscall(_) => 16,
                 _ => 1,
             };
             assert_eq!(used, want, "{kind:?}");
@@ -229,6 +230,18 @@ fn hit_reads_layout() {
         let sys = hit_reads(ProbeKind::Syscall(SyscallHook::DoSyscall64), &p).expect("r");
         assert_eq!(sys[MEM_HDR_PID].base, MemBase::Mem(cur));
         assert_eq!(sys[MEM_HDR_UID].base, fork[MEM_HDR_UID].base);
+        // Each id pair in one word: uid and gid, euid and egid (side by side in `cred`).
+        let cred = u8::try_from(MEM_HDR_CRED).expect("small");
+        for (slot, first) in [(MEM_HDR_UID, "uid"), (MEM_HDR_EUID, "euid")] {
+            assert_eq!(
+                sys[slot],
+                MemRead {
+                    base: MemBase::Mem(cred),
+                    offset: p.offset("cred", first).expect("cred"),
+                    len: 8
+                }
+            );
+        }
         let exit = hit_reads(ProbeKind::Exit(ExitHook::ProcExitConnector), &p).expect("r");
         assert_eq!(exit[MEM_HDR_PID].base, MemBase::Reg(Reg::Rdi));
         assert_eq!(

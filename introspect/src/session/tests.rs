@@ -91,7 +91,7 @@ impl Ornament for Recorder {
     }
 }
 
-fn limits() -> Limits {
+pub(super) fn limits() -> Limits {
     Limits {
         stop: Arc::new(AtomicBool::new(false)),
         timeout: Some(Duration::from_secs(20)),

@@ -332,6 +332,11 @@ impl<'k> TaskReader<'k> {
     /// (uid, gid, euid, egid) from `task->cred`.
     pub fn creds(&self, vm: &VirtMem<'_>, task: Gva) -> Field<[u32; 4]> {
         let cred = Self::kptr_nonnull(vm, at(task, self.off.cred))?;
+        self.creds_of(vm, cred)
+    }
+
+    /// (uid, gid, euid, egid) of the `struct cred` at `cred`.
+    pub fn creds_of(&self, vm: &VirtMem<'_>, cred: Gva) -> Field<[u32; 4]> {
         Ok([
             Self::u32(vm, at(cred, self.off.cred_uid))?,
             Self::u32(vm, at(cred, self.off.cred_gid))?,
