@@ -53,6 +53,7 @@ run() {
     echo "$t0 $(cat /tmp/mark 2>/dev/null || echo -) $t1 $st" >"/out/$name.times"
     echo "$name: status $st, $t0 -> $t1"
 }
+grep -c -w svm /proc/cpuinfo >/out/svm-cpus
 ornament doctor --json >/out/doctor.json 2>/out/doctor.err
 K=$(ls /cache/images/*/*/vmlinuz | head -n 1)
 Q="qemu-system-x86_64 -accel kvm -cpu host -M pc -smp 1 -m 512M -nodefaults -no-user-config -no-reboot -display none -monitor none -serial stdio -serial null -kernel $K"
@@ -214,7 +215,8 @@ fn main() {
     println!(
         "L1: kvm {}, {} vCPUs with SVM",
         doctor["kvm"]["kind"],
-        std::fs::read_to_string(out.join("svm-cpus")).unwrap_or_else(|_| "?".into())
+        std::fs::read_to_string(out.join("svm-cpus"))
+            .map_or_else(|_| "?".into(), |s| s.trim().to_owned())
     );
     for t in doctor["kvm"]["traps"].as_array().into_iter().flatten() {
         println!(
