@@ -34,6 +34,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -264,6 +265,10 @@ int main(int argc, char **argv)
     if (!strcmp(c, "exit"))
         return (int)n;
     printf("W start pid=%d ppid=%d\n", (int)getpid(), (int)getppid());
+    /* Wait until the console has sent the line: a host that arms its probes when it
+     * sees it (vmm/kvm/tests/linux.rs) has then armed before anything below runs.
+     * Not a tty: nothing to wait for (ENOTTY, ignored). */
+    tcdrain(STDOUT_FILENO);
     if (!strcmp(c, "getppid"))
         cmd_getppid(n);
     else if (!strcmp(c, "forkexit"))

@@ -115,6 +115,10 @@ pub struct Manifest {
     /// formats.
     #[serde(default)]
     pub requested: String,
+    /// [`crate::workloads::guest_digest`] of the ornament that built it (empty in older
+    /// images: rebuilt).
+    #[serde(default)]
+    pub guest: String,
     /// Every file of the image.
     pub files: Vec<FileEntry>,
 }
@@ -362,6 +366,7 @@ mod tests {
                 package: "linux-image-r".into(),
                 package_version: "1".into(),
                 requested: "linux-image-meta".into(),
+                guest: String::new(),
                 files,
             },
         )

@@ -356,6 +356,13 @@ fn add_suffix(add: &[(PathBuf, String)]) -> Result<String, ImageError> {
 /// logged and left to be rebuilt.
 fn cached_at(spec: &ImageSpec, dir: &Path) -> Option<Image> {
     match cache::check(dir) {
+        Ok(c) if c.manifest.guest != workloads::guest_digest() => {
+            tracing::info!(
+                dir = %dir.display(),
+                "cached image holds another ornament's guest programs; rebuilding"
+            );
+            None
+        }
         Ok(c) => {
             let m = c.manifest;
             Some(Image {
@@ -498,6 +505,7 @@ fn build_into(
             package: target.package.clone(),
             package_version: version,
             requested: requested.to_owned(),
+            guest: workloads::guest_digest(),
             files: entries,
         },
     )?;

@@ -32,6 +32,23 @@ pub const WORKLOADS: &[Workload] = &[
 /// The `/init` script.
 pub const INIT_SCRIPT: &str = include_str!("../guest/init.sh");
 
+/// SHA-256 (hex) of everything this build of ornament puts into an image's userland of
+/// its own: every program's name, flags and source, and the `/init` script. Recorded in
+/// the manifest, so a cached image built by another ornament is rebuilt rather than
+/// run with stale guest programs.
+pub fn guest_digest() -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for w in WORKLOADS {
+        for part in [w.name, &w.flags.join(" "), w.source] {
+            h.update(part.len().to_le_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    h.update(INIT_SCRIPT.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Why a workload did not compile.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum WorkloadError {

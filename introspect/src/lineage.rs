@@ -9,11 +9,19 @@
 //! ```
 //!
 //! A process (thread group) gets its identity from a per-run table keyed by its tgid:
-//! a fork of a new process gives the child a new serial, the end of the process
-//! (`group_exit`) drops it, a process first seen without its fork (it was there before the
-//! probes were armed) gets one when first seen. The id is `RUN_ID:TGID:SERIAL`: unique
-//! across runs by the run id, across pid reuse within a run by the serial. An exec keeps
-//! it (the kernel keeps the pid, so a process is one entity from fork to exit).
+//! a fork of a new process gives the child a new serial, a process first seen without its
+//! fork (it was there before the probes were armed) gets one when first seen. The id is
+//! `RUN_ID:TGID:SERIAL`: unique across runs by the run id, across pid reuse within a run
+//! by the serial. An exec keeps it (the kernel keeps the pid, so a process is one entity
+//! from fork to exit).
+//!
+//! Records of different vCPUs reach the table out of order, so the end of a process
+//! (`group_exit`) does not drop its entry: it records when the process ended (the hit's
+//! engine time). An event at or before that time is still the old process's, such as a
+//! child's exit, naming it as parent, delivered after the parent's own exit; a later
+//! one is of a new process with the same pid. An exit older than the entry's start
+//! (the previous process's, delivered after the fork that reused its pid) is not taken
+//! as the end of the new one.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -69,6 +77,10 @@ struct Entry {
     serial: u64,
     /// Its fork was seen (else it was first seen by one of its own events).
     forked: bool,
+    /// Engine time of its fork, or of the first event that made it.
+    since: u64,
+    /// Engine time of its end (`group_exit`), once seen.
+    ended: Option<u64>,
 }
 
 /// The per-run process table and wall-clock anchor that stamp events (see the module).
@@ -117,11 +129,13 @@ impl Lineage {
         format!("{}:{tgid}:{serial}", self.run.run_id)
     }
 
-    fn new_entry(&mut self, forked: bool) -> Entry {
+    fn new_entry(&mut self, forked: bool, since: u64) -> Entry {
         self.next_serial += 1;
         Entry {
             serial: self.next_serial,
             forked,
+            since,
+            ended: None,
         }
     }
 
@@ -131,12 +145,13 @@ impl Lineage {
         }
     }
 
-    /// The id of the live process `tgid`, made when first seen.
-    fn id_of(&mut self, tgid: i32) -> String {
+    /// The id of the process `tgid` at engine time `at`: the one in the table unless it
+    /// had ended before `at` (then a new process with that pid, made now).
+    fn id_of(&mut self, tgid: i32, at: u64) -> String {
         let e = match self.table.get(&tgid) {
-            Some(e) => *e,
-            None => {
-                let e = self.new_entry(false);
+            Some(e) if e.ended.is_none_or(|end| at <= end) => *e,
+            _ => {
+                let e = self.new_entry(false, at);
                 self.remember(tgid, e);
                 e
             }
@@ -144,15 +159,28 @@ impl Lineage {
         self.id(tgid, e.serial)
     }
 
-    /// A new process `tgid` was forked: a new id, unless its own events came first
-    /// (another vCPU's record delivered before the fork's) and made one already.
-    fn forked(&mut self, tgid: i32) -> String {
+    /// A new process `tgid` was forked at `at`: a new id, unless its own events came
+    /// first (another vCPU's record delivered before the fork's) and made one already.
+    fn forked(&mut self, tgid: i32, at: u64) -> String {
         let e = match self.table.get(&tgid) {
-            Some(e) if !e.forked => Entry { forked: true, ..*e },
-            _ => self.new_entry(true),
+            Some(e) if !e.forked && e.ended.is_none() => Entry {
+                forked: true,
+                since: e.since.min(at),
+                ..*e
+            },
+            _ => self.new_entry(true, at),
         };
         self.remember(tgid, e);
         self.id(tgid, e.serial)
+    }
+
+    /// The process `tgid` ended at `at` (unless the entry is of a later process).
+    fn ended(&mut self, tgid: i32, at: u64) {
+        if let Some(e) = self.table.get_mut(&tgid) {
+            if e.since <= at {
+                e.ended = Some(at);
+            }
+        }
     }
 
     /// The wall-clock time of a hit at engine time `time_ns`: the anchor (the host's
@@ -169,26 +197,26 @@ impl Lineage {
     }
 
     /// Fill in `ev`'s `time`, `exec_id`, `parent_exec_id` (and a fork's `child_exec_id`);
-    /// the end of a process forgets its id.
+    /// the end of a process records when it ended.
     pub fn stamp(&mut self, ev: &mut Event) {
         let (time_ns, tgid, ppid) = {
             let t = ev.task();
             (t.time_ns, t.tgid, t.ppid)
         };
         let time = rfc3339(self.wall_ns(time_ns));
-        let exec_id = tgid.map(|p| self.id_of(p));
-        let parent_exec_id = ppid.map(|p| self.id_of(p));
+        let exec_id = tgid.map(|p| self.id_of(p, time_ns));
+        let parent_exec_id = ppid.map(|p| self.id_of(p, time_ns));
         match ev {
             Event::Fork(f) => {
                 f.child_exec_id = match (f.thread, f.child_tgid) {
                     (_, None) => None,
-                    (true, Some(c)) => Some(self.id_of(c)),
-                    (false, Some(c)) => Some(self.forked(c)),
+                    (true, Some(c)) => Some(self.id_of(c, time_ns)),
+                    (false, Some(c)) => Some(self.forked(c, time_ns)),
                 };
             }
             Event::Exit(x) if x.group_exit => {
                 if let Some(p) = tgid {
-                    self.table.remove(&p);
+                    self.ended(p, time_ns);
                 }
             }
             _ => {}

@@ -6,6 +6,7 @@
 //! and its real-kernel workload test with each trap backend on 2 vCPUs. One L1 boot
 //! (4-8 minutes on 2 shared cores) serves every check below.
 
+use ornament_tests::schema::{check_lineage, check_schema};
 use ornament_tests::workload::{check_workload_events, events};
 use ornament_tests::{can_build_images, has_qemu, ornament_bin, require_host};
 use std::path::{Path, PathBuf};
@@ -162,7 +163,12 @@ fn our_vmm_on_nested_svm_gives_exit_status_events_and_passes_its_tests() {
             !err.contains("Run /init"),
             "{step}: the console was not quiet"
         );
-        check_workload_events(&err, &events(&out.join(format!("{step}.json"))));
+        let evs = events(&out.join(format!("{step}.json")));
+        check_workload_events(&err, &evs);
+        // Schema 2 holds on our VMM too: every event validates, and each exec_id
+        // joins children to their parents.
+        check_schema(&evs);
+        check_lineage(&evs);
     }
 
     // The KVM crate's own tests, every one passing on SVM (L1 runs them with CI=true,

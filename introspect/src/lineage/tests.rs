@@ -194,3 +194,42 @@ fn unreadable_ids_stay_null_and_the_host_is_read() {
         assert!(!h.is_empty() && h.len() <= MAX_HOST_NAME_BYTES && !h.contains('\n'));
     }
 }
+
+/// `ev` at engine time `t`.
+fn at(t: u64, mut ev: Event) -> Event {
+    ev.task_mut().time_ns = t;
+    ev
+}
+
+#[test]
+fn a_child_event_delivered_after_its_parents_exit_names_that_parent() {
+    check(
+        &mut lineage(),
+        vec![
+            (at(1, fork(10, 1, 11)), "10:1 1:2 11:3"),
+            (at(2, fork(11, 10, 12)), "11:3 10:1 12:4"),
+            // 11 ends at 4 after 12 ended at 3, but 11's record comes first (another
+            // vCPU's): 12's exit still names the 11 that was its parent.
+            (at(4, exit(11, 10)), "11:3 10:1"),
+            (at(3, exit(12, 11)), "12:4 11:3"),
+            // A later event of pid 11 that was not forked in sight is a new process.
+            (at(9, exec(11, 10)), "11:5 10:1"),
+        ],
+    );
+}
+
+#[test]
+fn an_old_exit_delivered_after_the_pid_is_reused_does_not_end_the_new_process() {
+    check(
+        &mut lineage(),
+        vec![
+            (at(1, fork(10, 1, 11)), "10:1 1:2 11:3"),
+            // 11 ends at 5 and pid 11 is forked again at 6; the fork's record comes first.
+            (at(6, fork(10, 1, 11)), "10:1 1:2 11:4"),
+            (at(5, exit(11, 10)), "11:4 10:1"),
+            // The new 11 lives on with its id.
+            (at(7, exec(11, 10)), "11:4 10:1"),
+            (at(8, fork(11, 10, 12)), "11:4 10:1 12:5"),
+        ],
+    );
+}
