@@ -15,13 +15,16 @@
 //! by the serial. An exec keeps it (the kernel keeps the pid, so a process is one entity
 //! from fork to exit).
 //!
-//! Records of different vCPUs reach the table out of order, so the end of a process
-//! (`group_exit`) does not drop its entry: it records when the process ended (the hit's
-//! engine time). An event at or before that time is still the old process's, such as a
-//! child's exit, naming it as parent, delivered after the parent's own exit; a later
-//! one is of a new process with the same pid. An exit older than the entry's start
-//! (the previous process's, delivered after the fork that reused its pid) is not taken
-//! as the end of the new one.
+//! The end of a process (`group_exit`) does not drop its entry, it records when the
+//! process ended (the hit's engine time): events can still name it after that, and
+//! not only because records of different vCPUs arrive out of order. Linux runs the
+//! exit probe (`proc_exit_connector`) after `exit_notify`, so a parent can reap a child
+//! and exit before the child's own exit hit, which still names it as parent (seen on
+//! the PREEMPT_RT kernel). Only a fork makes a new process of a pid. An ended entry
+//! seen only by its own events (a process from before the probes were armed) is then
+//! not adopted by the fork, and an exit older than the entry's start (the previous
+//! process's, delivered after the fork that reused its pid) is not taken as the end
+//! of the new one.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -145,12 +148,12 @@ impl Lineage {
         }
     }
 
-    /// The id of the process `tgid` at engine time `at`: the one in the table unless it
-    /// had ended before `at` (then a new process with that pid, made now).
+    /// The id of the process `tgid` (the last one with that pid, ended or not), made
+    /// at engine time `at` when first seen.
     fn id_of(&mut self, tgid: i32, at: u64) -> String {
         let e = match self.table.get(&tgid) {
-            Some(e) if e.ended.is_none_or(|end| at <= end) => *e,
-            _ => {
+            Some(e) => *e,
+            None => {
                 let e = self.new_entry(false, at);
                 self.remember(tgid, e);
                 e

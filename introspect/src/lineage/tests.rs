@@ -212,8 +212,34 @@ fn a_child_event_delivered_after_its_parents_exit_names_that_parent() {
             // vCPU's): 12's exit still names the 11 that was its parent.
             (at(4, exit(11, 10)), "11:3 10:1"),
             (at(3, exit(12, 11)), "12:4 11:3"),
-            // A later event of pid 11 that was not forked in sight is a new process.
-            (at(9, exec(11, 10)), "11:5 10:1"),
+        ],
+    );
+    check(
+        &mut lineage(),
+        vec![
+            (at(1, fork(10, 1, 11)), "10:1 1:2 11:3"),
+            (at(2, fork(11, 10, 12)), "11:3 10:1 12:4"),
+            // Linux's exit probe runs after the parent was told: 11 reaped 12 and ended
+            // (at 3) before 12's exit hit (at 4), which still names 11 as its parent.
+            (at(3, exit(11, 10)), "11:3 10:1"),
+            (at(4, exit(12, 11)), "12:4 11:3"),
+            // Only a fork makes pid 11 a new process.
+            (at(9, fork(10, 1, 11)), "10:1 1:2 11:5"),
+            (at(10, exec(11, 10)), "11:5 10:1"),
+        ],
+    );
+}
+
+#[test]
+fn a_process_from_before_the_probes_is_not_adopted_by_a_later_fork_of_its_pid() {
+    check(
+        &mut lineage(),
+        vec![
+            // 30 was running before the probes were armed: first seen at its exec.
+            (at(1, exec(30, 1)), "30:1 1:2"),
+            (at(2, exit(30, 1)), "30:1 1:2"),
+            // A fork reusing pid 30 is a new process, not the one first seen at 1.
+            (at(3, fork(1, 0, 30)), "1:2 0:3 30:4"),
         ],
     );
 }
