@@ -74,9 +74,30 @@ pub fn check_output(record: &Record, target: &str) -> Result<Option<u8>> {
             ornament_introspect::ornament::CONSUMER_QUEUE
         );
     }
+    if let Some(o) = record.otlp.as_ref().filter(|o| o.lost() > 0) {
+        bail!(
+            "{} of {} events did not reach the OTLP collector at {}{}",
+            o.lost(),
+            o.emitted,
+            o.endpoint,
+            match &o.error {
+                Some(why) => format!(": {why}"),
+                None => " (the exporter's queue was full)".to_owned(),
+            }
+        );
+    }
+    let exported = match &record.otlp {
+        Some(o) => format!(
+            "; {} event{} exported to {}, 0 lost",
+            o.delivered,
+            if o.delivered == 1 { "" } else { "s" },
+            o.endpoint
+        ),
+        None => String::new(),
+    };
     let summary = |events: String| {
         eprintln!(
-            "ornament: {}{events}; {:.1} s",
+            "ornament: {}{events}{exported}; {:.1} s",
             record.summary,
             record.elapsed.as_secs_f64()
         );

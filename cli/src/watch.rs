@@ -84,6 +84,12 @@ pub struct WatchArgs {
     /// --control SOCKET`; needs --control).
     #[arg(long, value_name = "PATH", requires = "control")]
     pause_on_exec: Option<String>,
+    /// Also export the events (those of --watch; fork, exec and exit without it) as
+    /// OpenTelemetry log records over OTLP/HTTP (protobuf) to URL, e.g.
+    /// http://127.0.0.1:4318 (`/v1/logs` is added to a URL with no path). Attributes
+    /// carry ECS names. The run fails if any event did not reach the collector.
+    #[arg(long, value_name = "URL")]
+    otlp: Option<String>,
 }
 
 /// The parsed event options.
@@ -105,6 +111,8 @@ pub struct WatchPlan {
     pub shown: EventMask,
     /// Pause the guest when a process execs this path.
     pub pause_on_exec: Option<String>,
+    /// Export events over OTLP, and which.
+    pub otlp: Option<(ornament_otlp::OtlpConfig, EventMask)>,
 }
 
 impl WatchArgs {
@@ -116,6 +124,7 @@ impl WatchArgs {
             || self.pause_on_exec.is_some()
             || self.pid.is_some()
             || self.all
+            || self.otlp.is_some()
     }
 
     /// `--output FILE`, if given.
@@ -163,7 +172,19 @@ impl WatchArgs {
             (None, true) => Scope::All,
             (None, false) => Scope::Command,
         };
+        let otlp = match &self.otlp {
+            Some(url) => {
+                let mask = if shown == EventMask::NONE {
+                    EventMask::LIFECYCLE
+                } else {
+                    shown
+                };
+                Some((ornament_otlp::OtlpConfig::new(url)?, mask))
+            }
+            None => None,
+        };
         Ok(WatchPlan {
+            otlp,
             scope,
             cfg,
             format: self.format,
@@ -256,6 +277,9 @@ pub struct Record {
     /// Events the writer, the tree and the summary never got because their queue was
     /// full (a sink slower than the guest).
     pub dropped: u64,
+    /// What the OTLP export delivered, with `--otlp`; events its own queue dropped
+    /// before the SDK got them are counted as emitted and not delivered.
+    pub otlp: Option<ornament_otlp::ExportReport>,
 }
 
 /// The handles of the CLI's ornaments, read at the end.
@@ -266,6 +290,10 @@ struct Outputs {
     output: Option<OutputHealth>,
     summary: Arc<std::sync::Mutex<SummaryCounts>>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
+    otlp: Option<(
+        Arc<ornament_otlp::ExportStats>,
+        Arc<std::sync::atomic::AtomicU64>,
+    )>,
     began: Instant,
 }
 
@@ -294,6 +322,11 @@ impl Outputs {
                 .clone(),
             elapsed: self.began.elapsed(),
             dropped: self.dropped.load(std::sync::atomic::Ordering::Relaxed),
+            otlp: self.otlp.as_ref().map(|(stats, dropped)| {
+                let mut r = stats.report();
+                r.emitted += dropped.load(std::sync::atomic::Ordering::Relaxed);
+                r
+            }),
         }
     }
 }
@@ -366,6 +399,18 @@ fn attach_ornaments(
     let consumers = Consumers::new(consumers, CONSUMER_QUEUE);
     let dropped = consumers.dropped();
     session.attach(scoped(scope, &command, Box::new(consumers)));
+    // The exporter has a queue of its own: a slow collector never holds the writer.
+    let otlp = match &plan.otlp {
+        Some((cfg, mask)) => {
+            let export = ornament_otlp::OtlpExport::new(cfg, session.run_info().clone(), *mask)?;
+            let stats = export.stats();
+            let queue = Consumers::new(vec![Box::new(export)], CONSUMER_QUEUE);
+            let dropped = queue.dropped();
+            session.attach(scoped(scope, &command, Box::new(queue)));
+            Some((stats, dropped))
+        }
+        None => None,
+    };
     Ok(Outputs {
         command,
         tree,
@@ -373,6 +418,7 @@ fn attach_ornaments(
         output,
         summary: counts,
         dropped,
+        otlp,
         began: Instant::now(),
     })
 }

@@ -346,6 +346,19 @@ impl Event {
         }
     }
 
+    /// The event as outputs report it after the ornaments decided: a syscall denied with
+    /// `denied` carries that errno ([`SyscallEvent::denied`]); anything else as it is.
+    pub fn as_decided(&self, denied: Option<i32>) -> std::borrow::Cow<'_, Event> {
+        match (self, denied) {
+            (Event::Syscall(s), Some(errno)) => {
+                let mut s = s.clone();
+                s.denied = Some(errno);
+                std::borrow::Cow::Owned(Event::Syscall(s))
+            }
+            _ => std::borrow::Cow::Borrowed(self),
+        }
+    }
+
     /// One JSON object, no newline.
     pub fn to_json(&self) -> String {
         // Serialising these plain structs cannot fail (string keys, no maps).

@@ -176,6 +176,11 @@ impl FakeEngine {
 }
 
 impl Engine for FakeEngine {
+    fn clock_origin(&self) -> std::time::SystemTime {
+        // Its hits are at `seq` microseconds of a clock that starts at the epoch.
+        std::time::UNIX_EPOCH
+    }
+
     fn capabilities(&self) -> Capabilities {
         self.caps
     }

@@ -123,6 +123,19 @@ impl Lineage {
         }
     }
 
+    /// A table for the run `run` whose hits' engine time 0 was `origin` on the host's
+    /// wall clock ([`ornament_engine::Engine::clock_origin`]): a hit's wall time is when
+    /// it happened, not when its event was handled.
+    pub fn with_origin(run: RunInfo, origin: SystemTime) -> Self {
+        let mut l = Self::new(run);
+        l.anchor_ns = Some(
+            origin
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        );
+        l
+    }
+
     /// The run.
     pub fn run(&self) -> &RunInfo {
         &self.run
@@ -186,9 +199,10 @@ impl Lineage {
         }
     }
 
-    /// The wall-clock time of a hit at engine time `time_ns`: the anchor (the host's
-    /// clock less `time_ns` at the first event stamped) plus `time_ns`, so wall times keep
-    /// the order and spacing of the monotonic times.
+    /// The wall-clock time of a hit at engine time `time_ns`: the anchor plus `time_ns`,
+    /// so wall times keep the order and spacing of the monotonic times. The anchor is the
+    /// engine's clock origin ([`Lineage::with_origin`]); without one, the host's clock
+    /// less `time_ns` at the first event stamped (late by that event's queueing).
     fn wall_ns(&mut self, time_ns: u64) -> u64 {
         let anchor = *self.anchor_ns.get_or_insert_with(|| {
             let now = (self.clock)()

@@ -146,7 +146,11 @@ impl Session {
                 )));
             }
         }
-        let monitor = Monitor::new(engine.memory(), profile.clone(), layout, probes)?;
+        let mut monitor = Monitor::new(engine.memory(), profile.clone(), layout, probes)?;
+        monitor.set_lineage(crate::lineage::Lineage::with_origin(
+            crate::lineage::RunInfo::new(),
+            engine.clock_origin(),
+        ));
         Ok(Self {
             monitor,
             caps,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ecs;
+pub mod otlp;
 pub mod schema;
 pub mod workload;
 

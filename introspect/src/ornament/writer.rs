@@ -192,18 +192,9 @@ impl EventWriter {
             self.health.0.lost.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let denied;
-        let ev = match (ev, d.denied()) {
-            (Event::Syscall(s), Some(errno)) => {
-                let mut s = s.clone();
-                s.denied = Some(errno);
-                denied = Event::Syscall(s);
-                &denied
-            }
-            _ => ev,
-        };
+        let ev = ev.as_decided(d.denied());
         self.seq += 1;
-        let line = self.line(ev);
+        let line = self.line(&ev);
         match writeln!(self.out, "{line}") {
             Ok(()) => {
                 self.health.0.written.fetch_add(1, Ordering::Relaxed);

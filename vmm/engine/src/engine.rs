@@ -194,4 +194,15 @@ pub trait Engine: Send {
     fn answer(&mut self, hit: &ProbeHit, action: Action) -> Result<(), EngineError>;
     /// Kill the guest now (an interrupted or failed run).
     fn stop(&mut self);
+    /// The host's wall clock at this engine's time 0, the origin of
+    /// [`ProbeHit::time_ns`]: a hit happened at `clock_origin() + time_ns`. (The time at
+    /// which an event is handled is later, by however long it queued.)
+    fn clock_origin(&self) -> std::time::SystemTime;
+}
+
+/// The wall-clock time at which `start` was taken: now, less the time since.
+pub fn wall_clock_at(start: std::time::Instant) -> std::time::SystemTime {
+    std::time::SystemTime::now()
+        .checked_sub(start.elapsed())
+        .unwrap_or(std::time::UNIX_EPOCH)
 }

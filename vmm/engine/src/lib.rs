@@ -14,6 +14,7 @@
 
 pub mod action;
 pub mod addr;
+pub mod clock;
 pub mod console;
 pub mod engine;
 pub mod hit;

@@ -575,6 +575,10 @@ fn backend(e: impl std::error::Error + Send + Sync + 'static) -> EngineError {
 }
 
 impl Engine for KvmEngine {
+    fn clock_origin(&self) -> std::time::SystemTime {
+        ornament_engine::engine::wall_clock_at(self.shared.start)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             deny_at: if self.hold_hits {

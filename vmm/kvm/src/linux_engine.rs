@@ -227,6 +227,10 @@ impl LinuxEngine {
 }
 
 impl Engine for LinuxEngine {
+    fn clock_origin(&self) -> std::time::SystemTime {
+        self.engine.clock_origin()
+    }
+
     fn capabilities(&self) -> Capabilities {
         self.engine.capabilities()
     }

@@ -374,6 +374,14 @@ fn filtered_numbers(probe: &ProbeRequest) -> Vec<u64> {
 }
 
 impl Engine for QemuEngine {
+    fn clock_origin(&self) -> std::time::SystemTime {
+        // Each backend times its hits from its own start.
+        match &self.backend {
+            Backend::Plugin { link, .. } => link.clock_origin(),
+            Backend::Gdbstub { .. } => self.machine.clock_origin(),
+        }
+    }
+
     fn capabilities(&self) -> Capabilities {
         match self.backend {
             Backend::Plugin { .. } => Capabilities {

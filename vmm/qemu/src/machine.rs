@@ -354,6 +354,11 @@ impl QemuMachine {
         self.started.elapsed()
     }
 
+    /// The wall-clock time [`QemuMachine::elapsed`] counts from.
+    pub fn clock_origin(&self) -> std::time::SystemTime {
+        ornament_engine::engine::wall_clock_at(self.started)
+    }
+
     /// Let the guest run.
     pub fn resume(&mut self) -> Result<(), MachineError> {
         self.gdb.cont(None)?;

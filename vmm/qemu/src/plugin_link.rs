@@ -210,9 +210,9 @@ pub struct PluginLink {
     rx: Option<Receiver<Vec<Incoming>>>,
     armed: HashMap<ProbeId, Armed>,
     deny: Option<DenyState>,
-    start: Instant,
     /// Plugin CLOCK_MONOTONIC at Hello, and our elapsed time then.
-    clock: Option<(u64, u64)>,
+    /// `CLOCK_MONOTONIC` at the link's start: hits' `time_ns` count from it.
+    start_mono: u64,
     seq: u64,
     /// Records received but not yet handled, in order.
     inbox: VecDeque<Incoming>,
@@ -249,8 +249,7 @@ impl PluginLink {
             rx: None,
             armed: HashMap::new(),
             deny: None,
-            start: Instant::now(),
-            clock: None,
+            start_mono: ornament_engine::clock::monotonic_ns(),
             seq: 0,
             inbox: VecDeque::new(),
             closed: false,
@@ -314,7 +313,6 @@ impl PluginLink {
         if hello.version != wire::WIRE_VERSION {
             return Err(PluginLinkError::Version(hello.version));
         }
-        self.clock = Some((hello.mono_ns, elapsed_ns(self.start)));
         stream
             .set_read_timeout(None)
             .map_err(PluginLinkError::Handshake)?;
@@ -626,10 +624,8 @@ impl PluginLink {
     fn make_plugin_hit(&mut self, h: &HitRecord) -> PluginHit {
         self.seq += 1;
         self.stats.hits += 1;
-        let time_ns = match self.clock {
-            Some((plugin0, host0)) => h.mono_ns.wrapping_sub(plugin0).wrapping_add(host0),
-            None => 0,
-        };
+        // The plugin reads the same host clock in QEMU's process.
+        let time_ns = h.mono_ns.saturating_sub(self.start_mono);
         let mut mem = [None; MAX_MEM_READS];
         for (i, m) in mem.iter_mut().enumerate() {
             *m = h.mem(i);
@@ -752,8 +748,11 @@ impl Drop for PluginLink {
     }
 }
 
-fn elapsed_ns(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+impl PluginLink {
+    /// The wall-clock time the hits' `time_ns` count from.
+    pub fn clock_origin(&self) -> std::time::SystemTime {
+        ornament_engine::clock::wall_clock_at_monotonic(self.start_mono)
+    }
 }
 
 fn arm_msg(probe: ProbeId, a: &Armed) -> Msg {
@@ -876,15 +875,38 @@ mod tests {
         assert!(matches!(p.recv(), Msg::Arm(a) if a.probe == 2 && a.spec.hold));
         assert_eq!(p.recv(), Msg::Go);
 
-        // Two hits in one batch, then a held one.
+        // Two hits in one batch, 1 us apart on the host's monotonic clock, then a held one.
+        let mono = ornament_engine::clock::monotonic_ns();
         let mut batch = Vec::new();
         for seq in 1..=2 {
-            put_hit_head(&mut batch, 0, 1, 0, seq, 1_000 + seq, spec.regs, 0, 0, None);
+            put_hit_head(
+                &mut batch,
+                0,
+                1,
+                0,
+                seq,
+                mono + 1_000 * seq,
+                spec.regs,
+                0,
+                0,
+                None,
+            );
             // Values in register-bit order: rdi before rip.
             put_hit_value(&mut batch, 0xabc);
             put_hit_value(&mut batch, 0xffff_ffff_810b_0de0 + seq);
         }
-        put_hit_head(&mut batch, HIT_HELD, 2, 1, 1, 5_000, spec.regs, 0, 0, None);
+        put_hit_head(
+            &mut batch,
+            HIT_HELD,
+            2,
+            1,
+            1,
+            mono + 5_000,
+            spec.regs,
+            0,
+            0,
+            None,
+        );
         put_hit_value(&mut batch, 0xdef);
         put_hit_value(&mut batch, 0xffff_ffff_816e_dd10);
         p.s.write_all(&batch).expect("write");
@@ -905,7 +927,9 @@ mod tests {
             .expect("ok")
             .expect("hit");
         assert_eq!(h2.hit.seq, 2);
-        assert!(h2.hit.time_ns >= h1.hit.time_ns);
+        // Placed on the host's clock as the plugin read it: exactly 1 us apart.
+        assert_eq!(h2.hit.time_ns - h1.hit.time_ns, 1_000);
+        assert!(h1.hit.time_ns > 0);
         assert!(matches!(
             link.answer(&h2, Action::Continue),
             Err(PluginLinkError::NotHeld)

@@ -88,18 +88,7 @@ pub(crate) struct State {
 
 pub(crate) static STATE: OnceLock<State> = OnceLock::new();
 
-pub(crate) fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec)
-        .unwrap_or(0)
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
-}
+pub(crate) use ornament_engine::clock::monotonic_ns as mono_ns;
 
 impl State {
     pub(crate) fn send(&self, bytes: &[u8]) {
