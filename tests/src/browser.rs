@@ -217,7 +217,7 @@ pub fn decode_png(bytes: &[u8]) -> Result<Image, String> {
                 0 => 0,
                 1 => a,
                 2 => b,
-                3 => ((u16::from(a) + u16::from(b)) / 2) as u8,
+                3 => a / 2 + b / 2 + (a & b & 1),
                 4 => paeth(a, b, c),
                 f => return Err(format!("bad filter {f}")),
             });

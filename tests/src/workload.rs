@@ -6,6 +6,12 @@
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// What the workload's tests watch: its lifecycle and the syscall it makes K times.
+pub const WATCH: &str = "fork,exec,exit,syscall=getpriority";
+
+/// The workload's command line in the guest.
+pub const COMMAND: [&str; 2] = ["/ornament/bin/ornament-workload", "all"];
+
 /// What the workload said it did.
 #[derive(Debug, Default)]
 pub struct Facts {

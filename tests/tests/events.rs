@@ -6,7 +6,7 @@
 //! nothing missing, duplicated or invented.
 
 use ornament_tests::schema::{check_lineage, check_schema};
-use ornament_tests::workload::{check_workload_events, events, facts, i};
+use ornament_tests::workload::{self, check_workload_events, events, facts, i};
 use ornament_tests::{assert_nothing_left, has_kvm, ornament, require_host, GUEST_TIMEOUT_SECS};
 use serde_json::Value;
 
@@ -35,15 +35,14 @@ fn check_boot(boot: &[&str], vcpus: &str, engine: &[&str], timeout_secs: u64) {
             "--timeout",
             &timeout,
             "--watch",
-            "fork,exec,exit,syscall=getpriority",
+            workload::WATCH,
             "--format",
             "json",
             "--output",
             out.to_str().expect("utf8"),
             "--",
-            "/ornament/bin/ornament-workload",
-            "all",
         ])
+        .chain(workload::COMMAND)
         .collect();
     let (r, rt) = ornament(&args);
     assert_eq!(r.code, Some(0), "{}", r.stderr);

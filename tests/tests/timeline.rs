@@ -11,7 +11,7 @@ use ornament_introspect::event::{
 use ornament_introspect::ornament::timeline::render;
 use ornament_introspect::ornament::{Decision, Ornament, Timeline};
 use ornament_tests::browser::{body_attr, decode_png, has_chromium, load, screenshot};
-use ornament_tests::workload::{events, facts};
+use ornament_tests::workload::{self, events, facts};
 use ornament_tests::{assert_nothing_left, ornament, GUEST_TIMEOUT_SECS};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -129,7 +129,10 @@ fn check_page_against_events(data: &Value, evs: &[Value]) {
             }
             Some("fork") if e["thread"] == false => {
                 let child = by_id[s(e, "child_exec_id").as_str()];
-                let parent = child["parent"].as_u64().expect("a forked lane's parent") as usize;
+                let parent = child["parent"]
+                    .as_u64()
+                    .and_then(|p| usize::try_from(p).ok())
+                    .expect("a forked lane's parent");
                 assert_eq!(
                     lanes[parent]["id"], e["exec_id"],
                     "parent of {}",
@@ -204,12 +207,12 @@ fn timeline_of_the_workload_matches_its_events_and_renders() {
     let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
     let (out_s, page_s, trace_s) = (path(&out), path(&page), path(&trace));
     let began = std::time::Instant::now();
-    let (r, rt) = ornament(&[
+    let mut args = vec![
         "run",
         "--timeout",
         &timeout,
         "--watch",
-        "fork,exec,exit,syscall=getpriority",
+        workload::WATCH,
         "--format",
         "json",
         "--output",
@@ -219,9 +222,9 @@ fn timeline_of_the_workload_matches_its_events_and_renders() {
         "--trace",
         &trace_s,
         "--",
-        "/ornament/bin/ornament-workload",
-        "all",
-    ]);
+    ];
+    args.extend(workload::COMMAND);
+    let (r, rt) = ornament(&args);
     eprintln!("guest run: {:.1} s", began.elapsed().as_secs_f64());
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_nothing_left(&r, rt.path());
@@ -273,10 +276,11 @@ fn synthetic(n: usize) -> ornament_introspect::ornament::timeline::TimelineData 
     let mut t = Timeline::new(Some("synthetic".into()), None);
     let view = t.view();
     let id = |i: usize| format!("synthetic:{}:{}", 100 + i, i + 1);
+    let pid = |i: usize| Some(i32::try_from(100 + i).expect("pid"));
     let head = |time: u64, i: usize| TaskHeader {
         time_ns: time,
-        tgid: Some(100 + i as i32),
-        pid: Some(100 + i as i32),
+        tgid: pid(i),
+        pid: pid(i),
         comm: Some("worker".into()),
         exec_id: Some(id(i)),
         ..TaskHeader::default()
@@ -286,8 +290,8 @@ fn synthetic(n: usize) -> ornament_introspect::ornament::timeline::TimelineData 
         let at = i as u64 * 1_000_000;
         deliver(Event::Fork(ForkEvent {
             task: head(at, (i - 1) / 4),
-            child_pid: Some(100 + i as i32),
-            child_tgid: Some(100 + i as i32),
+            child_pid: pid(i),
+            child_tgid: pid(i),
             child_exec_id: Some(id(i)),
             ..ForkEvent::default()
         }));
@@ -314,7 +318,7 @@ fn synthetic(n: usize) -> ornament_introspect::ornament::timeline::TimelineData 
         }
         deliver(Event::Exit(ExitEvent {
             task: head(at + 50_000_000, i),
-            exit_code: (i % 4) as u8,
+            exit_code: u8::try_from(i % 4).expect("code"),
             group_exit: true,
             ..ExitEvent::default()
         }));

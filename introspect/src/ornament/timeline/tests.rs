@@ -263,26 +263,16 @@ fn thousands_of_processes_make_a_page_of_bounded_size() {
     let ids: Vec<String> = (0..3000)
         .map(|i| format!("r:{}:{}", 100 + i, i + 1))
         .collect();
+    let pid = |i: usize| i32::try_from(100 + i).expect("pid");
     for i in 1..3000usize {
         let parent = (i - 1) / 4;
-        let t = i as u64 * 1_000_000;
-        events.push(fork(
-            t,
-            (100 + parent as i32, &ids[parent]),
-            (100 + i as i32, &ids[i]),
-        ));
-        events.push(exec(
-            t + 10,
-            (100 + i as i32, &ids[i]),
-            &["worker", "--n", "1"],
-        ));
-        events.push(syscall(t + 20, (100 + i as i32, &ids[i])));
-        events.push(exit(
-            t + 500_000,
-            (100 + i as i32, &ids[i]),
-            (i % 4) as u8,
-            None,
-        ));
+        let t = u64::try_from(i).expect("time") * 1_000_000;
+        let me = (pid(i), ids[i].as_str());
+        events.push(fork(t, (pid(parent), &ids[parent]), me));
+        events.push(exec(t + 10, me, &["worker", "--n", "1"]));
+        events.push(syscall(t + 20, me));
+        let code = u8::try_from(i % 4).expect("code");
+        events.push(exit(t + 500_000, me, code, None));
     }
     let d = collect(&events);
     assert_eq!(d.lanes.len(), 3000);
