@@ -15,15 +15,13 @@ pub fn chromium_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium-headless-shell"))
 }
 
-/// Is the browser runnable? The error says why not (and how to install it).
+/// Is the browser runnable? The error says why not.
 pub fn has_chromium() -> Result<PathBuf, String> {
     let bin = chromium_binary();
-    let out = Command::new(&bin).arg("--version").output().map_err(|e| {
-        format!(
-            "cannot run {}: {e} (apt-get install chromium-headless-shell)",
-            bin.display()
-        )
-    })?;
+    let out = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
     if out.status.success() {
         Ok(bin)
     } else {
