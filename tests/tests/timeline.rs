@@ -348,6 +348,25 @@ fn thousands_of_processes_render_in_the_browser() {
     let dom = load(&bin, &page, 1400, 900).dom;
     assert!(!dom.contains("<img"), "hostile argv became markup");
     assert!(secs < 30.0, "the browser took {secs:.1} s");
+    // Hovering the label of the tenth row shows that process's details, as text.
+    let hovered = dir.path().join("hovered.html");
+    let hook = "<script>var c = document.getElementById('lanes'), r = c.getBoundingClientRect();\n\
+        c.dispatchEvent(new MouseEvent('mousemove', {clientX: r.left + 50, clientY: r.top + 26 + 8 * 9 + 3, bubbles: true}));\n\
+        </script></body>";
+    std::fs::write(&hovered, html.replacen("</body>", hook, 1)).expect("write");
+    let loaded = load(&bin, &hovered, 1400, 900);
+    assert!(loaded.console.is_empty(), "console: {:?}", loaded.console);
+    assert_eq!(body_attr(&loaded.dom, "data-error"), None);
+    let tip = loaded
+        .dom
+        .split("<div id=\"tip\"")
+        .nth(1)
+        .expect("the tooltip");
+    let tip = &tip[..tip.find("</div>").expect("its end")];
+    assert!(!tip.starts_with(" hidden"), "no tooltip: {tip}");
+    eprintln!("tooltip:{tip}");
+    assert!(tip.contains("exec_id synthetic:"), "{tip}");
+    assert!(tip.contains("parent pid "), "{tip}");
 }
 
 #[test]
