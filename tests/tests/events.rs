@@ -29,19 +29,12 @@ fn check_boot(boot: &[&str], vcpus: &str, engine: &[&str], timeout_secs: u64) {
         .into_iter()
         .chain(engine.iter().copied())
         .chain(boot.iter().copied())
-        .chain([
-            "--vcpus",
-            vcpus,
-            "--timeout",
+        .chain(["--vcpus", vcpus])
+        .chain(workload::json_events_args(
             &timeout,
-            "--watch",
-            workload::WATCH,
-            "--format",
-            "json",
-            "--output",
             out.to_str().expect("utf8"),
-            "--",
-        ])
+        ))
+        .chain(["--"])
         .chain(workload::COMMAND)
         .collect();
     let (r, rt) = ornament(&args);

@@ -207,22 +207,9 @@ fn timeline_of_the_workload_matches_its_events_and_renders() {
     let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
     let (out_s, page_s, trace_s) = (path(&out), path(&page), path(&trace));
     let began = std::time::Instant::now();
-    let mut args = vec![
-        "run",
-        "--timeout",
-        &timeout,
-        "--watch",
-        workload::WATCH,
-        "--format",
-        "json",
-        "--output",
-        &out_s,
-        "--timeline",
-        &page_s,
-        "--trace",
-        &trace_s,
-        "--",
-    ];
+    let mut args = vec!["run"];
+    args.extend(workload::json_events_args(&timeout, &out_s));
+    args.extend(["--timeline", &page_s, "--trace", &trace_s, "--"]);
     args.extend(workload::COMMAND);
     let (r, rt) = ornament(&args);
     eprintln!("guest run: {:.1} s", began.elapsed().as_secs_f64());
