@@ -63,13 +63,16 @@ pub fn decide(
     }
 }
 
-/// Fail the run when events were lost; else print the summary line: what the watched
+/// Fail the run when events were lost or the timeline could not be written; else print the summary line: what the watched
 /// processes did, the events written, the time. A closed pipe ends quietly with
 /// [`BROKEN_PIPE_STATUS`] (`Some`); any other output error is an error.
 pub fn check_output(record: &Record, target: &str) -> Result<Option<u8>> {
+    if let Some(why) = &record.pages_failed {
+        bail!("{why}");
+    }
     if record.dropped > 0 {
         bail!(
-            "{} events were dropped: the event output ({target}) could not keep up with the guest and its queue ({} events) was full; the tree and the summary miss them too",
+            "{} events were dropped: the event output ({target}) could not keep up with the guest and its queue ({} events) was full; the tree, the timeline and the summary miss them too",
             record.dropped,
             ornament_introspect::ornament::CONSUMER_QUEUE
         );

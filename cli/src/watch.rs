@@ -1,5 +1,6 @@
-//! `ornament run --watch/--deny-syscall/--tree/--pause-on-exec`: the options, and the
-//! ornaments they attach to introspect's watch session, which runs over either engine.
+//! `ornament run --watch/--deny-syscall/--tree/--timeline/--trace/--pause-on-exec`: the
+//! options, and the ornaments they attach to introspect's watch session, which runs over
+//! either engine.
 //!
 //! ```text
 //! WatchArgs ─► WatchPlan ─► Session (probes for this engine) + ornaments ─► run ─► Record
@@ -13,8 +14,8 @@ use ornament_introspect::command::{CommandMatch, CommandTracker, CommandView};
 use ornament_introspect::event::EventMask;
 use ornament_introspect::kaslr::KernelLayout;
 use ornament_introspect::ornament::{
-    self, Consumers, DenySyscalls, EventWriter, Ornament, OutputHealth, ProcessTree, RunSummary,
-    SummaryCounts, TreeView, CONSUMER_QUEUE,
+    self, timeline, Consumers, DenySyscalls, EventWriter, Ornament, OutputHealth, ProcessTree,
+    RunSummary, StagedFile, SummaryCounts, Timeline, TimelineView, TreeView, CONSUMER_QUEUE,
 };
 use ornament_introspect::probes::{parse_deny, SyscallWatch, WatchConfig};
 use ornament_introspect::profile::Profile;
@@ -77,6 +78,15 @@ pub struct WatchArgs {
     /// Print the process tree (forks, execs, exit codes) when the guest ends.
     #[arg(long)]
     tree: bool,
+    /// Write a timeline of the run to FILE when the guest ends: one self-contained HTML
+    /// page, each process a lane from fork to exit with its execs (argv), its exit code,
+    /// its parent, and its syscalls as density (with --watch syscall...).
+    #[arg(long, value_name = "FILE.html")]
+    timeline: Option<PathBuf>,
+    /// Write the run's processes to FILE when the guest ends, in the Chrome trace-event
+    /// format (JSON) that Perfetto's UI and chrome://tracing open.
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
     /// Trap backend for probes under QEMU.
     #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
     trap: TrapChoice,
@@ -105,6 +115,10 @@ pub struct WatchPlan {
     pub output: Option<PathBuf>,
     /// Print a tree at the end.
     pub tree: bool,
+    /// Write a timeline page here at the end.
+    pub timeline: Option<PathBuf>,
+    /// Write a Chrome trace here at the end.
+    pub trace: Option<PathBuf>,
     /// Trap backend asked for.
     pub trap: TrapChoice,
     /// The events the user asked to see (the tree and --follow may trap more).
@@ -121,6 +135,8 @@ impl WatchArgs {
         self.watch.is_some()
             || !self.deny.is_empty()
             || self.tree
+            || self.timeline.is_some()
+            || self.trace.is_some()
             || self.pause_on_exec.is_some()
             || self.pid.is_some()
             || self.all
@@ -167,6 +183,11 @@ impl WatchArgs {
             cfg.deny
                 .push(parse_deny(d).with_context(|| format!("--deny-syscall {d}"))?);
         }
+        for (option, path) in [("--timeline", &self.timeline), ("--trace", &self.trace)] {
+            if let Some(path) = path {
+                check_destination(option, path)?;
+            }
+        }
         let scope = match (self.pid, self.all) {
             (Some(p), _) => Scope::Pid(p, self.follow),
             (None, true) => Scope::All,
@@ -190,11 +211,36 @@ impl WatchArgs {
             format: self.format,
             output: self.output.clone(),
             tree: self.tree,
+            timeline: self.timeline.clone(),
+            trace: self.trace.clone(),
             trap: self.trap,
             shown,
             pause_on_exec: self.pause_on_exec.clone(),
         })
     }
+}
+
+/// Refuse, before the guest boots, a `--timeline`/`--trace` destination that cannot be
+/// written: a directory, or one whose directory does not exist.
+fn check_destination(option: &str, path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "{option} {}: is a directory; give a file name",
+            path.display()
+        );
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{option} {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 impl WatchPlan {
@@ -280,13 +326,60 @@ pub struct Record {
     /// What the OTLP export delivered, with `--otlp`; events its own queue dropped
     /// before the SDK got them are counted as emitted and not delivered.
     pub otlp: Option<ornament_otlp::ExportReport>,
+    /// Why the timeline page or the trace could not be written, if one could not.
+    pub pages_failed: Option<String>,
 }
+
+/// A timeline's destinations, staged before the run, written at its end.
+struct TimelineOut {
+    view: TimelineView,
+    page: Option<StagedFile>,
+    trace: Option<StagedFile>,
+}
+
+impl TimelineOut {
+    /// Render and write the page and the trace; the first error, naming its option and
+    /// file.
+    fn write(self) -> Result<(), String> {
+        let data = self.view.snapshot();
+        let mut failed = None;
+        let outputs: [(&str, Option<StagedFile>, RenderFn); 2] = [
+            ("--timeline", self.page, timeline::render::page),
+            ("--trace", self.trace, timeline::render::trace),
+        ];
+        for (option, staged, render) in outputs {
+            let Some(staged) = staged else { continue };
+            let path = staged.path().to_path_buf();
+            let written = render(&data, &path)
+                .and_then(|text| staged.commit(text.as_bytes()).map(|()| text.len()));
+            match written {
+                Ok(bytes) => eprintln!(
+                    "ornament: {option} {}: {} processes, {} kB",
+                    path.display(),
+                    data.lanes.len(),
+                    bytes.div_ceil(1024)
+                ),
+                Err(e) => {
+                    failed.get_or_insert(format!("{option} {e}"));
+                }
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// A rendering of a timeline: the page or the trace.
+type RenderFn = fn(
+    &timeline::TimelineData,
+    &Path,
+) -> Result<String, ornament_introspect::ornament::TimelineError>;
 
 /// The handles of the CLI's ornaments, read at the end.
 struct Outputs {
     command: CommandView,
     tree: Option<TreeView>,
     tree_out: Option<PathBuf>,
+    timeline: Option<TimelineOut>,
     output: Option<OutputHealth>,
     summary: Arc<std::sync::Mutex<SummaryCounts>>,
     dropped: Arc<std::sync::atomic::AtomicU64>,
@@ -298,8 +391,9 @@ struct Outputs {
 }
 
 impl Outputs {
-    /// Print the tree; what the ornaments recorded.
-    fn finish(&self) -> Record {
+    /// Print the tree, write the timeline; what the ornaments recorded.
+    fn finish(self) -> Record {
+        let pages_failed = self.timeline.and_then(|t| t.write().err());
         if let Some(t) = &self.tree {
             let text = t.render();
             match &self.tree_out {
@@ -327,6 +421,7 @@ impl Outputs {
                 r.emitted += dropped.load(std::sync::atomic::Ordering::Relaxed);
                 r
             }),
+            pages_failed,
         }
     }
 }
@@ -369,6 +464,23 @@ fn attach_ornaments(
         consumers.push(Box::new(t));
         v
     });
+    let timeline = if plan.timeline.is_some() || plan.trace.is_some() {
+        let stage = |option: &str, path: &Option<PathBuf>| {
+            path.as_deref()
+                .map(StagedFile::create)
+                .transpose()
+                .with_context(|| option.to_owned())
+        };
+        let page = stage("--timeline", &plan.timeline)?;
+        let trace = stage("--trace", &plan.trace)?;
+        let run = session.run_info();
+        let t = Timeline::new(Some(run.run_id.clone()), run.host.clone());
+        let view = t.view();
+        consumers.push(Box::new(t));
+        Some(TimelineOut { view, page, trace })
+    } else {
+        None
+    };
     let output = if plan.shown == EventMask::NONE {
         None
     } else {
@@ -415,6 +527,7 @@ fn attach_ornaments(
         command,
         tree,
         tree_out: plan.output.clone(),
+        timeline,
         output,
         summary: counts,
         dropped,

@@ -53,9 +53,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 mod consumers;
 pub mod ecs;
 mod summary;
+pub mod timeline;
 mod writer;
 pub use consumers::{Consumers, DEFAULT_CAPACITY as CONSUMER_QUEUE};
 pub use summary::{RunSummary, SummaryCounts};
+pub use timeline::{StagedFile, Timeline, TimelineError, TimelineView};
 pub use writer::{EventWriter, Format, OutputHealth, OutputReport};
 
 /// Why an ornament request failed.

@@ -2,6 +2,7 @@
 //! `ornament` binary, gating on what the host has, running guests with limits.
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod ecs;
 pub mod otlp;
 pub mod schema;

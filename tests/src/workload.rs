@@ -6,6 +6,27 @@
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// What the workload's tests watch: its lifecycle and the syscall it makes K times.
+pub const WATCH: &str = "fork,exec,exit,syscall=getpriority";
+
+/// The workload's command line in the guest.
+pub const COMMAND: [&str; 2] = ["/ornament/bin/ornament-workload", "all"];
+
+/// The `ornament run` options of a workload run that writes its events as JSON to
+/// `out`, within `timeout` seconds.
+pub fn json_events_args<'a>(timeout: &'a str, out: &'a str) -> [&'a str; 8] {
+    [
+        "--timeout",
+        timeout,
+        "--watch",
+        WATCH,
+        "--format",
+        "json",
+        "--output",
+        out,
+    ]
+}
+
 /// What the workload said it did.
 #[derive(Debug, Default)]
 pub struct Facts {

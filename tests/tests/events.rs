@@ -6,7 +6,7 @@
 //! nothing missing, duplicated or invented.
 
 use ornament_tests::schema::{check_lineage, check_schema};
-use ornament_tests::workload::{check_workload_events, events, facts, i};
+use ornament_tests::workload::{self, check_workload_events, events, facts, i};
 use ornament_tests::{assert_nothing_left, has_kvm, ornament, require_host, GUEST_TIMEOUT_SECS};
 use serde_json::Value;
 
@@ -29,21 +29,13 @@ fn check_boot(boot: &[&str], vcpus: &str, engine: &[&str], timeout_secs: u64) {
         .into_iter()
         .chain(engine.iter().copied())
         .chain(boot.iter().copied())
-        .chain([
-            "--vcpus",
-            vcpus,
-            "--timeout",
+        .chain(["--vcpus", vcpus])
+        .chain(workload::json_events_args(
             &timeout,
-            "--watch",
-            "fork,exec,exit,syscall=getpriority",
-            "--format",
-            "json",
-            "--output",
             out.to_str().expect("utf8"),
-            "--",
-            "/ornament/bin/ornament-workload",
-            "all",
-        ])
+        ))
+        .chain(["--"])
+        .chain(workload::COMMAND)
         .collect();
     let (r, rt) = ornament(&args);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
