@@ -165,10 +165,13 @@ impl WatchArgs {
         let mut shown = EventMask::NONE;
         for (on, m) in [
             (cfg.fork, EventMask::FORK),
-            (cfg.exec, EventMask::EXEC),
+            (cfg.exec, EventMask::EXEC | EventMask::EXEC_FAILED),
             (cfg.exit, EventMask::EXIT),
             (cfg.setid, EventMask::SETID),
-            (cfg.syscalls != SyscallWatch::None, EventMask::SYSCALL),
+            (
+                cfg.syscalls != SyscallWatch::None,
+                EventMask::SYSCALL | EventMask::SYSCALL_RETURN,
+            ),
         ] {
             if on {
                 shown = shown | m;
@@ -179,6 +182,8 @@ impl WatchArgs {
         cfg.fork = true;
         cfg.exec = true;
         cfg.exit = true;
+        // Syscall results and failed execs, where the engine can trap the return path.
+        cfg.results = true;
         for d in &self.deny {
             cfg.deny
                 .push(parse_deny(d).with_context(|| format!("--deny-syscall {d}"))?);

@@ -212,10 +212,16 @@ static void cmd_tree(void)
 
 static void cmd_syscall(long k)
 {
-    for (long i = 0; i < k; i++)
-        syscall(SYS_getpriority, PRIO_USER, 4242);
-    printf("W syscall pid=%d nr=%d name=getpriority args=%d,4242 n=%ld\n", (int)getpid(),
-           (int)SYS_getpriority, PRIO_USER, k);
+    long ret = 0;
+    int err = 0;
+    for (long i = 0; i < k; i++) {
+        errno = 0;
+        ret = syscall(SYS_getpriority, PRIO_USER, 4242);
+        err = errno;
+    }
+    /* The raw syscall returns -errno; libc's wrapper gives -1 and sets errno. */
+    printf("W syscall pid=%d nr=%d name=getpriority args=%d,4242 n=%ld ret=%ld errno=%d\n",
+           (int)getpid(), (int)SYS_getpriority, PRIO_USER, k, ret < 0 ? (long)-err : ret, err);
 }
 
 static double now_ns(void)

@@ -32,9 +32,9 @@ pub enum EventError {
     Json(#[from] serde_json::Error),
 }
 
-/// The five kinds of events.
+/// The kinds of events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A task was created (process or thread).
     Fork,
@@ -46,16 +46,22 @@ pub enum EventKind {
     Syscall,
     /// A task's user or group ids changed.
     Setid,
+    /// A watched system call returned (or its task exited inside it).
+    SyscallReturn,
+    /// An exec failed (`execve`/`execveat` returned an error).
+    ExecFailed,
 }
 
 impl EventKind {
     /// Every kind, in schema order.
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
         EventKind::Syscall,
         EventKind::Setid,
+        EventKind::SyscallReturn,
+        EventKind::ExecFailed,
     ];
 
     /// The value of the `event` field.
@@ -66,6 +72,8 @@ impl EventKind {
             EventKind::Exit => "exit",
             EventKind::Syscall => "syscall",
             EventKind::Setid => "setid",
+            EventKind::SyscallReturn => "syscall_return",
+            EventKind::ExecFailed => "exec_failed",
         }
     }
 
@@ -77,6 +85,8 @@ impl EventKind {
             EventKind::Exit => EventMask::EXIT,
             EventKind::Syscall => EventMask::SYSCALL,
             EventKind::Setid => EventMask::SETID,
+            EventKind::SyscallReturn => EventMask::SYSCALL_RETURN,
+            EventKind::ExecFailed => EventMask::EXEC_FAILED,
         }
     }
 }
@@ -104,10 +114,14 @@ impl EventMask {
     pub const SYSCALL: Self = Self(8);
     /// Setid events.
     pub const SETID: Self = Self(16);
-    /// Fork, exec and exit.
-    pub const LIFECYCLE: Self = Self(1 | 2 | 4);
+    /// Syscall-return events.
+    pub const SYSCALL_RETURN: Self = Self(32);
+    /// Failed-exec events.
+    pub const EXEC_FAILED: Self = Self(64);
+    /// Fork, exec (and failed exec) and exit.
+    pub const LIFECYCLE: Self = Self(1 | 2 | 4 | 64);
     /// Every kind.
-    pub const ALL: Self = Self(31);
+    pub const ALL: Self = Self(127);
 
     /// True when `kind` is in the set.
     pub fn contains(self, kind: EventKind) -> bool {
@@ -266,6 +280,50 @@ impl Default for SyscallEvent {
     }
 }
 
+/// A watched system call returned: what it returned, paired with its entry (the
+/// `syscall` event of the same task just before, whose `time_ns` is `entry_time_ns`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SyscallReturnEvent {
+    /// The calling task, as it is at the return (after a successful exec: the new program).
+    #[serde(flatten)]
+    pub task: TaskHeader,
+    /// The syscall number.
+    pub nr: u32,
+    /// Its name, or `null` for a number this kernel does not have.
+    pub name: Option<String>,
+    /// The value returned (`rax`); `null` when the task exited inside the syscall
+    /// (`exit`, `exit_group`, or killed while it waited): it never returned.
+    pub ret: Option<i64>,
+    /// For a return value in -4095..=-1: the errno's name (`ENOENT`), or `E<n>` for a
+    /// number without one here.
+    pub errno: Option<String>,
+    /// `time_ns` of the `syscall` event this return pairs with, when it was seen.
+    pub entry_time_ns: Option<u64>,
+}
+
+/// An exec failed: `execve` or `execveat` returned an error, and the task runs on with its
+/// old program. Never reported as an `exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ExecFailedEvent {
+    /// The task that tried.
+    #[serde(flatten)]
+    pub task: TaskHeader,
+    /// `execve` or `execveat`.
+    pub syscall: String,
+    /// The file name as passed to the syscall (from the caller's memory; `null` when it
+    /// was unreadable).
+    pub filename: Option<String>,
+    /// The positive errno value (2 for ENOENT).
+    pub errno: i32,
+    /// Its name (`ENOENT`), or `E<n>` for a number without one here.
+    pub errno_name: String,
+}
+
+/// The name an event gives errno `n` (positive): `ENOENT`, else `E<n>`.
+pub fn errno_text(n: i32) -> String {
+    crate::probes::errno_name(n).map_or_else(|| format!("E{n}"), str::to_owned)
+}
+
 /// Which ids a setid event reports a change of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -289,7 +347,7 @@ pub struct SetidEvent {
 
 /// One event. Its JSON form is one object whose `event` field names the kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "lowercase")]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// See [`ForkEvent`].
     Fork(ForkEvent),
@@ -301,6 +359,10 @@ pub enum Event {
     Syscall(SyscallEvent),
     /// See [`SetidEvent`].
     Setid(SetidEvent),
+    /// See [`SyscallReturnEvent`].
+    SyscallReturn(SyscallReturnEvent),
+    /// See [`ExecFailedEvent`].
+    ExecFailed(ExecFailedEvent),
 }
 
 impl Event {
@@ -312,6 +374,8 @@ impl Event {
             Event::Exit(_) => EventKind::Exit,
             Event::Syscall(_) => EventKind::Syscall,
             Event::Setid(_) => EventKind::Setid,
+            Event::SyscallReturn(_) => EventKind::SyscallReturn,
+            Event::ExecFailed(_) => EventKind::ExecFailed,
         }
     }
 
@@ -323,6 +387,8 @@ impl Event {
             Event::Exit(e) => &e.task,
             Event::Syscall(e) => &e.task,
             Event::Setid(e) => &e.task,
+            Event::SyscallReturn(e) => &e.task,
+            Event::ExecFailed(e) => &e.task,
         }
     }
 
@@ -334,6 +400,8 @@ impl Event {
             Event::Exit(e) => &mut e.task,
             Event::Syscall(e) => &mut e.task,
             Event::Setid(e) => &mut e.task,
+            Event::SyscallReturn(e) => &mut e.task,
+            Event::ExecFailed(e) => &mut e.task,
         }
     }
 

@@ -31,26 +31,28 @@
 //! the event, and a hit that cannot be attributed is answered `Continue`.
 
 use crate::event::{
-    path_arg, Event, ExecEvent, ExitEvent, ForkEvent, IdChange, SetidEvent, SyscallEvent,
-    TaskHeader, MAX_ARGV_ENTRIES, MAX_PATH_BYTES,
+    errno_text, path_arg, Event, ExecEvent, ExecFailedEvent, ExitEvent, ForkEvent, IdChange,
+    SetidEvent, SyscallEvent, SyscallReturnEvent, TaskHeader, MAX_ARGV_ENTRIES, MAX_PATH_BYTES,
 };
 use crate::kaslr::KernelLayout;
 use crate::kernel::{is_kernel_address, Kernel, KernelError};
 use crate::lineage::{Lineage, RunInfo};
 use crate::ornament::Registry;
 use crate::paging::PageRoot;
+use crate::probes::ReturnHook;
 use crate::probes::{
     dentry_stamp, ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CHILD_FLAGS,
     MEM_CHILD_MM, MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXEC_DENTRY,
     MEM_EXEC_EXE_FILE, MEM_EXEC_MM, MEM_EXEC_NAME_HASH, MEM_EXEC_PARENT, MEM_EXIT_CODE,
     MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_EUID, MEM_HDR_PID,
-    MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID,
-    PROC_EVENT_UID,
+    MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_RET_AX, MEM_RET_ORIG_AX,
+    MEM_SYSCALL_ARGS, PROC_EVENT_GID, PROC_EVENT_UID,
 };
 use crate::profile::{Profile, ProfileError};
 use crate::task::{Argv, Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
 use crate::vmem::VirtMem;
 use ornament_engine::{Action, Gva, PhysMemory, ProbeHit};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 mod reader;
@@ -101,6 +103,30 @@ pub struct MonitorStats {
     pub filtered: u64,
     /// Hits whose current task could not be found (the event has `null` task fields).
     pub no_current: u64,
+    /// Watched syscalls whose entry could not be remembered for pairing with its return
+    /// (more than [`MAX_PENDING_CALLS`] tasks inside one at once): their returns carry no
+    /// `entry_time_ns`, and a task that exits inside one gets no `syscall_return`.
+    pub unpaired: u64,
+}
+
+/// Most watched syscalls in flight (one per task) remembered to pair with their returns.
+pub const MAX_PENDING_CALLS: usize = 1 << 16;
+
+/// A watched syscall a task entered and has not returned from.
+#[derive(Debug, Clone)]
+struct PendingCall {
+    nr: u32,
+    name: Option<String>,
+    time_ns: u64,
+}
+
+/// What [`Monitor::build`] made of a hit.
+struct Built {
+    ev: Event,
+    no_current: bool,
+    /// The task the event is about (`task_struct` address), when known: the key that pairs
+    /// a syscall's entry with its return.
+    task: Option<Gva>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -129,6 +155,10 @@ pub struct Monitor {
     syscalls: Vec<Option<(String, Option<usize>)>>,
     /// Stamps each event with its wall-clock time and process identities.
     lineage: Lineage,
+    /// Watched syscalls in flight, by task (only when their results are reported).
+    pending: HashMap<Gva, PendingCall>,
+    /// The probe set reports syscall results.
+    pairs_returns: bool,
     stats: MonitorStats,
 }
 
@@ -172,11 +202,17 @@ impl Monitor {
                 *slot = Some((name.clone(), path_arg(name)));
             }
         }
+        let pairs_returns = probes
+            .specs()
+            .iter()
+            .any(|s| s.kind == ProbeKind::Return(ReturnHook::Syscall));
         Ok(Self {
             mem,
             profile,
             layout,
             probes,
+            pending: HashMap::new(),
+            pairs_returns,
             registry: Registry::new(),
             task_off,
             limits: Limits::default(),
@@ -234,12 +270,27 @@ impl Monitor {
             return HitOutcome::nothing();
         };
         // None: the hit is filtered out (not a watched syscall, not a setid).
-        let Some((mut ev, no_current)) = self.build(spec, hit) else {
+        let Some(Built {
+            mut ev,
+            no_current,
+            task,
+        }) = self.build(spec, hit)
+        else {
             self.stats.filtered += 1;
             return HitOutcome::nothing();
         };
         if no_current {
             self.stats.no_current += 1;
+        }
+        // A task that exits inside a watched syscall: it never returns, said before its exit.
+        let never_returned = self.pair(&mut ev, task);
+        let mut events = Vec::new();
+        if let Some(mut ret) = never_returned {
+            self.stats.events += 1;
+            self.lineage.stamp(&mut ret);
+            // Nothing to decide: the task is already exiting.
+            let _ = self.registry.dispatch(&ret);
+            events.push(ret);
         }
         self.stats.events += 1;
         self.lineage.stamp(&mut ev);
@@ -248,14 +299,60 @@ impl Monitor {
         if !hit.held && action != Action::Continue {
             tracing::debug!(probe = ?hit.probe, ?action, "action on a hit that was not held");
         }
+        if ev.is_reported() {
+            events.push(ev);
+        }
         HitOutcome {
-            events: if ev.is_reported() {
-                vec![ev]
-            } else {
-                Vec::new()
-            },
+            events,
             action,
             pause: d.pause_requested(),
+        }
+    }
+
+    /// Pair watched syscalls' entries and returns by task: an entry is remembered, a return
+    /// takes its entry's time, and an exit of a task inside one gives the `syscall_return`
+    /// that says it never returned (returned here, to go first).
+    fn pair(&mut self, ev: &mut Event, task: Option<Gva>) -> Option<Event> {
+        if !self.pairs_returns {
+            return None;
+        }
+        let task = task?;
+        match ev {
+            Event::Syscall(s) if s.reported => {
+                if self.pending.len() >= MAX_PENDING_CALLS && !self.pending.contains_key(&task) {
+                    self.stats.unpaired += 1;
+                    return None;
+                }
+                self.pending.insert(
+                    task,
+                    PendingCall {
+                        nr: s.nr,
+                        name: s.name.clone(),
+                        time_ns: s.task.time_ns,
+                    },
+                );
+                None
+            }
+            Event::SyscallReturn(r) => {
+                if let Some(p) = self.pending.remove(&task) {
+                    if p.nr == r.nr {
+                        r.entry_time_ns = Some(p.time_ns);
+                    }
+                }
+                None
+            }
+            Event::Exit(x) => {
+                let p = self.pending.remove(&task)?;
+                Some(Event::SyscallReturn(SyscallReturnEvent {
+                    task: x.task.clone(),
+                    nr: p.nr,
+                    name: p.name,
+                    ret: None,
+                    errno: None,
+                    entry_time_ns: Some(p.time_ns),
+                }))
+            }
+            _ => None,
         }
     }
 
@@ -274,7 +371,7 @@ impl Monitor {
         hash_ok && parent_ok
     }
 
-    fn build(&self, spec: &ArmSpec, hit: &ProbeHit) -> Option<(Event, bool)> {
+    fn build(&self, spec: &ArmSpec, hit: &ProbeHit) -> Option<Built> {
         let kernel = Kernel::new(&*self.mem, &self.profile, self.layout);
         let reader = TaskReader::from_offsets(&kernel, self.task_off, self.limits);
         // Uncached: a hit reads a few dozen words, fewer than a translation cache costs
@@ -308,6 +405,12 @@ impl Monitor {
         let arg = |v: u64| Some(Gva(v)).filter(|&g| is_kernel_address(g));
         let task_arg = arg(hit.regs.rdi).or(current);
         let no_current = current.is_none();
+        // The task the event is about: rdi's for exit at `proc_exit_connector` (the
+        // exiting task), else the current one.
+        let about = match spec.kind {
+            ProbeKind::Exit(ExitHook::ProcExitConnector) => task_arg,
+            _ => current,
+        };
         // A value read at the hit, for reads based on the task the event is about.
         let at_hit = |based_here: bool, i: usize| {
             based_here
@@ -490,6 +593,63 @@ impl Monitor {
                     reported: self.probes.reports_syscall(nr),
                 })
             }
+            ProbeKind::Return(hook) => {
+                let regs = arg(hit.regs.rdi);
+                let regs_now = || regs.and_then(|p| reader.regs_at(&vm, p).ok());
+                let (ax, orig_ax) = match (hit.mem[MEM_RET_AX], hit.mem[MEM_RET_ORIG_AX]) {
+                    (Some(a), Some(o)) => (a, o),
+                    _ => regs_now().map(|u| (u.ax, u.orig_ax))?,
+                };
+                // -1 (a return from a signal handler, or no syscall) is none.
+                let nr = u32::try_from(orig_ax).ok()?;
+                if spec
+                    .syscall_filter
+                    .as_ref()
+                    .is_some_and(|f| !f.contains(&nr))
+                {
+                    return None;
+                }
+                // The register's bits as the signed long the syscall returned.
+                let ret = i64::from_ne_bytes(ax.to_ne_bytes());
+                let errno = (-4095..=-1)
+                    .contains(&ret)
+                    .then(|| i32::try_from(-ret).unwrap_or(0));
+                let name = usize::try_from(nr)
+                    .ok()
+                    .and_then(|i| self.syscalls.get(i))
+                    .and_then(Option::as_ref)
+                    .map(|(n, _)| n.clone());
+                let task = r.header_at_hit(current, current_at_hit.is_some());
+                match hook {
+                    ReturnHook::Syscall => Event::SyscallReturn(SyscallReturnEvent {
+                        task,
+                        nr,
+                        name,
+                        ret: Some(ret),
+                        errno: errno.map(errno_text),
+                        entry_time_ns: None,
+                    }),
+                    ReturnHook::Exec => {
+                        // Only a failure: a successful exec is the exec event's.
+                        let errno = errno?;
+                        let syscall = name.unwrap_or_else(|| format!("#{nr}"));
+                        // execve(filename, ...), execveat(dirfd, filename, ...): read while
+                        // the task is held, before it can reuse the buffer.
+                        let i = usize::from(syscall == "execveat");
+                        let filename = regs_now()
+                            .map(|u| u.syscall_args()[i])
+                            .zip(current)
+                            .and_then(|(p, c)| r.user_string(c, p));
+                        Event::ExecFailed(ExecFailedEvent {
+                            task,
+                            syscall,
+                            filename,
+                            errno,
+                            errno_name: errno_text(errno),
+                        })
+                    }
+                }
+            }
             ProbeKind::Setid => {
                 let changed = match hit.regs.rsi & 0xffff_ffff {
                     PROC_EVENT_UID => IdChange::Uid,
@@ -502,7 +662,11 @@ impl Monitor {
                 })
             }
         };
-        Some((ev, no_current))
+        Some(Built {
+            ev,
+            no_current,
+            task: about,
+        })
     }
 }
 

@@ -42,7 +42,8 @@
 //! ```
 
 use crate::event::{
-    Event, EventKind, EventMask, ExecEvent, ExitEvent, ForkEvent, SetidEvent, SyscallEvent,
+    Event, EventKind, EventMask, ExecEvent, ExecFailedEvent, ExitEvent, ForkEvent, SetidEvent,
+    SyscallEvent, SyscallReturnEvent,
 };
 use crate::probes::MAX_ERRNO;
 use ornament_engine::Action;
@@ -86,6 +87,10 @@ pub trait Ornament: Send {
     fn on_syscall(&mut self, _ev: &SyscallEvent, _ctx: &mut Decision) {}
     /// A task's ids changed.
     fn on_setid(&mut self, _ev: &SetidEvent, _ctx: &mut Decision) {}
+    /// A watched system call returned (or its task exited inside it).
+    fn on_syscall_return(&mut self, _ev: &SyscallReturnEvent, _ctx: &mut Decision) {}
+    /// An exec failed.
+    fn on_exec_failed(&mut self, _ev: &ExecFailedEvent, _ctx: &mut Decision) {}
     /// The registry's entry point for every event in the mask: by default, the method of
     /// the event's kind. Override it to handle all kinds in one place (as
     /// [`EventWriter`] and [`Follow`] do).
@@ -96,6 +101,8 @@ pub trait Ornament: Send {
             Event::Exit(e) => self.on_exit(e, ctx),
             Event::Syscall(e) => self.on_syscall(e, ctx),
             Event::Setid(e) => self.on_setid(e, ctx),
+            Event::SyscallReturn(e) => self.on_syscall_return(e, ctx),
+            Event::ExecFailed(e) => self.on_exec_failed(e, ctx),
         }
     }
     /// The run is over (flush output, write summaries).

@@ -10,6 +10,8 @@
 //! | syscall | named: `__x64_sys_NAME(regs)`, one per syscall       | `do_syscall_64` filtered to those numbers |
 //! | syscall | all: `do_syscall_64(regs, nr)`                       | none |
 //! | deny    | held `do_syscall_64(regs, nr)` filtered to the denied numbers | none: an error |
+//! | syscall_return | `syscall_exit_to_user_mode(regs)`, filtered on `regs->orig_ax` to the watched numbers | none |
+//! | exec_failed | held `syscall_exit_to_user_mode(regs)`, filtered to `execve`/`execveat` | none |
 //!
 //! A hook missing from the profile disables only the events that need it, with a
 //! warning naming it. Lifecycle probes hold the vCPU (the task cannot vanish while it is
@@ -110,6 +112,10 @@ pub struct WatchConfig {
     /// Syscalls an ornament may decide to deny (by its own rule, say a path), with no
     /// rule of their own: their probes are placed and held as for `deny`.
     pub may_deny: Vec<String>,
+    /// Report what each watched syscall returned (`syscall_return` events) and failed execs
+    /// (`exec_failed`, with `exec`): probes at `syscall_exit_to_user_mode`, which only an
+    /// engine that traps any instruction and filters at the hit can afford.
+    pub results: bool,
     /// Deny at a held probe on each denied syscall's own entry function
     /// (`__x64_sys_NAME`, for engines that return from it early) instead of at the
     /// dispatcher `do_syscall_64` (for engines that deny through guest memory).
@@ -157,6 +163,16 @@ pub enum SyscallHook {
     DoSyscall64,
 }
 
+/// What a probe at `syscall_exit_to_user_mode(struct pt_regs *regs)` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReturnHook {
+    /// The result of a watched syscall (`regs->ax`), paired with its entry.
+    Syscall,
+    /// An `execve`/`execveat` that returned an error: a failed exec (the probe holds, so
+    /// the file name is read from the caller's memory before it runs on).
+    Exec,
+}
+
 /// What a probe reports, and how its hit is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProbeKind {
@@ -170,6 +186,8 @@ pub enum ProbeKind {
     Setid,
     /// Syscall entry.
     Syscall(SyscallHook),
+    /// Syscall return.
+    Return(ReturnHook),
 }
 
 impl ProbeKind {
@@ -181,6 +199,8 @@ impl ProbeKind {
             ProbeKind::Exit(_) => EventKind::Exit,
             ProbeKind::Setid => EventKind::Setid,
             ProbeKind::Syscall(_) => EventKind::Syscall,
+            ProbeKind::Return(ReturnHook::Syscall) => EventKind::SyscallReturn,
+            ProbeKind::Return(ReturnHook::Exec) => EventKind::ExecFailed,
         }
     }
 }
@@ -199,7 +219,8 @@ pub struct ArmSpec {
     /// Hold the vCPU until the hit is answered.
     pub hold: bool,
     /// For `do_syscall_64`: report only hits whose `nr` (the low 32 bits of rsi at the
-    /// probe) is one of these (sorted); `None`: all. An engine that cannot filter delivers every hit and the monitor drops the
+    /// probe) is one of these (sorted); `None`: all. For `syscall_exit_to_user_mode`: the
+    /// same on `regs->orig_ax`. An engine that cannot filter delivers every hit and the monitor drops the
     /// others (answering `Continue`).
     pub syscall_filter: Option<Vec<u32>>,
 }
@@ -304,6 +325,55 @@ impl Builder<'_> {
                     None,
                 );
             }
+        }
+    }
+
+    /// The probes at `syscall_exit_to_user_mode`: the watched syscalls' results, and with
+    /// exec watching the failed execs.
+    fn returns(&mut self, reported: &Reported, cfg: &WatchConfig) {
+        const EXIT: &str = "syscall_exit_to_user_mode";
+        let want_results = *reported != Reported::None;
+        if !want_results && !cfg.exec {
+            return;
+        }
+        let Some(at) = self.addr(EXIT) else {
+            if want_results {
+                self.warn(EventKind::SyscallReturn, EXIT, None);
+            }
+            if cfg.exec {
+                self.warn(EventKind::ExecFailed, EXIT, None);
+            }
+            return;
+        };
+        match reported {
+            Reported::None => {}
+            Reported::All => self.push(
+                at,
+                EXIT,
+                ProbeKind::Return(ReturnHook::Syscall),
+                cfg.hold_syscalls,
+                None,
+            ),
+            Reported::Only(nrs) => self.push(
+                at,
+                EXIT,
+                ProbeKind::Return(ReturnHook::Syscall),
+                cfg.hold_syscalls,
+                Some(nrs.iter().copied().collect()),
+            ),
+        }
+        if cfg.exec {
+            let execs: Vec<u32> = ["execve", "execveat"]
+                .iter()
+                .filter_map(|n| self.profile.syscall_nr(n))
+                .collect();
+            self.push(
+                at,
+                EXIT,
+                ProbeKind::Return(ReturnHook::Exec),
+                true,
+                Some(execs),
+            );
         }
     }
 
@@ -496,6 +566,9 @@ impl ProbeSet {
                 Reported::None
             }
         };
+        if cfg.results {
+            b.returns(&reported, cfg);
+        }
         Ok(Self {
             specs: b.specs,
             warnings: b.warnings,

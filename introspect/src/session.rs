@@ -20,7 +20,7 @@ pub mod scope;
 use crate::kaslr::KernelLayout;
 use crate::monitor::{Monitor, MonitorError, MonitorStats};
 use crate::ornament::{Ornament, OrnamentHandle, Registry};
-use crate::probes::{ProbeSet, ProbesError, WatchConfig};
+use crate::probes::{ProbeSet, ProbesError, SyscallWatch, WatchConfig};
 use crate::profile::{Profile, ProfileError};
 use ornament_engine::{
     Action, Capabilities, DenyAt, Engine, EngineError, EngineEvent, GuestExit, ProbeHit,
@@ -135,6 +135,17 @@ impl Session {
                         "this engine cannot deny syscalls (QEMU's gdbstub backend): use the TCG plugin (QEMU >= 10.0) or --engine kvm".into(),
                     ))
                 }
+            }
+        }
+        if cfg.results && !(caps.dispatcher_probes && caps.captures_at_hit) {
+            // syscall_exit_to_user_mode has no fentry site, and runs at every syscall: only
+            // an engine that traps any instruction and filters at the hit can afford it.
+            cfg.results = false;
+            let what = "syscall results (syscall_return events) and failed execs (exec_failed events) need an engine that traps syscall_exit_to_user_mode and filters at the hit (--engine qemu with the TCG plugin)";
+            if cfg.syscalls == SyscallWatch::None {
+                tracing::info!("{what}");
+            } else {
+                tracing::warn!("{what}: this run reports syscall entries only");
             }
         }
         let probes = ProbeSet::new(&profile, layout, &cfg)?;

@@ -33,6 +33,8 @@ pub fn event_name(ev: &Event) -> &'static str {
         Event::Exit(_) => "ornament.exit",
         Event::Syscall(_) => "ornament.syscall",
         Event::Setid(_) => "ornament.setid",
+        Event::SyscallReturn(_) => "ornament.syscall_return",
+        Event::ExecFailed(_) => "ornament.exec_failed",
     }
 }
 

@@ -42,6 +42,10 @@ pub struct Facts {
     pub failed_exec: Option<i64>,
     /// How many times it called the watched syscall.
     pub syscall_n: i64,
+    /// What the watched syscall returned (as the kernel returns it: -errno on failure).
+    pub syscall_ret: Option<i64>,
+    /// The errno of the failed exec.
+    pub failed_exec_errno: Option<i64>,
     /// Threads it started.
     pub threads: i64,
 }
@@ -75,8 +79,14 @@ pub fn facts(console: &str) -> Facts {
                     f.big_exec = Some((num(l, "pid"), argc.parse().expect("argc")));
                 }
             }
-            Some("execfail") => f.failed_exec = Some(num(l, "pid")),
-            Some("syscall") => f.syscall_n = num(l, "n"),
+            Some("execfail") => {
+                f.failed_exec = Some(num(l, "pid"));
+                f.failed_exec_errno = Some(num(l, "errno"));
+            }
+            Some("syscall") => {
+                f.syscall_n = num(l, "n");
+                f.syscall_ret = Some(num(l, "ret"));
+            }
             Some("threads") => f.threads = num(l, "n"),
             _ => {}
         }
@@ -103,8 +113,11 @@ pub fn i(v: &Value, k: &str) -> i64 {
 
 /// Check `evs` (the run's events) against what the workload printed on `console`
 /// (the run's stderr): forks, threads, exits with codes and signals, the big exec,
-/// the failed exec, the root's execs and the watched syscall.
-pub fn check_workload_events(console: &str, evs: &[Value]) {
+/// the failed exec, the root's execs and the watched syscall. With `results` (an engine
+/// that reports syscall results and failed execs), also the `exec_failed` event of the
+/// failed exec and a `syscall_return` paired with each watched syscall; without, that
+/// there are none.
+pub fn check_workload_events(console: &str, evs: &[Value], results: bool) {
     let f = facts(console);
     assert!(f.root > 1, "no start line: {console}");
     // The workload's process tree: its root and every child it reported.
@@ -234,8 +247,59 @@ pub fn check_workload_events(console: &str, evs: &[Value]) {
         assert_eq!(c["args"][0], 2, "PRIO_USER");
         assert_eq!(c["args"][1], 4242);
     }
-    // Nothing else was watched.
-    assert!(evs
+    let returns: Vec<&Value> = evs.iter().filter(|e| kind(e) == "syscall_return").collect();
+    let failed_execs: Vec<&Value> = evs
         .iter()
-        .all(|e| ["fork", "exec", "exit", "syscall"].contains(&kind(e).as_str())));
+        .filter(|e| kind(e) == "exec_failed" && in_tree(e))
+        .collect();
+    if results {
+        // The failed exec: once, with its file name and errno, from the child that tried.
+        assert_eq!(
+            failed_execs.len(),
+            1,
+            "exec_failed events: {failed_execs:?}"
+        );
+        let x = failed_execs[0];
+        assert_eq!((i(x, "pid"), i(x, "tgid")), (failed, failed), "{x}");
+        assert_eq!(x["syscall"], "execve", "{x}");
+        assert_eq!(x["filename"], "/does/not/exist", "{x}");
+        let errno = f.failed_exec_errno.expect("errno of the failed exec");
+        assert_eq!(i(x, "errno"), errno, "{x}");
+        assert_eq!(x["errno_name"], "ENOENT", "{x}");
+        // Each watched syscall's return, with what the workload saw it return, paired
+        // with its own entry (the same task, the entry's time).
+        assert_eq!(returns.len() as i64, f.syscall_n, "getpriority returns");
+        let entries: BTreeSet<i64> = evs
+            .iter()
+            .filter(|e| kind(e) == "syscall")
+            .map(|e| i(e, "time_ns"))
+            .collect();
+        let mut paired = BTreeSet::new();
+        let want_ret = f.syscall_ret.expect("ret of the syscall");
+        for r in &returns {
+            assert_eq!((i(r, "pid"), i(r, "nr")), (f.root, 140), "{r}");
+            assert_eq!(r["name"], "getpriority", "{r}");
+            assert_eq!(i(r, "ret"), want_ret, "{r}");
+            let want_errno = (want_ret < 0).then_some("ESRCH");
+            assert_eq!(r["errno"].as_str(), want_errno, "{r}");
+            let entry = i(r, "entry_time_ns");
+            assert!(entries.contains(&entry) && entry <= i(r, "time_ns"), "{r}");
+            assert!(paired.insert(entry), "two returns for one entry: {r}");
+        }
+    } else {
+        assert!(
+            returns.is_empty() && failed_execs.is_empty(),
+            "results reported"
+        );
+    }
+    // Nothing else was watched.
+    assert!(evs.iter().all(|e| [
+        "fork",
+        "exec",
+        "exit",
+        "syscall",
+        "syscall_return",
+        "exec_failed"
+    ]
+    .contains(&kind(e).as_str())));
 }

@@ -179,6 +179,25 @@ impl fmt::Display for Event {
                     Opt(&t.egid)
                 )
             }
+            Event::SyscallReturn(e) => {
+                match &e.name {
+                    Some(n) => write!(f, " {n}")?,
+                    None => write!(f, " #{}", e.nr)?,
+                }
+                match (e.ret, &e.errno) {
+                    (None, _) => f.write_str(" = (never returned: the task exited)"),
+                    (Some(r), Some(n)) => write!(f, " = {r} {n}"),
+                    (Some(r), None) => write!(f, " = {r}"),
+                }
+            }
+            Event::ExecFailed(e) => {
+                f.write_str(" ")?;
+                match &e.filename {
+                    Some(p) => Quoted(p).fmt(f)?,
+                    None => f.write_str("?")?,
+                }
+                write!(f, " {} {}", e.syscall, e.errno_name)
+            }
         }
     }
 }

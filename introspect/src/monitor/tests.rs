@@ -4,7 +4,7 @@
 use super::*;
 use crate::event::EventKind;
 use crate::ornament::{DenySyscalls, Ornament};
-use crate::probes::{ForkHook, SyscallWatch, WatchConfig};
+use crate::probes::{ForkHook, ReturnHook, SyscallWatch, WatchConfig};
 use crate::task::UserRegs;
 use crate::testing::{committed_profiles, SynthConfig, SynthGuest, TaskSpec, USER_ARGS};
 use ornament_engine::{Gpa, MemError, ProbeId};
@@ -76,6 +76,7 @@ fn everything() -> WatchConfig {
         hold_syscalls: false,
         may_deny: Vec::new(),
         deny_at_entry: false,
+        results: false,
     }
 }
 
@@ -747,5 +748,124 @@ fn fork_exec_and_exit_events_from_values_read_at_the_hit() {
         ] {
             assert!(!captured_at_hit(kind));
         }
+    });
+}
+
+#[test]
+fn syscall_returns_pair_with_their_entries_and_failed_execs() {
+    each_world(|w| {
+        let mut cfg = everything();
+        cfg.results = true;
+        let mut m = monitor(w, &cfg);
+        let p = &w.g.profile;
+        let (mkdirat, openat, execve, getpid) = (
+            p.syscall_nr("mkdirat").expect("nr"),
+            p.syscall_nr("openat").expect("nr"),
+            p.syscall_nr("execve").expect("nr"),
+            p.syscall_nr("getpid").expect("nr"),
+        );
+        let ret = spec(&m, |s| s.kind == ProbeKind::Return(ReturnHook::Syscall));
+        let exec = spec(&m, |s| s.kind == ProbeKind::Return(ReturnHook::Exec));
+        assert_eq!(ret.syscall_filter, Some(vec![openat, mkdirat]));
+        assert_eq!(
+            exec.syscall_filter,
+            Some(vec![execve, p.syscall_nr("execveat").expect("nr")])
+        );
+        assert!(!ret.hold && exec.hold, "only the failed-exec probe holds");
+        let entry = spec(&m, |s| {
+            s.kind == ProbeKind::Syscall(SyscallHook::Function { nr: mkdirat })
+        });
+        w.g.set_current(VCPU, w.child).expect("current");
+        let k = Kernel::new(&w.g.phys.mem, &w.g.profile, w.g.layout);
+        let r = TaskReader::new(&k).expect("reader");
+        let pt = r
+            .user_regs_addr(&k.kernel_vm(&w.g.regs_kernel(0, Gva(0))), w.child)
+            .expect("pt_regs");
+        let mut regs = UserRegs {
+            di: 0xffff_ff9c,
+            si: USER_ARGS + 6,
+            orig_ax: u64::from(mkdirat),
+            ..UserRegs::default()
+        };
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        let mut h = hit(w, &entry, pt.raw(), 0);
+        h.time_ns = 100;
+        assert!(matches!(one(m.on_hit(&h)), Event::Syscall(_)));
+        // mkdirat returns -EEXIST: paired with its entry.
+        regs.ax = (-17i64) as u64;
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        let want = |ret: i64, errno: Option<&str>, entry: Option<u64>| {
+            Event::SyscallReturn(SyscallReturnEvent {
+                task: header(11, 11, 10, "mkdir", 1000),
+                nr: mkdirat,
+                name: Some("mkdirat".into()),
+                ret: Some(ret),
+                errno: errno.map(str::to_owned),
+                entry_time_ns: entry,
+            })
+        };
+        assert_eq!(
+            one(m.on_hit(&hit(w, &ret, pt.raw(), 0))),
+            want(-17, Some("EEXIST"), Some(100))
+        );
+        // The same from the values an engine reads at the hit; the entry is used up.
+        let at_hit = with_reads(w, &ret, hit(w, &ret, pt.raw(), 0));
+        assert_eq!(at_hit.mem[crate::probes::MEM_RET_AX], Some((-17i64) as u64));
+        assert_eq!(one(m.on_hit(&at_hit)), want(-17, Some("EEXIST"), None));
+        // A positive value has no errno; a syscall outside the filter (an engine that
+        // cannot filter delivers it) and orig_ax -1 give nothing.
+        regs.ax = 3;
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        assert_eq!(
+            one(m.on_hit(&hit(w, &ret, pt.raw(), 0))),
+            want(3, None, None)
+        );
+        for orig in [u64::from(getpid), u64::MAX] {
+            regs.orig_ax = orig;
+            w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+            assert!(m.on_hit(&hit(w, &ret, pt.raw(), 0)).events.is_empty());
+        }
+        // A task that exits inside a watched syscall: its return says it never returned,
+        // just before the exit event.
+        regs.orig_ax = u64::from(mkdirat);
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        let mut h = hit(w, &entry, pt.raw(), 0);
+        h.time_ns = 200;
+        let _ = m.on_hit(&h);
+        let exit = spec(&m, |s| matches!(s.kind, ProbeKind::Exit(_)));
+        let out = m.on_hit(&hit(w, &exit, w.child.raw(), 0));
+        assert_eq!(out.events.len(), 2, "{out:?}");
+        let Event::SyscallReturn(never) = &out.events[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            (never.ret, never.nr, never.entry_time_ns),
+            (None, mkdirat, Some(200))
+        );
+        assert!(matches!(out.events[1], Event::Exit(_)));
+        // execve failing with ENOENT: an exec_failed with the file name; a successful one
+        // (ret 0) gives nothing here.
+        let file = USER_ARGS + 6;
+        regs = UserRegs {
+            di: file,
+            orig_ax: u64::from(execve),
+            ax: (-2i64) as u64,
+            ..UserRegs::default()
+        };
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        assert_eq!(
+            one(m.on_hit(&hit(w, &exec, pt.raw(), 0))),
+            Event::ExecFailed(ExecFailedEvent {
+                task: header(11, 11, 10, "mkdir", 1000),
+                syscall: "execve".into(),
+                filename: Some("/tmp/newdir".into()),
+                errno: 2,
+                errno_name: "ENOENT".into(),
+            })
+        );
+        regs.ax = 0;
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        assert!(m.on_hit(&hit(w, &exec, pt.raw(), 0)).events.is_empty());
+        w.g.set_current(VCPU, w.parent).expect("current");
     });
 }

@@ -79,6 +79,17 @@ pub fn document(ev: &Event, seq: u64, run: &RunInfo) -> Value {
                 .unwrap_or_else(|| format!("syscall-{}", e.nr)),
         ),
         Event::Setid(_) => ("change", "setid".to_owned()),
+        Event::SyscallReturn(e) => (
+            "info",
+            format!(
+                "{}-return",
+                e.name
+                    .clone()
+                    .unwrap_or_else(|| format!("syscall-{}", e.nr))
+            ),
+        ),
+        // An attempt to start a program that did not start.
+        Event::ExecFailed(_) => ("start", "exec".to_owned()),
     };
     put(&mut d, "event.category", Some(vec!["process"].into()));
     put(&mut d, "event.type", Some(vec![kind_type].into()));
@@ -133,6 +144,22 @@ pub fn document(ev: &Event, seq: u64, run: &RunInfo) -> Value {
             }
         }
         Event::Setid(_) => process(&mut d, t),
+        Event::SyscallReturn(e) => {
+            process(&mut d, t);
+            put(&mut d, "event.code", Some(e.nr.to_string().into()));
+            if let Some(errno) = &e.errno {
+                put(&mut d, "event.outcome", Some("failure".into()));
+                put(&mut d, "error.code", Some(errno.clone().into()));
+            } else if e.ret.is_some() {
+                put(&mut d, "event.outcome", Some("success".into()));
+            }
+        }
+        Event::ExecFailed(e) => {
+            process(&mut d, t);
+            put(&mut d, "file.path", s(&e.filename));
+            put(&mut d, "event.outcome", Some("failure".into()));
+            put(&mut d, "error.code", Some(e.errno_name.clone().into()));
+        }
     }
     Value::Object(d)
 }

@@ -17,6 +17,8 @@ pub struct SummaryCounts {
     pub threads: u64,
     /// Successful execs.
     pub execs: u64,
+    /// Failed execs (`exec_failed` events).
+    pub failed_execs: u64,
     /// Processes that ended normally, by exit code.
     pub exit_codes: BTreeMap<u8, u64>,
     /// Processes killed by a signal, by signal number.
@@ -39,6 +41,13 @@ impl fmt::Display for SummaryCounts {
             plural(self.threads, "thread", "threads"),
             plural(self.execs, "exec", "execs")
         )?;
+        if self.failed_execs > 0 {
+            write!(
+                f,
+                ", {}",
+                plural(self.failed_execs, "failed exec", "failed execs")
+            )?;
+        }
         let list = |m: &BTreeMap<u8, u64>| {
             m.iter()
                 .map(|(k, n)| format!("{k} x{n}"))
@@ -104,6 +113,7 @@ impl Ornament for RunSummary {
         match ev {
             Event::Fork(f) if f.thread => c.threads += 1,
             Event::Exec(_) => c.execs += 1,
+            Event::ExecFailed(_) => c.failed_execs += 1,
             Event::Exit(x) if x.group_exit => match x.signal {
                 Some(s) => *c.signals.entry(s).or_default() += 1,
                 None => *c.exit_codes.entry(x.exit_code).or_default() += 1,

@@ -394,7 +394,7 @@ impl Ornament for Timeline {
             Event::Exec(e) => data.exec(e),
             Event::Exit(e) => data.exit(e),
             Event::Syscall(e) => data.syscall(e, d.denied().is_some()),
-            Event::Setid(_) => {}
+            Event::Setid(_) | Event::SyscallReturn(_) | Event::ExecFailed(_) => {}
         }
     }
 }

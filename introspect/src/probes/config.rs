@@ -103,6 +103,12 @@ pub const ERRNO_NAMES: &[(&str, i32)] = &[
     ("EHOSTUNREACH", 113),
     ("EDQUOT", 122),
     ("ECANCELED", 125),
+    // Kernel-internal: seen at a syscall's return before the signal code restarts it or
+    // turns it into EINTR.
+    ("ERESTARTSYS", 512),
+    ("ERESTARTNOINTR", 513),
+    ("ERESTARTNOHAND", 514),
+    ("ERESTART_RESTARTBLOCK", 516),
 ];
 
 /// The first name of an errno number (`EPERM` for 1), if it has one here.

@@ -5,6 +5,7 @@
 
 use super::{ExecHook, ExitHook, ProbeKind};
 use crate::profile::{Profile, ProfileError};
+use ornament_engine::wire::FilterOn;
 use ornament_engine::wire::{BytesRead, MemBase, MemRead, Reg, MAX_MEM_READS};
 
 /// Where an engine that reads guest memory at the hit (the TCG plugin) puts what a
@@ -68,9 +69,24 @@ pub const MEM_EXEC_ARG_END: usize = 4;
 pub const MEM_EXEC_NAME_HASH: usize = 5;
 /// ... `[15]` the dentry's `d_parent`.
 pub const MEM_EXEC_PARENT: usize = 15;
+/// Return probes (`syscall_exit_to_user_mode`) read `ProbeHit::mem[0]` `regs->ax`, the
+/// value the syscall returns, ...
+pub const MEM_RET_AX: usize = 0;
+/// ... and `[1]` `regs->orig_ax`, the syscall's number (what their filter tests); with the
+/// caller's header at `MEM_HDR_*`.
+pub const MEM_RET_ORIG_AX: usize = 1;
 /// Most bytes of `argv` an exec probe reads at the hit: the task reader's own default cap,
 /// so an event built from them is the one built from memory.
 pub const MAX_ARGV_BYTES_AT_HIT: u32 = 32 << 10;
+
+/// What the syscall-number filter of a probe of `kind` tests: `rsi` (`do_syscall_64`'s
+/// `nr`) at an entry, the read of `regs->orig_ax` at a return.
+pub fn filter_on(kind: ProbeKind) -> FilterOn {
+    match kind {
+        ProbeKind::Return(_) => FilterOn::Mem(u8::try_from(MEM_RET_ORIG_AX).unwrap_or(u8::MAX)),
+        _ => FilterOn::Reg(Reg::Rsi),
+    }
+}
 
 /// True when a probe of `kind` gets, from [`hit_reads`] and [`hit_bytes`], everything its
 /// event reports that could change or vanish once the vCPU runs on: an engine that does those
@@ -174,6 +190,16 @@ pub fn hit_reads(
                     MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", f)?, 8);
             }
             // The caller's header too: the host then walks no page table per event.
+            header(
+                &mut m,
+                MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),
+                true,
+            )?;
+        }
+        ProbeKind::Return(_) => {
+            m[MEM_RET_AX] = MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", "ax")?, 8);
+            m[MEM_RET_ORIG_AX] =
+                MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", "orig_ax")?, 8);
             header(
                 &mut m,
                 MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),

@@ -4,7 +4,7 @@
 
 use crate::kaslr::KernelLayout;
 use crate::probes::{
-    captured_at_hit, hit_bytes, hit_reads, ArmSpec, ProbeKind, ProbeSet, SyscallHook,
+    captured_at_hit, filter_on, hit_bytes, hit_reads, ArmSpec, ProbeKind, ProbeSet, SyscallHook,
 };
 use crate::profile::{Profile, ProfileError};
 use ornament_engine::wire::{ProbeSpec, Reg, RegMask};
@@ -63,7 +63,7 @@ pub fn request(
     }
     if let Some(f) = &spec.syscall_filter {
         let nrs: Vec<u64> = f.iter().map(|&n| u64::from(n)).collect();
-        capture = capture.with_filter(Reg::Rsi, &nrs);
+        capture = capture.with_filter_on(filter_on(spec.kind), &nrs);
     }
     capture.hold = hold;
     let denies = !probes.deniable().is_empty() && spec.hold;

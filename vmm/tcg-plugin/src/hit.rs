@@ -3,10 +3,10 @@
 
 use crate::ffi::{GArray, RegHandle};
 use crate::guestmem::{self, CR4_LA57};
-use crate::state::{mono_ns, ProbeSlot, State, Vcpu, STATE};
+use crate::state::{mono_ns, ProbeConf, ProbeSlot, State, Vcpu, STATE};
 use ornament_engine::wire::{
-    self, HitBytes, MemBase, MemRead, PluginErrorCode, ProbeSpec, RamPaging, Reg, RegMask,
-    HIT_HELD, MAX_MEM_READS,
+    self, FilterOn, HitBytes, MemBase, MemRead, PluginErrorCode, ProbeSpec, RamPaging, Reg,
+    RegMask, HIT_HELD, MAX_MEM_READS,
 };
 use std::ffi::c_uint;
 use std::sync::atomic::Ordering;
@@ -166,20 +166,26 @@ pub(crate) fn read_range(
     }
 }
 
+/// The exec callback of a probe address: each enabled probe there, in table order, is one
+/// hit (a held one waits for its answer before the next is looked at).
 pub(crate) fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
     let Some(s) = STATE.get() else { return };
     s.maybe_reset();
-    let conf = *slot.conf.read().unwrap_or_else(|p| p.into_inner());
-    if !conf.enabled {
-        return;
+    // A copy: the host may re-arm while a held hit waits.
+    let confs = *slot.confs.read().unwrap_or_else(|p| p.into_inner());
+    for conf in confs.iter().flatten().filter(|c| c.enabled) {
+        hit_one(s, vcpu_index, conf);
     }
+}
+
+fn hit_one(s: &State, vcpu_index: c_uint, conf: &ProbeConf) {
     let Some(v) = s.vcpu(vcpu_index, conf.probe) else {
         return;
     };
     let arr = scratch(s, v);
     let spec = &conf.spec;
     let mut filter_val = None;
-    if let Some(fr) = spec.filter {
+    if let Some(FilterOn::Reg(fr)) = spec.filter {
         let val = read_reg(s, v, arr, fr);
         match val {
             Some(x) if spec.filter_passes(x) => filter_val = Some((fr, x)),
@@ -234,6 +240,11 @@ pub(crate) fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
         };
         let (present, ok, vals) = mem_reads(spec, &mut reg, &mut read);
         let value = |i: usize| wire::mem_value(present, ok, &vals, i);
+        if let Some(FilterOn::Mem(j)) = spec.filter {
+            if !value(usize::from(j)).is_some_and(|x| spec.filter_passes(x)) {
+                return;
+            }
+        }
         let walker = fast.as_mut().and_then(Option::as_mut);
         let bytes = spec
             .bytes

@@ -17,10 +17,27 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
-/// One probe address: the configuration its exec callback reads.
+/// Most probes that share one address (say the session's and the link's own at
+/// `syscall_exit_to_user_mode`); one more at that address is refused with `AddrFull`.
+pub(crate) const PROBES_PER_ADDR: usize = 3;
+
+/// One probe address: the configurations its exec callback reads, each hit reported once per
+/// enabled probe, in table order.
 #[derive(Debug)]
 pub(crate) struct ProbeSlot {
-    pub(crate) conf: RwLock<ProbeConf>,
+    pub(crate) confs: RwLock<[Option<ProbeConf>; PROBES_PER_ADDR]>,
+}
+
+impl ProbeSlot {
+    /// Switch probe `probe` off here, if it is here.
+    fn disable(&self, probe: u32) {
+        let mut confs = self.confs.write().unwrap_or_else(|p| p.into_inner());
+        for c in confs.iter_mut().flatten() {
+            if c.probe == probe {
+                c.enabled = false;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -197,7 +214,7 @@ impl State {
             spec: a.spec,
         };
         let mut ids = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
-        // A probe id that moves to another address leaves its old slot disabled.
+        // A probe id that moves to another address leaves its old place disabled.
         if let Some(old) = ids.insert(a.probe, a.addr) {
             if old != a.addr {
                 if let Some(slot) = self
@@ -206,17 +223,34 @@ impl State {
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&old)
                 {
-                    slot.conf.write().unwrap_or_else(|p| p.into_inner()).enabled = false;
+                    slot.disable(a.probe);
                 }
             }
         }
         drop(ids);
         let mut map = self.by_addr.write().unwrap_or_else(|p| p.into_inner());
         match map.get(&a.addr) {
-            Some(slot) => *slot.conf.write().unwrap_or_else(|p| p.into_inner()) = conf,
+            Some(slot) => {
+                let mut confs = slot.confs.write().unwrap_or_else(|p| p.into_inner());
+                // Its own place, else a free one.
+                let at = confs
+                    .iter()
+                    .position(|c| c.is_some_and(|c| c.probe == a.probe))
+                    .or_else(|| confs.iter().position(Option::is_none));
+                match at.and_then(|i| confs.get_mut(i)) {
+                    Some(c) => *c = Some(conf),
+                    None => {
+                        drop(confs);
+                        drop(map);
+                        self.report(PluginErrorCode::AddrFull, u32::MAX, a.probe, a.addr);
+                    }
+                }
+            }
             None => {
+                let mut confs = [None; PROBES_PER_ADDR];
+                confs[0] = Some(conf);
                 let slot: &'static ProbeSlot = Box::leak(Box::new(ProbeSlot {
-                    conf: RwLock::new(conf),
+                    confs: RwLock::new(confs),
                 }));
                 map.insert(a.addr, slot);
                 self.flush_wanted.store(true, Ordering::Release);
@@ -233,10 +267,7 @@ impl State {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(addr)
             {
-                let mut c = slot.conf.write().unwrap_or_else(|p| p.into_inner());
-                if c.probe == probe {
-                    c.enabled = false;
-                }
+                slot.disable(probe);
             }
         }
     }

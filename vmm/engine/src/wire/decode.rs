@@ -1,8 +1,8 @@
 //! Bytes to records: header validation and [`decode`], which checks every field it reads.
 
 use super::{
-    hit_len, AnswerRecord, ArmRecord, ByeRecord, BytesRead, DisarmRecord, ErrorRecord, Hello,
-    HitBytes, HitRecord, MemBase, MemRead, Msg, MsgKind, ProbeSpec, RamPaging, RamRecord,
+    hit_len, AnswerRecord, ArmRecord, ByeRecord, BytesRead, DisarmRecord, ErrorRecord, FilterOn,
+    Hello, HitBytes, HitRecord, MemBase, MemRead, Msg, MsgKind, ProbeSpec, RamPaging, RamRecord,
     RamRegion, Reg, RegMask, VcpuInitRecord, WireError, FILTER_BITS, HEADER_LEN, HIT_BYTES,
     HIT_HEAD_LEN, MAX_BYTES_READ, MAX_MEM_READS, MAX_MEM_READ_LEN, MAX_RAM_REGIONS, MAX_RECORD_LEN,
 };
@@ -195,7 +195,10 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
             let f = r.bytes8()?;
             let filter = match f[0] {
                 0 => None,
-                1 => Some(Reg::from_index(f[1]).ok_or(WireError::BadField("filter.reg"))?),
+                1 => Some(FilterOn::Reg(
+                    Reg::from_index(f[1]).ok_or(WireError::BadField("filter.reg"))?,
+                )),
+                2 if usize::from(f[1]) < MAX_MEM_READS => Some(FilterOn::Mem(f[1])),
                 _ => return Err(WireError::BadField("filter")),
             };
             let mut filter_bits = [0u64; FILTER_BITS / 64];

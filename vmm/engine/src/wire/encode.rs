@@ -1,8 +1,8 @@
 //! Records to bytes: [`Msg::encode`] and the hit-record pieces the plugin writes in place.
 
 use super::{
-    MemBase, Msg, MsgKind, RamPaging, RegMask, ARM_LEN, HIT_BYTES, HIT_HEAD_LEN, MAX_RAM_REGIONS,
-    RAM_LEN,
+    FilterOn, MemBase, Msg, MsgKind, RamPaging, RegMask, ARM_LEN, HIT_BYTES, HIT_HEAD_LEN,
+    MAX_RAM_REGIONS, RAM_LEN,
 };
 
 fn put_header(out: &mut Vec<u8>, kind: MsgKind, flags: u16, len: usize) {
@@ -150,7 +150,8 @@ impl Msg {
                     put_u64(out, m.offset);
                 }
                 let (has, reg) = match a.spec.filter {
-                    Some(r) => (1u8, r.index()),
+                    Some(FilterOn::Reg(r)) => (1u8, r.index()),
+                    Some(FilterOn::Mem(j)) => (2u8, j),
                     None => (0, 0),
                 };
                 let hold = u8::from(a.spec.hold);

@@ -36,7 +36,7 @@ mod tests;
 
 pub use decode::{decode, decode_header, Header};
 pub use encode::{hit_len, put_hit_bytes, put_hit_head, put_hit_value};
-pub use probe::{BytesRead, MemBase, MemRead, ProbeSpec, ARM_ENABLED};
+pub use probe::{BytesRead, FilterOn, MemBase, MemRead, ProbeSpec, ARM_ENABLED};
 pub use record::{
     mem_value, AnswerRecord, ArmRecord, ByeRecord, DisarmRecord, ErrorRecord, Hello, HitBytes,
     HitRecord, PluginErrorCode, RamPaging, RamRecord, RamRegion, VcpuInitRecord, HIT_BYTES,

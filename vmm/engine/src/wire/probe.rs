@@ -86,6 +86,15 @@ impl BytesRead {
     }
 }
 
+/// The value a probe's filter tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterOn {
+    /// A register, read before anything else (a hit it drops costs no memory read).
+    Reg(Reg),
+    /// A memory read of the probe (its index), tested once the reads are done.
+    Mem(u8),
+}
+
 /// Bit in [`ArmRecord::flags`](super::ArmRecord::flags): the probe is live (a disarmed probe keeps its callback but
 /// does nothing).
 pub const ARM_ENABLED: u32 = 1 << 0;
@@ -99,9 +108,10 @@ pub struct ProbeSpec {
     pub mem: [MemRead; MAX_MEM_READS],
     /// Hold the vCPU after each reported hit until the host answers.
     pub hold: bool,
-    /// Report only hits where this register's value is below [`FILTER_BITS`] and its bit is set
-    /// in `filter_bits` (e.g. `rsi` = syscall number at `do_syscall_64`).
-    pub filter: Option<Reg>,
+    /// Report only hits where this value is below [`FILTER_BITS`] and its bit is set in
+    /// `filter_bits` (e.g. `rsi` = syscall number at `do_syscall_64`, or the memory read of
+    /// `pt_regs->orig_ax` at `syscall_exit_to_user_mode`).
+    pub filter: Option<FilterOn>,
     /// The filter's bitmap, bit `v` = word `v / 64`, bit `v % 64`.
     pub filter_bits: [u64; FILTER_BITS / 64],
     /// A byte range read after the memory reads (none by default).
@@ -119,8 +129,14 @@ impl ProbeSpec {
 
     /// Restrict to hits where `reg`'s value is one of `values` (values >= [`FILTER_BITS`] are
     /// ignored).
-    pub fn with_filter(mut self, reg: Reg, values: &[u64]) -> Self {
-        self.filter = Some(reg);
+    pub fn with_filter(self, reg: Reg, values: &[u64]) -> Self {
+        self.with_filter_on(FilterOn::Reg(reg), values)
+    }
+
+    /// Restrict to hits where the value `on` names is one of `values` (values >=
+    /// [`FILTER_BITS`] are ignored). A filter on a memory read drops hits whose read failed.
+    pub fn with_filter_on(mut self, on: FilterOn, values: &[u64]) -> Self {
+        self.filter = Some(on);
         self.filter_bits = [0; FILTER_BITS / 64];
         for v in values {
             if let Ok(i) = usize::try_from(*v) {

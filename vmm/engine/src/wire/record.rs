@@ -153,6 +153,9 @@ pub enum PluginErrorCode {
     /// outside the file): memory reads go through QEMU's slower accessor (`detail` = errno, or
     /// 0). Sent once.
     RamFallback = 7,
+    /// An arm record named an address that already holds the most probes one address can
+    /// (`detail` = the address); the probe was not armed.
+    AddrFull = 8,
 }
 
 impl PluginErrorCode {
@@ -166,6 +169,7 @@ impl PluginErrorCode {
             5 => Self::SendFailed,
             6 => Self::VcpuRange,
             7 => Self::RamFallback,
+            8 => Self::AddrFull,
             _ => return None,
         })
     }
