@@ -25,9 +25,8 @@ pub fn image_profile(dir: &Path) -> Result<Profile> {
     Profile::load(&path).with_context(|| format!("the profile of image {}", dir.display()))
 }
 
-/// Revision of the profiles cached by [`kernel_profile`]: raised whenever the generator
-/// records more, so older cached profiles are made again.
-const KERNEL_PROFILE_REVISION: u32 = 2;
+/// Revision of the profiles cached by [`kernel_profile`]: the generator's.
+const KERNEL_PROFILE_REVISION: u32 = ornament_introspect::profile::GENERATOR_REVISION;
 
 /// The profile of a kernel file (bzImage or ELF vmlinux) given with `--kernel`: made
 /// from the file alone (its kallsyms and `.BTF`) on first use and cached under

@@ -50,8 +50,9 @@ pub enum TrapChoice {
 /// Event options of `ornament run`.
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
-    /// Report these events: fork, exec, exit, setid, syscall (every syscall) or
-    /// syscall=NAME,NAME... (only those; other syscalls cost nothing), comma-separated.
+    /// Report these events: fork, exec (and failed execs), exit, setid, signal (generated
+    /// and delivered), syscall (every syscall) or syscall=NAME,NAME... (only those), each
+    /// syscall with what it returned (QEMU engine), comma-separated. syscall=... goes last.
     #[arg(long, value_name = "EVENTS")]
     watch: Option<String>,
     /// Event output format.
@@ -156,7 +157,7 @@ impl WatchArgs {
         if let Some(w) = &self.watch {
             if w.split(',').all(|name| name.trim().is_empty()) {
                 bail!(
-                    "--watch {w:?} names no event: give fork, exec, exit, setid, syscall or syscall=NAME,... (comma-separated)"
+                    "--watch {w:?} names no event: give fork, exec, exit, setid, signal, syscall or syscall=NAME,... (comma-separated)"
                 );
             }
             cfg.add_watch_list(w)
@@ -168,6 +169,7 @@ impl WatchArgs {
             (cfg.exec, EventMask::EXEC | EventMask::EXEC_FAILED),
             (cfg.exit, EventMask::EXIT),
             (cfg.setid, EventMask::SETID),
+            (cfg.signals, EventMask::SIGNAL | EventMask::SIGNAL_DELIVER),
             (
                 cfg.syscalls != SyscallWatch::None,
                 EventMask::SYSCALL | EventMask::SYSCALL_RETURN,

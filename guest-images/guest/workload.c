@@ -16,6 +16,9 @@
  *   ornament-workload vfork            vfork + _exit(3)
  *   ornament-workload tree             a three-level process tree
  *   ornament-workload syscall K        call getpriority(PRIO_USER, 4242) K times
+ *   ornament-workload signals          SIGTERM to a handler, SIGKILL, a NULL write, SIGPIPE,
+ *                                      a blocked SIGUSR1 delivered once unblocked, SIGUSR2
+ *                                      to one thread; each line "W sig ..." says what
  *   ornament-workload all              everything above, in order
  *   ornament-workload bench-getppid N  time N getppid calls: "W bench getppid ns_per_call=X"
  *   ornament-workload bench-forkexec N time N fork+exec+wait: "W bench forkexec ns_per_iter=X"
@@ -257,6 +260,174 @@ static void cmd_bench_forkexec(long n)
     printf("W bench forkexec n=%ld ns_per_iter=%.1f\n", n, (t1 - t0) / (double)n);
 }
 
+/* --- signals: each case prints what it did, the test checks the events against it --- */
+
+static volatile sig_atomic_t got_sig;
+
+static void on_signal(int sig)
+{
+    got_sig = sig;
+}
+
+static void handle(int sig)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(sig, &sa, NULL);
+}
+
+/* A child that runs `body` once its parent may signal it; the parent gets its pid once the
+ * child said it is ready (one byte on a pipe). */
+static pid_t ready_child(void (*body)(int back), int *back_out)
+{
+    int ready[2], back[2];
+    if (pipe(ready) || pipe(back)) {
+        perror("pipe");
+        exit(100);
+    }
+    pid_t pid = do_fork();
+    if (pid == 0) {
+        close(ready[0]);
+        close(back[1]);
+        body(ready[1] * 1000 + back[0]);
+        _exit(0);
+    }
+    close(ready[1]);
+    close(back[0]);
+    char c;
+    if (read(ready[0], &c, 1) != 1) {
+        perror("read");
+        exit(100);
+    }
+    close(ready[0]);
+    *back_out = back[1];
+    return pid;
+}
+
+static void body_term(int fds)
+{
+    handle(SIGTERM);
+    /* Block SIGTERM until pause() waits for it, so it cannot come before. */
+    sigset_t s, old;
+    sigemptyset(&s);
+    sigaddset(&s, SIGTERM);
+    sigprocmask(SIG_BLOCK, &s, &old);
+    (void)!write(fds / 1000, "r", 1);
+    while (!got_sig)
+        sigsuspend(&old);
+    printf("W sig handled pid=%d sig=%d\n", (int)getpid(), (int)got_sig);
+    fflush(stdout);
+    _exit(0);
+}
+
+static void body_pause(int fds)
+{
+    (void)!write(fds / 1000, "r", 1);
+    for (;;)
+        pause();
+}
+
+static void body_pending(int fds)
+{
+    handle(SIGUSR1);
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &s, NULL);
+    (void)!write(fds / 1000, "r", 1);
+    /* The parent sends SIGUSR1, then one byte: the signal is pending meanwhile. */
+    char c;
+    (void)!read(fds % 1000, &c, 1);
+    sigset_t pending;
+    sigpending(&pending);
+    printf("W sig pending pid=%d sig=%d pending=%d\n", (int)getpid(), SIGUSR1,
+           sigismember(&pending, SIGUSR1));
+    fflush(stdout);
+    sigprocmask(SIG_UNBLOCK, &s, NULL);
+    printf("W sig handled pid=%d sig=%d\n", (int)getpid(), (int)got_sig);
+    fflush(stdout);
+    _exit(0);
+}
+
+static volatile pid_t thread_tid;
+static volatile sig_atomic_t thread_got;
+
+static void on_thread_signal(int sig)
+{
+    thread_got = sig;
+}
+
+static void *signal_thread(void *arg)
+{
+    (void)arg;
+    thread_tid = (pid_t)syscall(SYS_gettid);
+    while (!thread_got)
+        usleep(1000);
+    printf("W sig thread-handled tid=%d sig=%d\n", (int)syscall(SYS_gettid), (int)thread_got);
+    fflush(stdout);
+    return NULL;
+}
+
+static void cmd_signals(void)
+{
+    int back;
+    /* SIGTERM from the parent to a child's handler. */
+    pid_t c = ready_child(body_term, &back);
+    kill(c, SIGTERM);
+    printf("W sig sent from=%d to=%d sig=%d\n", (int)getpid(), (int)c, SIGTERM);
+    wait_report(c);
+    close(back);
+    /* SIGKILL. */
+    c = ready_child(body_pause, &back);
+    kill(c, SIGKILL);
+    printf("W sig sent from=%d to=%d sig=%d\n", (int)getpid(), (int)c, SIGKILL);
+    wait_report(c);
+    close(back);
+    /* A NULL write: SIGSEGV from the kernel, at address 0. */
+    c = do_fork();
+    if (c == 0) {
+        struct rlimit no_core = {0, 0};
+        setrlimit(RLIMIT_CORE, &no_core);
+        *(volatile int *)0 = 1;
+        _exit(0);
+    }
+    printf("W sig fault pid=%d sig=%d addr=0\n", (int)c, SIGSEGV);
+    wait_report(c);
+    /* A write to a pipe with no reader: SIGPIPE. */
+    c = do_fork();
+    if (c == 0) {
+        int p[2];
+        if (pipe(p))
+            _exit(100);
+        close(p[0]);
+        (void)!write(p[1], "x", 1);
+        _exit(0);
+    }
+    printf("W sig pipe pid=%d sig=%d\n", (int)c, SIGPIPE);
+    wait_report(c);
+    /* SIGUSR1 blocked: pending, delivered once unblocked. */
+    c = ready_child(body_pending, &back);
+    kill(c, SIGUSR1);
+    printf("W sig sent from=%d to=%d sig=%d\n", (int)getpid(), (int)c, SIGUSR1);
+    (void)!write(back, "g", 1);
+    wait_report(c);
+    close(back);
+    /* SIGUSR2 to one thread of this process. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_thread_signal;
+    sigaction(SIGUSR2, &sa, NULL);
+    pthread_t t;
+    pthread_create(&t, NULL, signal_thread, NULL);
+    while (!thread_tid)
+        usleep(1000);
+    pthread_kill(t, SIGUSR2);
+    printf("W sig thread-sent from=%d to=%d sig=%d\n", (int)getpid(), (int)thread_tid, SIGUSR2);
+    pthread_join(t, NULL);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -299,6 +470,8 @@ int main(int argc, char **argv)
         cmd_tree();
     else if (!strcmp(c, "syscall"))
         cmd_syscall(n);
+    else if (!strcmp(c, "signals"))
+        cmd_signals();
     else if (!strcmp(c, "bench-getppid"))
         cmd_bench_getppid(n);
     else if (!strcmp(c, "bench-forkexec"))

@@ -33,9 +33,10 @@ pub const WORKLOADS: &[Workload] = &[
 pub const INIT_SCRIPT: &str = include_str!("../guest/init.sh");
 
 /// SHA-256 (hex) of everything this build of ornament puts into an image's userland of
-/// its own: every program's name, flags and source, and the `/init` script. Recorded in
-/// the manifest, so a cached image built by another ornament is rebuilt rather than
-/// run with stale guest programs.
+/// its own: every program's name, flags and source, the `/init` script, and the revision of
+/// the profile generator that made its profile. Recorded in the manifest, so a cached image
+/// built by another ornament is rebuilt rather than run with stale guest programs or a
+/// profile that lacks what this one reads.
 pub fn guest_digest() -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
@@ -46,6 +47,8 @@ pub fn guest_digest() -> String {
         }
     }
     h.update(INIT_SCRIPT.as_bytes());
+    // The image's profile is made by the generator: a newer one records more.
+    h.update(ornament_introspect::profile::GENERATOR_REVISION.to_le_bytes());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 

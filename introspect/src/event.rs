@@ -50,11 +50,15 @@ pub enum EventKind {
     SyscallReturn,
     /// An exec failed (`execve`/`execveat` returned an error).
     ExecFailed,
+    /// A signal was generated (sent to a task or a process).
+    Signal,
+    /// A signal was delivered: a handler runs, the task stops, or it dies.
+    SignalDeliver,
 }
 
 impl EventKind {
     /// Every kind, in schema order.
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Fork,
         EventKind::Exec,
         EventKind::Exit,
@@ -62,6 +66,8 @@ impl EventKind {
         EventKind::Setid,
         EventKind::SyscallReturn,
         EventKind::ExecFailed,
+        EventKind::Signal,
+        EventKind::SignalDeliver,
     ];
 
     /// The value of the `event` field.
@@ -74,6 +80,8 @@ impl EventKind {
             EventKind::Setid => "setid",
             EventKind::SyscallReturn => "syscall_return",
             EventKind::ExecFailed => "exec_failed",
+            EventKind::Signal => "signal",
+            EventKind::SignalDeliver => "signal_deliver",
         }
     }
 
@@ -87,6 +95,8 @@ impl EventKind {
             EventKind::Setid => EventMask::SETID,
             EventKind::SyscallReturn => EventMask::SYSCALL_RETURN,
             EventKind::ExecFailed => EventMask::EXEC_FAILED,
+            EventKind::Signal => EventMask::SIGNAL,
+            EventKind::SignalDeliver => EventMask::SIGNAL_DELIVER,
         }
     }
 }
@@ -99,7 +109,7 @@ impl fmt::Display for EventKind {
 
 /// A set of event kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct EventMask(u8);
+pub struct EventMask(u16);
 
 impl EventMask {
     /// No events.
@@ -118,10 +128,14 @@ impl EventMask {
     pub const SYSCALL_RETURN: Self = Self(32);
     /// Failed-exec events.
     pub const EXEC_FAILED: Self = Self(64);
+    /// Signal-generation events.
+    pub const SIGNAL: Self = Self(128);
+    /// Signal-delivery events.
+    pub const SIGNAL_DELIVER: Self = Self(256);
     /// Fork, exec (and failed exec) and exit.
     pub const LIFECYCLE: Self = Self(1 | 2 | 4 | 64);
     /// Every kind.
-    pub const ALL: Self = Self(127);
+    pub const ALL: Self = Self(511);
 
     /// True when `kind` is in the set.
     pub fn contains(self, kind: EventKind) -> bool {
@@ -319,6 +333,136 @@ pub struct ExecFailedEvent {
     pub errno_name: String,
 }
 
+/// Who generated a signal, as the kernel's `si_code` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalOrigin {
+    /// A task: `kill`, `tkill`, `tgkill`, `sigqueue` (`si_code <= 0`); the header is the
+    /// sender.
+    Task,
+    /// The kernel: a fault (SIGSEGV, SIGBUS, ...), SIGCHLD, SIGPIPE, a timer (`si_code > 0`,
+    /// or no siginfo at all); the header is the task the kernel ran for.
+    Kernel,
+}
+
+/// Which tasks a signal was sent to (the kernel's `enum pid_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalScope {
+    /// One thread (`tkill`, `tgkill`, a fault).
+    Thread,
+    /// A process: any of its threads takes it (`kill`).
+    Process,
+    /// A process group (delivered to each of its processes, one event each).
+    ProcessGroup,
+    /// A session.
+    Session,
+}
+
+/// A signal was generated: the header is the task that sent it (for a signal from the
+/// kernel, the task the kernel was running for).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalEvent {
+    /// The sender.
+    #[serde(flatten)]
+    pub task: TaskHeader,
+    /// The signal number.
+    pub signal: i32,
+    /// Its name (`SIGTERM`), or `SIG<n>` (real-time signals: `SIGRTMIN+n`).
+    pub signal_name: String,
+    /// `si_code`: `SI_USER` (0) for `kill`, `SI_TKILL` (-6), `SEGV_MAPERR` (1), ...;
+    /// `null` when the kernel gave no siginfo (`SEND_SIG_NOINFO` counts as `SI_USER`,
+    /// `SEND_SIG_PRIV` as `SI_KERNEL`).
+    pub code: Option<i32>,
+    /// Who generated it.
+    pub origin: SignalOrigin,
+    /// The target thread's id, process id and comm.
+    pub target_pid: Option<i32>,
+    /// ...
+    pub target_tgid: Option<i32>,
+    /// ...
+    pub target_comm: Option<String>,
+    /// Thread- or process-directed.
+    pub scope: Option<SignalScope>,
+    /// For a fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP from the kernel): the faulting
+    /// address (`si_addr`).
+    pub addr: Option<u64>,
+    /// For a signal from a task: the sender's process id as the kernel recorded it
+    /// (`si_pid`, in the sender's pid namespace).
+    pub sender_pid: Option<i32>,
+}
+
+/// What a delivered signal did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalAction {
+    /// A handler runs (its frame was set up on the task's stack).
+    Handler,
+    /// A handler should have run but its frame could not be set up: the task gets SIGSEGV.
+    HandlerFailed,
+    /// The task stops (SIGSTOP, SIGTSTP, ...).
+    Stop,
+    /// The task's process dies of it (the default action; the `exit` events follow).
+    Kill,
+}
+
+/// A signal was delivered: the header is the task that took it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalDeliverEvent {
+    /// The task that took the signal.
+    #[serde(flatten)]
+    pub task: TaskHeader,
+    /// The signal number.
+    pub signal: i32,
+    /// Its name.
+    pub signal_name: String,
+    /// What it did.
+    pub action: SignalAction,
+}
+
+/// The name of signal `n` on x86-64 Linux: `SIGTERM`, `SIGRTMIN+3`, else `SIG<n>`.
+pub fn signal_name(n: i32) -> String {
+    const NAMES: [&str; 32] = [
+        "SIG0",
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGILL",
+        "SIGTRAP",
+        "SIGABRT",
+        "SIGBUS",
+        "SIGFPE",
+        "SIGKILL",
+        "SIGUSR1",
+        "SIGSEGV",
+        "SIGUSR2",
+        "SIGPIPE",
+        "SIGALRM",
+        "SIGTERM",
+        "SIGSTKFLT",
+        "SIGCHLD",
+        "SIGCONT",
+        "SIGSTOP",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGURG",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGWINCH",
+        "SIGIO",
+        "SIGPWR",
+        "SIGSYS",
+    ];
+    match usize::try_from(n) {
+        Ok(i) if i < NAMES.len() => NAMES[i].to_owned(),
+        Ok(i) if (32..=64).contains(&i) => format!("SIGRTMIN+{}", i - 32),
+        _ => format!("SIG{n}"),
+    }
+}
+
 /// The name an event gives errno `n` (positive): `ENOENT`, else `E<n>`.
 pub fn errno_text(n: i32) -> String {
     crate::probes::errno_name(n).map_or_else(|| format!("E{n}"), str::to_owned)
@@ -363,6 +507,10 @@ pub enum Event {
     SyscallReturn(SyscallReturnEvent),
     /// See [`ExecFailedEvent`].
     ExecFailed(ExecFailedEvent),
+    /// See [`SignalEvent`].
+    Signal(SignalEvent),
+    /// See [`SignalDeliverEvent`].
+    SignalDeliver(SignalDeliverEvent),
 }
 
 impl Event {
@@ -376,6 +524,8 @@ impl Event {
             Event::Setid(_) => EventKind::Setid,
             Event::SyscallReturn(_) => EventKind::SyscallReturn,
             Event::ExecFailed(_) => EventKind::ExecFailed,
+            Event::Signal(_) => EventKind::Signal,
+            Event::SignalDeliver(_) => EventKind::SignalDeliver,
         }
     }
 
@@ -389,6 +539,8 @@ impl Event {
             Event::Setid(e) => &e.task,
             Event::SyscallReturn(e) => &e.task,
             Event::ExecFailed(e) => &e.task,
+            Event::Signal(e) => &e.task,
+            Event::SignalDeliver(e) => &e.task,
         }
     }
 
@@ -402,6 +554,8 @@ impl Event {
             Event::Setid(e) => &mut e.task,
             Event::SyscallReturn(e) => &mut e.task,
             Event::ExecFailed(e) => &mut e.task,
+            Event::Signal(e) => &mut e.task,
+            Event::SignalDeliver(e) => &mut e.task,
         }
     }
 

@@ -39,7 +39,6 @@ use crate::kernel::{is_kernel_address, Kernel, KernelError};
 use crate::lineage::{Lineage, RunInfo};
 use crate::ornament::Registry;
 use crate::paging::PageRoot;
-use crate::probes::ReturnHook;
 use crate::probes::{
     dentry_stamp, ArmSpec, ExecHook, ExitHook, ProbeKind, ProbeSet, SyscallHook, MEM_CHILD_FLAGS,
     MEM_CHILD_MM, MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXEC_DENTRY,
@@ -48,6 +47,7 @@ use crate::probes::{
     MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_RET_AX, MEM_RET_ORIG_AX,
     MEM_SYSCALL_ARGS, PROC_EVENT_GID, PROC_EVENT_UID,
 };
+use crate::probes::{ReturnHook, SignalHook, MEM_KILL_FLAGS, MEM_KILL_GROUP_CODE};
 use crate::profile::{Profile, ProfileError};
 use crate::task::{Argv, Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
 use crate::vmem::VirtMem;
@@ -56,6 +56,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 mod reader;
+mod signal;
 use reader::{kptr_at_hit, low32, low32_signed, Reader};
 
 /// Why a monitor could not be built.
@@ -356,6 +357,30 @@ impl Monitor {
         }
     }
 
+    /// `current->signal`'s `flags` and `group_exit_code` at a `do_group_exit` hit: read at
+    /// the hit, else now.
+    fn group_exit(
+        &self,
+        vm: &VirtMem<'_>,
+        hit: &ProbeHit,
+        current: Option<Gva>,
+    ) -> Option<(u32, u32)> {
+        if let (Some(f), Some(c)) = (hit.mem[MEM_KILL_FLAGS], hit.mem[MEM_KILL_GROUP_CODE]) {
+            return Some((low32(f), low32(c)));
+        }
+        let off = |f: &str| self.profile.offset("signal_struct", f).ok();
+        let sig = vm
+            .read_u64(current?.wrapping_add(self.task_off.signal))
+            .ok()
+            .map(Gva)
+            .filter(|s| is_kernel_address(*s))?;
+        let flags = vm.read_u32(sig.wrapping_add(off("flags")?)).ok()?;
+        let code = vm
+            .read_u32(sig.wrapping_add(off("group_exit_code")?))
+            .ok()?;
+        Some((flags, code))
+    }
+
     /// True unless the dentry at `d` now reads differently from the stamps the hit carries
     /// (its name hash and parent at the hit): then it was freed and reused since, and its
     /// path is not the executable's. A stamp the hit does not carry is not checked.
@@ -649,6 +674,23 @@ impl Monitor {
                         })
                     }
                 }
+            }
+            ProbeKind::Signal(hook) => {
+                // `ksig->sig` for a handler: read at the hit, else now (held).
+                let ksig_sig = hit.mem[0].or_else(|| {
+                    let off = self.profile.offset("ksignal", "sig").ok()?;
+                    arg(hit.regs.rsi)
+                        .and_then(|k| vm.read_u32(k.wrapping_add(off)).ok())
+                        .map(u64::from)
+                });
+                let at_hit = current_at_hit.is_some();
+                // For a death: the group's exit state, read at the hit, else now.
+                let group = match hook {
+                    SignalHook::Kill => self.group_exit(&vm, hit, current),
+                    _ => None,
+                };
+                let extra = signal::Extra { ksig_sig, group };
+                signal::build(&r, hook, r.header_at_hit(current, at_hit), extra)?
             }
             ProbeKind::Setid => {
                 let changed = match hit.regs.rsi & 0xffff_ffff {

@@ -43,7 +43,7 @@
 
 use crate::event::{
     Event, EventKind, EventMask, ExecEvent, ExecFailedEvent, ExitEvent, ForkEvent, SetidEvent,
-    SyscallEvent, SyscallReturnEvent,
+    SignalDeliverEvent, SignalEvent, SyscallEvent, SyscallReturnEvent,
 };
 use crate::probes::MAX_ERRNO;
 use ornament_engine::Action;
@@ -91,6 +91,10 @@ pub trait Ornament: Send {
     fn on_syscall_return(&mut self, _ev: &SyscallReturnEvent, _ctx: &mut Decision) {}
     /// An exec failed.
     fn on_exec_failed(&mut self, _ev: &ExecFailedEvent, _ctx: &mut Decision) {}
+    /// A signal was generated.
+    fn on_signal(&mut self, _ev: &SignalEvent, _ctx: &mut Decision) {}
+    /// A signal was delivered.
+    fn on_signal_deliver(&mut self, _ev: &SignalDeliverEvent, _ctx: &mut Decision) {}
     /// The registry's entry point for every event in the mask: by default, the method of
     /// the event's kind. Override it to handle all kinds in one place (as
     /// [`EventWriter`] and [`Follow`] do).
@@ -103,6 +107,8 @@ pub trait Ornament: Send {
             Event::Setid(e) => self.on_setid(e, ctx),
             Event::SyscallReturn(e) => self.on_syscall_return(e, ctx),
             Event::ExecFailed(e) => self.on_exec_failed(e, ctx),
+            Event::Signal(e) => self.on_signal(e, ctx),
+            Event::SignalDeliver(e) => self.on_signal_deliver(e, ctx),
         }
     }
     /// The run is over (flush output, write summaries).

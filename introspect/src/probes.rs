@@ -12,6 +12,8 @@
 //! | deny    | held `do_syscall_64(regs, nr)` filtered to the denied numbers | none: an error |
 //! | syscall_return | `syscall_exit_to_user_mode(regs)`, filtered on `regs->orig_ax` to the watched numbers | none |
 //! | exec_failed | held `syscall_exit_to_user_mode(regs)`, filtered to `execve`/`execveat` | none |
+//! | signal  | `__send_signal_locked(sig, info, t, type, force)`, current = sender | `send_signal_locked(sig, info, t, type)` |
+//! | signal_deliver | handler: `signal_setup_done(failed, ksig, stepping)`; stop: `do_signal_stop(sig)`; kill: `do_group_exit(code)` with a signal in `code` | none |
 //!
 //! A hook missing from the profile disables only the events that need it, with a
 //! warning naming it. Lifecycle probes hold the vCPU (the task cannot vanish while it is
@@ -58,7 +60,7 @@ pub enum ProbesError {
         /// The text given.
         name: String,
     },
-    /// unknown event {name:?} in the watch list: expected fork, exec, exit, setid, syscall or syscall=NAME,...
+    /// unknown event {name:?} in the watch list: expected fork, exec, exit, setid, signal, syscall or syscall=NAME,...
     UnknownWatch {
         /// The item given.
         name: String,
@@ -102,6 +104,8 @@ pub struct WatchConfig {
     pub exit: bool,
     /// Setid events.
     pub setid: bool,
+    /// Signal events: generated (`signal`) and delivered (`signal_deliver`).
+    pub signals: bool,
     /// Syscall-entry events.
     pub syscalls: SyscallWatch,
     /// Syscalls to refuse: (name, errno in 1..=4095).
@@ -163,6 +167,24 @@ pub enum SyscallHook {
     DoSyscall64,
 }
 
+/// Where a signal event is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SignalHook {
+    /// `__send_signal_locked(int sig, struct kernel_siginfo *info, struct task_struct *t,
+    /// enum pid_type type, bool force)`: a signal generated (current sends it).
+    SendLocked,
+    /// `send_signal_locked(int sig, struct kernel_siginfo *info, struct task_struct *t,
+    /// enum pid_type type)`: the same, where the inner function is missing.
+    SendLockedOuter,
+    /// `signal_setup_done(int failed, struct ksignal *ksig, int stepping)`: a handler's frame
+    /// was set up (delivered to a handler; `failed`: it could not be).
+    Handler,
+    /// `do_signal_stop(int signr)`: the task stops.
+    Stop,
+    /// `do_group_exit(int exit_code)`: with a signal in `exit_code`, the task dies of it.
+    Kill,
+}
+
 /// What a probe at `syscall_exit_to_user_mode(struct pt_regs *regs)` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReturnHook {
@@ -188,6 +210,8 @@ pub enum ProbeKind {
     Syscall(SyscallHook),
     /// Syscall return.
     Return(ReturnHook),
+    /// Signal generated or delivered.
+    Signal(SignalHook),
 }
 
 impl ProbeKind {
@@ -201,6 +225,10 @@ impl ProbeKind {
             ProbeKind::Syscall(_) => EventKind::Syscall,
             ProbeKind::Return(ReturnHook::Syscall) => EventKind::SyscallReturn,
             ProbeKind::Return(ReturnHook::Exec) => EventKind::ExecFailed,
+            ProbeKind::Signal(SignalHook::SendLocked | SignalHook::SendLockedOuter) => {
+                EventKind::Signal
+            }
+            ProbeKind::Signal(_) => EventKind::SignalDeliver,
         }
     }
 }
@@ -324,6 +352,38 @@ impl Builder<'_> {
                     true,
                     None,
                 );
+            }
+        }
+    }
+
+    /// The signal probes: generation, and the three ways of delivery. Never held: every
+    /// value the events report is read at the hit (or, on engines that hold every hit,
+    /// while held).
+    fn signals(&mut self) {
+        let mut gen = Vec::new();
+        for (sym, hook) in [
+            ("__send_signal_locked", SignalHook::SendLocked),
+            ("send_signal_locked", SignalHook::SendLockedOuter),
+        ] {
+            gen.push((sym, ProbeKind::Signal(hook)));
+        }
+        for (i, (sym, kind)) in gen.iter().enumerate() {
+            if let Some(at) = self.addr(sym) {
+                self.push(at, sym, *kind, false, None);
+                break;
+            }
+            self.warn(EventKind::Signal, sym, gen.get(i + 1).map(|g| g.0));
+        }
+        for (sym, hook) in [
+            ("signal_setup_done", SignalHook::Handler),
+            ("do_signal_stop", SignalHook::Stop),
+            ("do_group_exit", SignalHook::Kill),
+        ] {
+            let readable =
+                hook != SignalHook::Handler || self.profile.offset("ksignal", "sig").is_ok();
+            match self.addr(sym).filter(|_| readable) {
+                Some(at) => self.push(at, sym, ProbeKind::Signal(hook), false, None),
+                None => self.warn(EventKind::SignalDeliver, sym, None),
             }
         }
     }
@@ -462,6 +522,9 @@ impl ProbeSet {
         }
         if cfg.setid {
             b.lifecycle(EventKind::Setid, &[("proc_id_connector", ProbeKind::Setid)]);
+        }
+        if cfg.signals {
+            b.signals();
         }
 
         const DO_SYSCALL_64: &str = "do_syscall_64";

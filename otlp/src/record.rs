@@ -35,6 +35,8 @@ pub fn event_name(ev: &Event) -> &'static str {
         Event::Setid(_) => "ornament.setid",
         Event::SyscallReturn(_) => "ornament.syscall_return",
         Event::ExecFailed(_) => "ornament.exec_failed",
+        Event::Signal(_) => "ornament.signal",
+        Event::SignalDeliver(_) => "ornament.signal_deliver",
     }
 }
 

@@ -6,6 +6,7 @@ pub mod browser;
 pub mod ecs;
 pub mod otlp;
 pub mod schema;
+pub mod signals;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@
 //! (4-8 minutes on 2 shared cores) serves every check below.
 
 use ornament_tests::schema::{check_lineage, check_schema};
+use ornament_tests::signals::check_signal_events;
 use ornament_tests::workload::{check_workload_events, events};
 use ornament_tests::{can_build_images, has_qemu, ornament_bin, require_host};
 use std::path::{Path, PathBuf};
@@ -170,6 +171,14 @@ fn our_vmm_on_nested_svm_gives_exit_status_events_and_passes_its_tests() {
         check_schema(&evs);
         check_lineage(&evs);
     }
+
+    // Signals through our VMM's fentry traps: generated and delivered, exactly as the
+    // workload says.
+    let err = read(&out, "signals-2.err");
+    assert_eq!(status(&out, "signals-2"), 0, "signals-2: {err}");
+    let evs = events(&out.join("signals-2.json"));
+    check_schema(&evs);
+    check_signal_events(&err, &evs);
 
     // The KVM crate's own tests, every one passing on SVM (L1 runs them with CI=true,
     // so a missing prerequisite fails them rather than skipping).

@@ -92,7 +92,70 @@ pub(crate) fn samples() -> Vec<Event> {
             },
             changed: IdChange::Uid,
         }),
+        Event::SyscallReturn(SyscallReturnEvent {
+            task: header(),
+            nr: 258,
+            name: Some("mkdirat".into()),
+            ret: Some(-17),
+            errno: Some("EEXIST".into()),
+            entry_time_ns: Some(1_400_000_000),
+        }),
+        Event::ExecFailed(ExecFailedEvent {
+            task: header(),
+            syscall: "execve".into(),
+            filename: Some("/no/such".into()),
+            errno: 2,
+            errno_name: "ENOENT".into(),
+        }),
+        Event::Signal(SignalEvent {
+            task: header(),
+            signal: 15,
+            signal_name: signal_name(15),
+            code: Some(0),
+            origin: SignalOrigin::Task,
+            target_pid: Some(44),
+            target_tgid: Some(43),
+            target_comm: Some("sleep".into()),
+            scope: Some(SignalScope::Process),
+            addr: None,
+            sender_pid: Some(42),
+        }),
+        Event::SignalDeliver(SignalDeliverEvent {
+            task: header(),
+            signal: 11,
+            signal_name: signal_name(11),
+            action: SignalAction::Kill,
+        }),
     ]
+}
+
+#[test]
+fn new_kinds_text_and_names() {
+    let s = samples();
+    let text: Vec<String> = s[5..].iter().map(Event::to_text).collect();
+    let h = "1.500000000 cpu1 sh[42] ppid=1 uid=0";
+    assert_eq!(
+        text,
+        [
+            format!("{h} syscall_return mkdirat = -17 EEXIST"),
+            format!("{h} exec_failed \"/no/such\" execve ENOENT"),
+            format!("{h} signal SIGTERM to=sleep[43/44] code=0 from-task"),
+            format!("{h} signal_deliver SIGSEGV kill"),
+        ]
+    );
+    assert_eq!(
+        [
+            signal_name(9),
+            signal_name(34),
+            signal_name(64),
+            signal_name(65)
+        ],
+        ["SIGKILL", "SIGRTMIN+2", "SIGRTMIN+32", "SIG65"]
+    );
+    assert_eq!(
+        (errno_text(2), errno_text(4000)),
+        ("ENOENT".into(), "E4000".into())
+    );
 }
 
 #[test]

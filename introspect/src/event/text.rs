@@ -190,6 +190,39 @@ impl fmt::Display for Event {
                     (Some(r), None) => write!(f, " = {r}"),
                 }
             }
+            Event::Signal(e) => {
+                write!(
+                    f,
+                    " {} to={}[{}",
+                    e.signal_name,
+                    Comm(&e.target_comm),
+                    Opt(&e.target_tgid)
+                )?;
+                if e.target_pid != e.target_tgid {
+                    write!(f, "/{}", Opt(&e.target_pid))?;
+                }
+                f.write_str("]")?;
+                if let Some(c) = e.code {
+                    write!(f, " code={c}")?;
+                }
+                f.write_str(match e.origin {
+                    crate::event::SignalOrigin::Task => " from-task",
+                    crate::event::SignalOrigin::Kernel => " from-kernel",
+                })?;
+                if let Some(a) = e.addr {
+                    write!(f, " addr={a:#x}")?;
+                }
+                Ok(())
+            }
+            Event::SignalDeliver(e) => {
+                let action = match e.action {
+                    crate::event::SignalAction::Handler => "handler",
+                    crate::event::SignalAction::HandlerFailed => "handler-failed",
+                    crate::event::SignalAction::Stop => "stop",
+                    crate::event::SignalAction::Kill => "kill",
+                };
+                write!(f, " {} {action}", e.signal_name)
+            }
             Event::ExecFailed(e) => {
                 f.write_str(" ")?;
                 match &e.filename {

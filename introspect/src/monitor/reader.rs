@@ -52,6 +52,13 @@ pub(super) struct Reader<'r, 'k, 'v> {
 }
 
 impl Reader<'_, '_, '_> {
+    /// A task's `comm` from its 16 bytes read at the hit (`None` where the profile's comm
+    /// is another size, or a read is missing).
+    pub(super) fn comm_at_hit(&self, lo: Option<u64>, hi: Option<u64>) -> Option<String> {
+        let size = self.reader.offsets().comm_size;
+        comm_at_hit(lo, hi, size)
+    }
+
     pub(super) fn header(&self, task: Option<Gva>) -> TaskHeader {
         self.header_at_hit(task, false)
     }

@@ -77,6 +77,7 @@ fn everything() -> WatchConfig {
         may_deny: Vec::new(),
         deny_at_entry: false,
         results: false,
+        signals: false,
     }
 }
 

@@ -90,6 +90,15 @@ pub fn document(ev: &Event, seq: u64, run: &RunInfo) -> Value {
         ),
         // An attempt to start a program that did not start.
         Event::ExecFailed(_) => ("start", "exec".to_owned()),
+        Event::Signal(_) => ("info", "signal".to_owned()),
+        Event::SignalDeliver(e) => (
+            match e.action {
+                crate::event::SignalAction::Kill => "end",
+                crate::event::SignalAction::Stop => "change",
+                _ => "info",
+            },
+            "signal-deliver".to_owned(),
+        ),
     };
     put(&mut d, "event.category", Some(vec!["process"].into()));
     put(&mut d, "event.type", Some(vec![kind_type].into()));
@@ -153,6 +162,28 @@ pub fn document(ev: &Event, seq: u64, run: &RunInfo) -> Value {
             } else if e.ret.is_some() {
                 put(&mut d, "event.outcome", Some("success".into()));
             }
+        }
+        Event::Signal(e) => {
+            process(&mut d, t);
+            put(&mut d, "event.code", Some(e.signal.to_string().into()));
+            // ECS has no field for a signal's target: the reason says it.
+            let opt = |v: Option<i32>| v.map_or_else(|| "?".to_owned(), |v| v.to_string());
+            let reason = format!(
+                "{} to pid {} (thread {}) from the {}",
+                e.signal_name,
+                opt(e.target_tgid),
+                opt(e.target_pid),
+                match e.origin {
+                    crate::event::SignalOrigin::Task => "task",
+                    crate::event::SignalOrigin::Kernel => "kernel",
+                }
+            );
+            put(&mut d, "event.reason", Some(reason.into()));
+        }
+        Event::SignalDeliver(e) => {
+            process(&mut d, t);
+            put(&mut d, "event.code", Some(e.signal.to_string().into()));
+            put(&mut d, "event.reason", Some(e.signal_name.clone().into()));
         }
         Event::ExecFailed(e) => {
             process(&mut d, t);

@@ -394,7 +394,11 @@ impl Ornament for Timeline {
             Event::Exec(e) => data.exec(e),
             Event::Exit(e) => data.exit(e),
             Event::Syscall(e) => data.syscall(e, d.denied().is_some()),
-            Event::Setid(_) | Event::SyscallReturn(_) | Event::ExecFailed(_) => {}
+            Event::Setid(_)
+            | Event::SyscallReturn(_)
+            | Event::ExecFailed(_)
+            | Event::Signal(_)
+            | Event::SignalDeliver(_) => {}
         }
     }
 }

@@ -371,7 +371,20 @@ mod tests {
                 assert!(!v.is_valid(&b), "accepted {b}");
             }
         }
-        assert_eq!(kinds, ["fork", "exec", "exit", "syscall", "setid"]);
+        assert_eq!(
+            kinds,
+            [
+                "fork",
+                "exec",
+                "exit",
+                "syscall",
+                "setid",
+                "syscall_return",
+                "exec_failed",
+                "signal",
+                "signal_deliver"
+            ]
+        );
     }
 
     #[test]

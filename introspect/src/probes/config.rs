@@ -160,6 +160,7 @@ impl WatchConfig {
                 "exec" => self.exec = true,
                 "exit" => self.exit = true,
                 "setid" => self.setid = true,
+                "signal" | "signals" => self.signals = true,
                 "syscall" | "syscalls" => self.syscalls = SyscallWatch::All,
                 _ => {
                     let name = match item.split_once('=') {

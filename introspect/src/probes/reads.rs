@@ -3,7 +3,7 @@
 //! [`hit_reads`] and [`hit_bytes`] that fill them, and [`captured_at_hit`]: which events
 //! are complete from them, so their probes need not hold the vCPU.
 
-use super::{ExecHook, ExitHook, ProbeKind};
+use super::{ExecHook, ExitHook, ProbeKind, SignalHook};
 use crate::profile::{Profile, ProfileError};
 use ornament_engine::wire::FilterOn;
 use ornament_engine::wire::{BytesRead, MemBase, MemRead, Reg, MAX_MEM_READS};
@@ -75,6 +75,32 @@ pub const MEM_RET_AX: usize = 0;
 /// ... and `[1]` `regs->orig_ax`, the syscall's number (what their filter tests); with the
 /// caller's header at `MEM_HDR_*`.
 pub const MEM_RET_ORIG_AX: usize = 1;
+/// Signal-generation probes (`__send_signal_locked`) read the target (rdx):
+/// `ProbeHit::mem[0]` `t->pid`, ...
+pub const MEM_SIG_TARGET_PID: usize = 0;
+/// ... `[1]` `t->tgid`, ...
+pub const MEM_SIG_TARGET_TGID: usize = 1;
+/// ... `[2]` the siginfo's (rsi) `si_code`, ...
+pub const MEM_SIG_CODE: usize = 2;
+/// ... `[3]` its first 8 bytes of fields (`si_addr`; `si_pid` and `si_uid`), ...
+pub const MEM_SIG_FIELDS: usize = 3;
+/// ... and `[4]`, `[5]` the 16 bytes of `t->comm`. `signal_setup_done` probes read
+/// `[0]` `ksig->sig`. The sender's (current's) header is at `MEM_HDR_*`.
+pub const MEM_SIG_TARGET_COMM: [usize; 2] = [4, 5];
+/// `do_group_exit` probes read `[0]` the current task again (a read chains only to a
+/// lower index), `[1]` its `signal`, ...
+pub const MEM_KILL_SIGNAL: usize = 1;
+/// ... `[2]` that one's `flags` (`SIGNAL_GROUP_EXIT`: the group is already dying, of
+/// `group_exit_code`, whatever the argument says), ...
+pub const MEM_KILL_FLAGS: usize = 2;
+/// ... and `[3]` its `group_exit_code`.
+pub const MEM_KILL_GROUP_CODE: usize = 3;
+/// Offsets in the kernel's `struct kernel_siginfo`, which is the user ABI's `siginfo_t`
+/// (include/uapi/asm-generic/siginfo.h: `si_signo`, `si_errno`, `si_code`, then the union,
+/// 8-aligned): `si_code` ...
+pub const SIGINFO_CODE: u64 = 8;
+/// ... and the union (`si_pid` then `si_uid` for a signal from a task, `si_addr` for a fault).
+pub const SIGINFO_FIELDS: u64 = 16;
 /// Most bytes of `argv` an exec probe reads at the hit: the task reader's own default cap,
 /// so an event built from them is the one built from memory.
 pub const MAX_ARGV_BYTES_AT_HIT: u32 = 32 << 10;
@@ -101,6 +127,7 @@ pub fn captured_at_hit(kind: ProbeKind) -> bool {
     matches!(
         kind,
         ProbeKind::Fork(_)
+            | ProbeKind::Signal(_)
             | ProbeKind::Exit(ExitHook::ProcExitConnector)
             | ProbeKind::Exec(ExecHook::ProcExecConnector)
     )
@@ -205,6 +232,40 @@ pub fn hit_reads(
                 MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),
                 true,
             )?;
+        }
+        ProbeKind::Signal(hook) => {
+            header(
+                &mut m,
+                MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),
+                true,
+            )?;
+            match hook {
+                SignalHook::SendLocked | SignalHook::SendLockedOuter => {
+                    m[MEM_SIG_TARGET_PID] = MemRead::at_reg(Reg::Rdx, t("pid")?, 4);
+                    m[MEM_SIG_TARGET_TGID] = MemRead::at_reg(Reg::Rdx, t("tgid")?, 4);
+                    m[MEM_SIG_CODE] = MemRead::at_reg(Reg::Rsi, SIGINFO_CODE, 4);
+                    m[MEM_SIG_FIELDS] = MemRead::at_reg(Reg::Rsi, SIGINFO_FIELDS, 8);
+                    if profile.field("task_struct", "comm")?.size == 16 {
+                        let comm = t("comm")?;
+                        m[MEM_SIG_TARGET_COMM[0]] = MemRead::at_reg(Reg::Rdx, comm, 8);
+                        m[MEM_SIG_TARGET_COMM[1]] =
+                            MemRead::at_reg(Reg::Rdx, comm.wrapping_add(8), 8);
+                    }
+                }
+                SignalHook::Handler => {
+                    m[0] = MemRead::at_reg(Reg::Rsi, profile.offset("ksignal", "sig")?, 4);
+                }
+                SignalHook::Kill => {
+                    let sig = |f: &str| profile.offset("signal_struct", f);
+                    if let (Ok(flags), Ok(code)) = (sig("flags"), sig("group_exit_code")) {
+                        m[0] = MemRead::at_reg(Reg::GsBase, current, 8);
+                        m[MEM_KILL_SIGNAL] = chain(0, t("signal")?, 8);
+                        m[MEM_KILL_FLAGS] = chain(MEM_KILL_SIGNAL, flags, 4);
+                        m[MEM_KILL_GROUP_CODE] = chain(MEM_KILL_SIGNAL, code, 4);
+                    }
+                }
+                SignalHook::Stop => {}
+            }
         }
         ProbeKind::Fork(_) => {
             header(

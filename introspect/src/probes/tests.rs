@@ -169,6 +169,13 @@ fn hit_reads_layout() {
             ProbeKind::Exit(ExitHook::DoExit),
             ProbeKind::Setid,
             ProbeKind::Syscall(SyscallHook::DoSyscall64),
+            ProbeKind::Return(ReturnHook::Syscall),
+            ProbeKind::Return(ReturnHook::Exec),
+            ProbeKind::Signal(SignalHook::SendLocked),
+            ProbeKind::Signal(SignalHook::SendLockedOuter),
+            ProbeKind::Signal(SignalHook::Handler),
+            ProbeKind::Signal(SignalHook::Stop),
+            ProbeKind::Signal(SignalHook::Kill),
         ];
         for kind in kinds {
             let m = hit_reads(kind, &p).expect("reads");
@@ -192,6 +199,15 @@ fn hit_reads_layout() {
                 ProbeKind::Exec(ExecHook::ProcExecConnector) => 16,
                 // Six arguments, the current task and its 9-read header.
                 ProbeKind::Syscall(_) => 16,
+                // ax, orig_ax, the current task and its header.
+                ProbeKind::Return(_) => 12,
+                // The current task and its header, and: the target's pid, tgid, comm and the
+                // siginfo's code and fields; ksig->sig; the current task again, its signal,
+                // that one's flags and group exit code.
+                ProbeKind::Signal(SignalHook::SendLocked | SignalHook::SendLockedOuter) => 16,
+                ProbeKind::Signal(SignalHook::Handler) => 11,
+                ProbeKind::Signal(SignalHook::Stop) => 10,
+                ProbeKind::Signal(SignalHook::Kill) => 14,
                 _ => 1,
             };
             assert_eq!(used, want, "{kind:?}");
@@ -200,6 +216,7 @@ fn hit_reads_layout() {
                 matches!(
                     kind,
                     ProbeKind::Fork(_)
+                        | ProbeKind::Signal(_)
                         | ProbeKind::Exit(ExitHook::ProcExitConnector)
                         | ProbeKind::Exec(ExecHook::ProcExecConnector)
                 )

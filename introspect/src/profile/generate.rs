@@ -15,6 +15,11 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
+/// Revision of what the generator records: raised whenever it records more (symbols,
+/// fields), so that profiles made by an older one are made again (cached `--kernel`
+/// profiles, and the profiles inside cached images).
+pub const GENERATOR_REVISION: u32 = 3;
+
 /// Symbols every profile must have.
 pub const REQUIRED_SYMBOLS: &[&str] = &[
     "_text",
@@ -53,6 +58,11 @@ const OPTIONAL_SYMBOLS: &[&str] = &[
     // Where our VMM arms its probes (the first exec of user space): with it in the
     // profile, a kernel given as a bzImage alone (no System.map) arms there too.
     "kernel_execve",
+    // Signals: generated, delivered to a handler, stopping the task.
+    "__send_signal_locked",
+    "send_signal_locked",
+    "signal_setup_done",
+    "do_signal_stop",
 ];
 
 /// Struct members recorded: (struct, required members, optional members).
@@ -125,8 +135,19 @@ const STRUCT_FIELDS: &[(&str, &[&str], &[&str])] = &[
     ("vfsmount", &[], &["mnt_root"]),
     ("qstr", &["name", "len"], &["hash"]),
     ("list_head", &["next", "prev"], &[]),
-    ("signal_struct", &[], &["thread_head", "nr_threads", "live"]),
+    (
+        "signal_struct",
+        &[],
+        &[
+            "thread_head",
+            "nr_threads",
+            "live",
+            "flags",
+            "group_exit_code",
+        ],
+    ),
     ("pid", &[], &["numbers"]),
+    ("ksignal", &[], &["sig", "info"]),
     ("upid", &[], &["nr"]),
 ];
 

@@ -8,7 +8,9 @@ mod generate;
 mod hex;
 pub mod syscalls;
 
-pub use generate::{generate, generate_from_kernel, KernelProfile, REQUIRED_SYMBOLS};
+pub use generate::{
+    generate, generate_from_kernel, KernelProfile, GENERATOR_REVISION, REQUIRED_SYMBOLS,
+};
 
 use ornament_engine::Gva;
 use serde::{Deserialize, Serialize};

@@ -49,6 +49,10 @@ pub fn request(
     if second {
         regs = RegMask(regs.0 | RegMask::of(&[Reg::Rsi]).0);
     }
+    if let ProbeKind::Signal(_) = spec.kind {
+        // sig, info (or ksig), the target task and the pid type.
+        regs = RegMask(regs.0 | RegMask::of(&[Reg::Rsi, Reg::Rdx, Reg::Rcx]).0);
+    }
     let mut capture = ProbeSpec::regs(regs);
     // Syscall arguments (pt_regs is overwritten at the task's next syscall), the current
     // task, and for fork, exec and exit everything the event reports.

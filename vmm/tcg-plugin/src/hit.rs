@@ -126,6 +126,56 @@ pub(crate) fn chain_base(
     v.map_or(Base::Failed, Base::At)
 }
 
+/// The page walk over the RAM file from this hit's cr3 (and CR4.LA57 unless the host said
+/// which paging the guest uses); `None` before the RAM record came or without cr3.
+fn walker<'a>(
+    s: &'a State,
+    reg: &mut dyn FnMut(Reg) -> Option<u64>,
+) -> Option<guestmem::Walker<'a>> {
+    let map = s.ram.get()?;
+    let cr3 = reg(Reg::Cr3)?;
+    let la57 = match map.paging {
+        RamPaging::Level4 => false,
+        RamPaging::Level5 => true,
+        RamPaging::FromCr4 => reg(Reg::Cr4)? & CR4_LA57 != 0,
+    };
+    Some(guestmem::Walker::new(map.ram(), cr3, la57))
+}
+
+/// Memory read `j` of `spec` alone: its base (a register, or the earlier read it chains
+/// to, done first), then the read.
+pub(crate) fn read_one(
+    spec: &ProbeSpec,
+    j: usize,
+    reg: &mut dyn FnMut(Reg) -> Option<u64>,
+    read: &mut dyn FnMut(u64, usize) -> Option<u64>,
+) -> Option<u64> {
+    let m = spec.mem.get(j)?;
+    let base = match m.base {
+        MemBase::None => return None,
+        MemBase::Absolute => 0,
+        MemBase::Reg(r) => reg(r)?,
+        MemBase::Mem(k) if usize::from(k) < j => read_one(spec, usize::from(k), reg, read)?,
+        MemBase::Mem(_) => return None,
+    };
+    read(base.wrapping_add(m.offset), usize::from(m.len.clamp(1, 8)))
+}
+
+/// A filter on memory read `j`, tested before anything else of the hit is read (only that
+/// read, its chain and the registers they need): a hit it drops costs a few register
+/// reads and one page walk.
+fn mem_filter_passes(s: &State, v: &Vcpu, arr: *mut GArray, spec: &ProbeSpec, j: usize) -> bool {
+    let mut fast: Option<Option<guestmem::Walker<'_>>> = None;
+    let mut read = |addr: u64, len: usize| {
+        fast.get_or_insert_with(|| walker(s, &mut |r| read_reg(s, v, arr, r)))
+            .as_mut()
+            .and_then(|w| w.read(addr, len))
+            .or_else(|| qemu_read(s, arr, addr, len))
+    };
+    read_one(spec, j, &mut |r| read_reg(s, v, arr, r), &mut read)
+        .is_some_and(|x| spec.filter_passes(x))
+}
+
 /// One read through QEMU's own accessor (a debug page walk: slow).
 pub(crate) fn qemu_read(s: &State, arr: *mut GArray, addr: u64, len: usize) -> Option<u64> {
     if arr.is_null() {
@@ -184,13 +234,23 @@ fn hit_one(s: &State, vcpu_index: c_uint, conf: &ProbeConf) {
     };
     let arr = scratch(s, v);
     let spec = &conf.spec;
+    let t_filter = mono_ns();
+    // A hit the filter drops still took the guest's time: it is counted as the plugin's.
+    let dropped = || {
+        let took = mono_ns().saturating_sub(t_filter);
+        s.callback_ns.fetch_add(took, Ordering::Relaxed);
+        s.stall_ns.fetch_add(took, Ordering::Relaxed);
+    };
     let mut filter_val = None;
-    if let Some(FilterOn::Reg(fr)) = spec.filter {
-        let val = read_reg(s, v, arr, fr);
-        match val {
+    match spec.filter {
+        Some(FilterOn::Reg(fr)) => match read_reg(s, v, arr, fr) {
             Some(x) if spec.filter_passes(x) => filter_val = Some((fr, x)),
-            _ => return,
+            _ => return dropped(),
+        },
+        Some(FilterOn::Mem(j)) if !mem_filter_passes(s, v, arr, spec, usize::from(j)) => {
+            return dropped();
         }
+        Some(FilterOn::Mem(_)) | None => {}
     }
     let t_start = mono_ns();
     let mut vals = [0u64; Reg::COUNT];
@@ -222,29 +282,13 @@ fn hit_one(s: &State, vcpu_index: c_uint, conf: &ProbeConf) {
         // The page walk needs cr3 (and CR4.LA57 unless the host said), read once per hit.
         let mut fast: Option<Option<guestmem::Walker<'_>>> = None;
         let mut read = |addr: u64, len: usize| {
-            let fm = fast.get_or_insert_with(|| {
-                let map = s.ram.get()?;
-                let cr3 = reg_value(s, v, arr, spec, got, Reg::Cr3)?;
-                let la57 = match map.paging {
-                    RamPaging::Level4 => false,
-                    RamPaging::Level5 => true,
-                    RamPaging::FromCr4 => {
-                        reg_value(s, v, arr, spec, got, Reg::Cr4)? & CR4_LA57 != 0
-                    }
-                };
-                Some(guestmem::Walker::new(map.ram(), cr3, la57))
-            });
-            fm.as_mut()
+            fast.get_or_insert_with(|| walker(s, &mut |r| reg_value(s, v, arr, spec, got, r)))
+                .as_mut()
                 .and_then(|w| w.read(addr, len))
                 .or_else(|| qemu_read(s, arr, addr, len))
         };
         let (present, ok, vals) = mem_reads(spec, &mut reg, &mut read);
         let value = |i: usize| wire::mem_value(present, ok, &vals, i);
-        if let Some(FilterOn::Mem(j)) = spec.filter {
-            if !value(usize::from(j)).is_some_and(|x| spec.filter_passes(x)) {
-                return;
-            }
-        }
         let walker = fast.as_mut().and_then(Option::as_mut);
         let bytes = spec
             .bytes
@@ -362,6 +406,31 @@ mod tests {
         assert_eq!(vals[4], 0, "a failed read carries 0");
         // Reads 3 and 4 never reached memory (no base); 7 did (0xdead) and failed there.
         assert_eq!(asked, [0x1008, 0x2004, 0x3000, 0x500, 0xdead]);
+    }
+
+    #[test]
+    fn one_read_follows_its_chain_only() {
+        let mut spec = ProbeSpec::regs(RegMask::NONE);
+        spec.mem[0] = MemRead::at_reg(Reg::GsBase, 8, 8);
+        spec.mem[1] = MemRead::at_reg(Reg::Rdi, 0x78, 8);
+        spec.mem[2] = MemRead::at_mem(0, 4, 4);
+        let mem: HashMap<u64, u64> = [(0x1078, 59), (0x508, 0x2000), (0x2004, 7)]
+            .into_iter()
+            .collect();
+        let mut asked = Vec::new();
+        let mut reg = |r| match r {
+            Reg::Rdi => Some(0x1000),
+            Reg::GsBase => Some(0x500),
+            _ => None,
+        };
+        let mut read = |a: u64, _len: usize| {
+            asked.push(a);
+            mem.get(&a).copied()
+        };
+        assert_eq!(read_one(&spec, 1, &mut reg, &mut read), Some(59));
+        assert_eq!(read_one(&spec, 2, &mut reg, &mut read), Some(7));
+        assert_eq!(read_one(&spec, 3, &mut reg, &mut read), None, "unused");
+        assert_eq!(asked, [0x1078, 0x508, 0x2004]);
     }
 
     #[test]

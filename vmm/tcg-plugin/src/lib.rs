@@ -41,8 +41,10 @@
 //!   ([`guestmem`]); before that, or when that mapping failed (reported once as
 //!   `RamFallback`), or for an address the walk cannot resolve, they go through QEMU's
 //!   `qemu_plugin_read_memory_vaddr`.
-//! - Cost: the time spent in reported hits' callbacks (and in their memory reads) is summed and
-//!   sent in the `Bye` record.
+//! - Filters: a register filter is tested before anything else is read; a filter on a memory
+//!   read does that read alone (with its chain) first. A dropped hit reports nothing.
+//! - Cost: the time spent in reported hits' callbacks (and in their memory reads), and in
+//!   testing the filters of dropped hits, is summed and sent in the `Bye` record.
 //! - No panic crosses into QEMU: every `extern "C"` entry runs under `catch_unwind`, and a
 //!   caught panic is reported over the socket.
 

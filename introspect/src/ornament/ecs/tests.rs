@@ -19,9 +19,25 @@ fn each_kind_maps_to_ecs_fields() {
         .map(|(i, e)| document(e, u64::try_from(i).expect("small") + 1, &run()))
         .collect();
     let id = |s: &str| Value::from(format!("{RUN_ID}:{s}"));
-    let [fork, exec, exit, syscall, setid] = &docs[..] else {
-        panic!("five samples");
+    let [fork, exec, exit, syscall, setid, ret, failed, signal, deliver] = &docs[..] else {
+        panic!("nine samples");
     };
+    assert_eq!(ret["event"]["action"], "mkdirat-return");
+    assert_eq!(
+        (&ret["event"]["outcome"], &ret["error"]["code"]),
+        (&"failure".into(), &"EEXIST".into())
+    );
+    assert_eq!(
+        (&failed["event"]["action"], &failed["file"]["path"]),
+        (&"exec".into(), &"/no/such".into())
+    );
+    assert_eq!(failed["error"]["code"], "ENOENT");
+    assert_eq!(signal["event"]["code"], "15");
+    assert_eq!(
+        signal["event"]["reason"],
+        "SIGTERM to pid 43 (thread 44) from the task"
+    );
+    assert_eq!(deliver["event"]["type"], serde_json::json!(["end"]));
     let p = &fork["process"];
     assert_eq!(fork["@timestamp"], "2026-12-03T07:30:01.500000000Z");
     assert_eq!(fork["event"]["type"], serde_json::json!(["start"]));

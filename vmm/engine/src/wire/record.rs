@@ -194,15 +194,16 @@ pub struct ByeRecord {
     /// Hits reported over the whole session.
     pub hits: u64,
     /// Time spent in reported hits' callbacks, nanoseconds (registers, memory reads and the
-    /// record; not the wait of a held hit).
+    /// record; not the wait of a held hit), and in the callbacks of hits a probe's filter
+    /// dropped (what testing the filter took).
     pub callback_ns: u64,
     /// Of those, time spent in memory reads, nanoseconds.
     pub mem_ns: u64,
     /// The longest single callback, nanoseconds.
     pub max_callback_ns: u64,
     /// Time the vCPUs spent in reported hits' callbacks in all, nanoseconds: `callback_ns`
-    /// plus sending records and waiting for the answers to held hits. What the plugin took
-    /// from the guest.
+    /// (dropped hits' filter tests included) plus sending records and waiting for the
+    /// answers to held hits. What the plugin took from the guest.
     pub stall_ns: u64,
 }
 
