@@ -14,8 +14,9 @@ use ornament_introspect::command::{CommandMatch, CommandTracker, CommandView};
 use ornament_introspect::event::EventMask;
 use ornament_introspect::kaslr::KernelLayout;
 use ornament_introspect::ornament::{
-    self, timeline, Consumers, DenySyscalls, EventWriter, Ornament, OutputHealth, ProcessTree,
-    RunSummary, StagedFile, SummaryCounts, Timeline, TimelineView, TreeView, CONSUMER_QUEUE,
+    self, timeline, BlockRule, BlockSignals, Consumers, DenySyscalls, EventWriter, Ornament,
+    OutputHealth, ProcessTree, RunSummary, StagedFile, SummaryCounts, Timeline, TimelineView,
+    TreeView, CONSUMER_QUEUE,
 };
 use ornament_introspect::probes::{parse_deny, SyscallWatch, WatchConfig};
 use ornament_introspect::profile::Profile;
@@ -65,6 +66,13 @@ pub struct WatchArgs {
     /// without running it. Repeatable.
     #[arg(long = "deny-syscall", value_name = "NAME[:ERRNO]")]
     deny: Vec<String>,
+    /// Refuse signal SIG (TERM, SIGUSR1, 9, ...) sent by any guest task to a process whose
+    /// comm is COMM (any process without :COMM): the sender's kill/tkill/tgkill/sigqueue
+    /// fails with EPERM and the target never gets it. Signals the kernel makes itself
+    /// (SIGSEGV, SIGPIPE, SIGCHLD) are not blocked. Repeatable; whole guest, whatever the
+    /// scope.
+    #[arg(long = "block-signal", value_name = "SIG[:COMM]")]
+    block_signal: Vec<String>,
     /// Only report events of this guest pid (and, with --follow, its descendants).
     #[arg(long, value_name = "PID")]
     pid: Option<i32>,
@@ -126,6 +134,8 @@ pub struct WatchPlan {
     pub shown: EventMask,
     /// Pause the guest when a process execs this path.
     pub pause_on_exec: Option<String>,
+    /// `--block-signal` rules.
+    pub block_signals: Vec<BlockRule>,
     /// Export events over OTLP, and which.
     pub otlp: Option<(ornament_otlp::OtlpConfig, EventMask)>,
 }
@@ -190,6 +200,14 @@ impl WatchArgs {
             cfg.deny
                 .push(parse_deny(d).with_context(|| format!("--deny-syscall {d}"))?);
         }
+        let block_signals = self
+            .block_signal
+            .iter()
+            .map(|b| BlockRule::parse(b).with_context(|| format!("--block-signal {b}")))
+            .collect::<Result<Vec<_>>>()?;
+        if !block_signals.is_empty() {
+            cfg.may_deny.extend(BlockSignals::syscalls());
+        }
         for (option, path) in [("--timeline", &self.timeline), ("--trace", &self.trace)] {
             if let Some(path) = path {
                 check_destination(option, path)?;
@@ -212,6 +230,7 @@ impl WatchArgs {
             None => None,
         };
         Ok(WatchPlan {
+            block_signals,
             otlp,
             scope,
             cfg,
@@ -457,6 +476,12 @@ fn attach_ornaments(
     let rules = session.probes().deny_rules().clone();
     if !rules.is_empty() {
         session.attach(scoped(scope, &command, Box::new(DenySyscalls::new(rules))));
+    }
+    if !plan.block_signals.is_empty() {
+        // Unscoped: it learns every process's comm, and guards every target.
+        let p = session.profile();
+        let b = BlockSignals::new(plan.block_signals.clone(), |n| p.syscall_nr(n));
+        session.attach(Box::new(b));
     }
     if let Some(path) = &plan.pause_on_exec {
         session.set_exec_acts(true);

@@ -19,6 +19,10 @@
  *   ornament-workload signals          SIGTERM to a handler, SIGKILL, a NULL write, SIGPIPE,
  *                                      a blocked SIGUSR1 delivered once unblocked, SIGUSR2
  *                                      to one thread; each line "W sig ..." says what
+ *   ornament-workload busy SECS        getppid and a failing openat in a loop for SECS seconds:
+ *                                      "W busy calls=N" (two syscalls per call)
+ *   ornament-workload wait-signal SECS wait SECS seconds for SIGTERM, SIGHUP, SIGINT,
+ *                                      SIGUSR1 or SIGUSR2: "W caught sig=N" or "W no-signal"
  *   ornament-workload all              everything above, in order
  *   ornament-workload bench-getppid N  time N getppid calls: "W bench getppid ns_per_call=X"
  *   ornament-workload bench-forkexec N time N fork+exec+wait: "W bench forkexec ns_per_iter=X"
@@ -428,6 +432,35 @@ static void cmd_signals(void)
     pthread_join(t, NULL);
 }
 
+static void cmd_busy(long seconds)
+{
+    time_t end = time(NULL) + seconds;
+    unsigned long calls = 0;
+    while (time(NULL) < end) {
+        for (int i = 0; i < 1000; i++) {
+            syscall(SYS_getppid);
+            syscall(SYS_openat, AT_FDCWD, "/nonexistent", O_RDONLY);
+        }
+        calls += 1000;
+    }
+    printf("W busy calls=%lu\n", calls);
+}
+
+static void cmd_wait_signal(long seconds)
+{
+    int sigs[] = {SIGTERM, SIGHUP, SIGINT, SIGUSR1, SIGUSR2};
+    for (unsigned i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        handle(sigs[i]);
+    printf("W waiting pid=%d\n", (int)getpid());
+    fflush(stdout);
+    for (long i = 0; i < seconds * 100 && !got_sig; i++)
+        usleep(10000);
+    if (got_sig)
+        printf("W caught pid=%d sig=%d\n", (int)getpid(), (int)got_sig);
+    else
+        printf("W no-signal pid=%d\n", (int)getpid());
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -472,6 +505,10 @@ int main(int argc, char **argv)
         cmd_syscall(n);
     else if (!strcmp(c, "signals"))
         cmd_signals();
+    else if (!strcmp(c, "busy"))
+        cmd_busy(n);
+    else if (!strcmp(c, "wait-signal"))
+        cmd_wait_signal(n);
     else if (!strcmp(c, "bench-getppid"))
         cmd_bench_getppid(n);
     else if (!strcmp(c, "bench-forkexec"))

@@ -525,8 +525,10 @@ impl Registry {
     }
 }
 
+mod block_signals;
 mod builtin;
 mod tree;
+pub use block_signals::{BlockRule, BlockSignalError, BlockSignals, SIGNAL_SYSCALLS};
 pub use builtin::{Counter, Counts, DenySyscalls, Follow};
 pub use tree::{ProcNode, ProcessTree, TreeState, TreeView};
 

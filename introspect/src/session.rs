@@ -184,6 +184,11 @@ impl Session {
         self.monitor.registry()
     }
 
+    /// The kernel profile the session reads the guest with.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
     /// The probes placed.
     pub fn probes(&self) -> &ProbeSet {
         self.monitor.probes()

@@ -1,9 +1,10 @@
 //! Tracing-cost benchmark (issues #5 and #7), all measured in one run and
 //! printed as ratios against the untraced workload:
 //!
-//! - a getppid loop: untraced; the plugin reporting getppid (one event per call);
-//!   the plugin reporting only getpriority (getppid itself untraced: must cost
-//!   nothing); the plugin reporting every syscall; in-guest `strace -f`;
+//! - a getppid loop: untraced; the plugin reporting getppid (two events per call: the
+//!   entry and its result); the same with signals watched too; the plugin reporting only
+//!   getpriority (getppid itself unreported: what the filters at the syscall's entry and
+//!   return cost it); the plugin reporting every syscall; in-guest `strace -f`;
 //! - a fork+exec+wait loop: untraced; lifecycle events (fork, exec, exit);
 //!   fork and exit only (never held); lifecycle + every syscall; one selected
 //!   syscall; in-guest `strace -f`; the gdbstub backend (one round, fewer calls).
@@ -17,8 +18,12 @@
 //! that is ours, which the host's load barely moves. The stated targets are printed
 //! next to their figures with `met` or `missed`: per syscall event <= 2 us of plugin
 //! time, an unreported syscall costs nothing, lifecycle tracing < 5% of a fork+exec.
+//! - a firehose: every syscall with its result, of a loop of getppid and a failing
+//!   openat for BENCH_FIREHOSE_SECS (60) seconds, written as JSON: events per second of
+//!   the loop, and how many were lost (must be 0).
+//!
 //! `cargo bench -p ornament-tests --bench trace`
-//! (BENCH_GETPPID=N, BENCH_FORKEXEC=N, BENCH_ROUNDS=N).
+//! (BENCH_GETPPID=N, BENCH_FORKEXEC=N, BENCH_ROUNDS=N, BENCH_FIREHOSE_SECS=N).
 
 use std::process::Command;
 
@@ -181,6 +186,69 @@ fn count(v: &str) -> f64 {
         .max(1.0)
 }
 
+/// Every syscall with its result, of a busy loop, for BENCH_FIREHOSE_SECS seconds, written
+/// as JSON (to a file, then counted): events per second of the loop, and events lost.
+fn firehose(w: &str) {
+    let secs = std::env::var("BENCH_FIREHOSE_SECS").unwrap_or_else(|_| "60".into());
+    println!("== firehose: every syscall with its result, {secs} s of getppid + failing openat ==");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("events.json");
+    let t0 = std::time::Instant::now();
+    let o = Command::new(ornament_tests::ornament_bin())
+        .args([
+            "run",
+            "--engine",
+            "qemu",
+            "--timeout",
+            "900",
+            "--watch",
+            "syscall",
+        ])
+        .args(["--format", "json", "--output"])
+        .arg(&out)
+        .args(["--", w, "busy", secs.as_str()])
+        .output()
+        .expect("run ornament");
+    let wall = t0.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "firehose: {err}");
+    let summary = err
+        .lines()
+        .find(|l| l.contains(" events written to "))
+        .unwrap_or_else(|| panic!("no summary: {err}"));
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    let before = |w: &str| {
+        words
+            .iter()
+            .position(|x| x.trim_end_matches(',') == w)
+            .and_then(|i| words.get(i.wrapping_sub(1)))
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no '{w}' count in {summary}"))
+    };
+    let written = before("events");
+    let lost = before("lost;");
+    let lines = std::fs::read_to_string(&out)
+        .expect("events file")
+        .lines()
+        .count() as f64;
+    let busy: f64 = secs.parse().expect("seconds");
+    println!(
+        "{:<42} {:>10.0} events ({lines:.0} lines) in {busy:.0} s of loop ({wall:.0} s in all): {:.0} events/s, {lost:.0} lost",
+        "firehose: every syscall + result, JSON",
+        written,
+        written / busy,
+    );
+    println!(
+        "{}",
+        ornament_tests::target_line(
+            "firehose events lost",
+            "0",
+            &format!("{lost:.0}"),
+            lost == 0.0 && lines == written
+        )
+    );
+}
+
 fn main() {
     ornament_tests::build_workspace_binaries();
     let n_getppid = std::env::var("BENCH_GETPPID").unwrap_or_else(|_| "20000".into());
@@ -203,6 +271,11 @@ fn main() {
         (
             "plugin: getppid reported",
             s(&["--watch", "syscall=getppid"]),
+            gcmd.clone(),
+        ),
+        (
+            "plugin: getppid reported, signals watched",
+            s(&["--watch", "signal,syscall=getppid"]),
             gcmd.clone(),
         ),
         (
@@ -229,15 +302,21 @@ fn main() {
         count(&n_getppid),
     );
     target(
-        "plugin vCPU time per syscall event (getppid reported)",
+        "plugin vCPU time per syscall event with its result (getppid reported)",
         "<= 2 us",
         plugin[1],
         |per, _| (format!("{:.2} us", per / 1000.0), per <= 2000.0),
     );
     target(
+        "the same with signals watched too",
+        "<= 2 us",
+        plugin[2],
+        |per, _| (format!("{:.2} us", per / 1000.0), per <= 2000.0),
+    );
+    target(
         "plugin vCPU time per call of an unreported syscall (only getpriority reported)",
         "< 0.01 us",
-        plugin[2],
+        plugin[3],
         |per, _| (format!("{:.3} us", per / 1000.0), per < 10.0),
     );
     // The gdbstub backend stops the guest at every hit: fewer calls, one round.
@@ -256,6 +335,8 @@ fn main() {
         v / base,
         (v - base) / 1000.0
     );
+
+    firehose(w);
 
     println!(
         "== fork+exec+wait loop, {n_fork} iterations; median of {rounds} interleaved rounds (range) =="

@@ -180,6 +180,13 @@ fn our_vmm_on_nested_svm_gives_exit_status_events_and_passes_its_tests() {
     check_schema(&evs);
     check_signal_events(&err, &evs);
 
+    // --block-signal: the shell's kill -TERM was refused (EPERM, at kill's entry function)
+    // and the target says it never got a signal.
+    let err = read(&out, "block-signal.err");
+    assert_eq!(status(&out, "block-signal"), 0, "block-signal: {err}");
+    assert!(err.contains("W no-signal pid="), "{err}");
+    assert!(err.contains("W kill rc=1"), "{err}");
+
     // The KVM crate's own tests, every one passing on SVM (L1 runs them with CI=true,
     // so a missing prerequisite fails them rather than skipping).
     let mut steps: Vec<String> = bins.iter().map(|(n, _)| format!("test-{n}")).collect();

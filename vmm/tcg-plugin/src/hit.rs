@@ -164,7 +164,23 @@ pub(crate) fn read_one(
 /// A filter on memory read `j`, tested before anything else of the hit is read (only that
 /// read, its chain and the registers they need): a hit it drops costs a few register
 /// reads and one page walk.
-fn mem_filter_passes(s: &State, v: &Vcpu, arr: *mut GArray, spec: &ProbeSpec, j: usize) -> bool {
+fn mem_filter_passes(
+    s: &State,
+    v: &Vcpu,
+    arr: *mut GArray,
+    spec: &ProbeSpec,
+    j: usize,
+    last: &mut FilterRead,
+) -> bool {
+    let Some(&m) = spec.mem.get(j) else {
+        return false;
+    };
+    let unchained = matches!(m.base, MemBase::Reg(_) | MemBase::Absolute);
+    if let Some((read, value)) = *last {
+        if unchained && read == m {
+            return value.is_some_and(|x| spec.filter_passes(x));
+        }
+    }
     let mut fast: Option<Option<guestmem::Walker<'_>>> = None;
     let mut read = |addr: u64, len: usize| {
         fast.get_or_insert_with(|| walker(s, &mut |r| read_reg(s, v, arr, r)))
@@ -172,8 +188,11 @@ fn mem_filter_passes(s: &State, v: &Vcpu, arr: *mut GArray, spec: &ProbeSpec, j:
             .and_then(|w| w.read(addr, len))
             .or_else(|| qemu_read(s, arr, addr, len))
     };
-    read_one(spec, j, &mut |r| read_reg(s, v, arr, r), &mut read)
-        .is_some_and(|x| spec.filter_passes(x))
+    let value = read_one(spec, j, &mut |r| read_reg(s, v, arr, r), &mut read);
+    if unchained {
+        *last = Some((m, value));
+    }
+    value.is_some_and(|x| spec.filter_passes(x))
 }
 
 /// One read through QEMU's own accessor (a debug page walk: slow).
@@ -223,12 +242,18 @@ pub(crate) fn on_hit(vcpu_index: c_uint, slot: &'static ProbeSlot) {
     s.maybe_reset();
     // A copy: the host may re-arm while a held hit waits.
     let confs = *slot.confs.read().unwrap_or_else(|p| p.into_inner());
+    let mut last_filter = None;
     for conf in confs.iter().flatten().filter(|c| c.enabled) {
-        hit_one(s, vcpu_index, conf);
+        hit_one(s, vcpu_index, conf, &mut last_filter);
     }
 }
 
-fn hit_one(s: &State, vcpu_index: c_uint, conf: &ProbeConf) {
+/// The last memory read a filter at this address tested, and its value: probes sharing an
+/// address that filter on the same read (a register plus an offset: `pt_regs->orig_ax`)
+/// read it once.
+type FilterRead = Option<(MemRead, Option<u64>)>;
+
+fn hit_one(s: &State, vcpu_index: c_uint, conf: &ProbeConf, last_filter: &mut FilterRead) {
     let Some(v) = s.vcpu(vcpu_index, conf.probe) else {
         return;
     };
@@ -247,7 +272,9 @@ fn hit_one(s: &State, vcpu_index: c_uint, conf: &ProbeConf) {
             Some(x) if spec.filter_passes(x) => filter_val = Some((fr, x)),
             _ => return dropped(),
         },
-        Some(FilterOn::Mem(j)) if !mem_filter_passes(s, v, arr, spec, usize::from(j)) => {
+        Some(FilterOn::Mem(j))
+            if !mem_filter_passes(s, v, arr, spec, usize::from(j), last_filter) =>
+        {
             return dropped();
         }
         Some(FilterOn::Mem(_)) | None => {}
