@@ -72,9 +72,10 @@ pub fn check_output(record: &Record, target: &str) -> Result<Option<u8>> {
     }
     if record.dropped > 0 {
         bail!(
-            "{} events were dropped: the event output ({target}) could not keep up with the guest and its queue ({} events) was full; the tree, the timeline and the summary miss them too",
+            "{} events were dropped: the event output ({target}) stopped taking events (its queue of {} events stayed full for {} s at a time); the tree, the timeline and the summary miss them too",
             record.dropped,
-            ornament_introspect::ornament::CONSUMER_QUEUE
+            ornament_introspect::ornament::CONSUMER_QUEUE,
+            ornament_introspect::ornament::CONSUMER_PATIENCE.as_secs()
         );
     }
     if let Some(o) = record.otlp.as_ref().filter(|o| o.lost() > 0) {

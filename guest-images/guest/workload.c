@@ -19,6 +19,9 @@
  *   ornament-workload signals          SIGTERM to a handler, SIGKILL, a NULL write, SIGPIPE,
  *                                      a blocked SIGUSR1 delivered once unblocked, SIGUSR2
  *                                      to one thread; each line "W sig ..." says what
+ *   ornament-workload results          open a missing file, read 5 bytes from a pipe a child
+ *                                      fills 300 ms later (a blocking read), then exit:
+ *                                      "W results pid=P open=RET read=RET fd=FD"
  *   ornament-workload busy SECS        getppid and a failing openat in a loop for SECS seconds:
  *                                      "W busy calls=N" (two syscalls per call)
  *   ornament-workload wait-signal SECS wait SECS seconds for SIGTERM, SIGHUP, SIGINT,
@@ -432,6 +435,28 @@ static void cmd_signals(void)
     pthread_join(t, NULL);
 }
 
+static void cmd_results(void)
+{
+    long o = syscall(SYS_openat, AT_FDCWD, "/nonexistent-ornament", O_RDONLY);
+    long open_ret = o < 0 ? -errno : o;
+    int p[2];
+    if (pipe(p)) {
+        perror("pipe");
+        exit(100);
+    }
+    pid_t c = do_fork();
+    if (c == 0) {
+        usleep(300000);
+        (void)!write(p[1], "hello", 5);
+        _exit(0);
+    }
+    char buf[64];
+    long r = syscall(SYS_read, p[0], buf, sizeof buf);
+    long read_ret = r < 0 ? -errno : r;
+    wait_report(c);
+    printf("W results pid=%d open=%ld read=%ld fd=%d\n", (int)getpid(), open_ret, read_ret, p[0]);
+}
+
 static void cmd_busy(long seconds)
 {
     time_t end = time(NULL) + seconds;
@@ -505,6 +530,8 @@ int main(int argc, char **argv)
         cmd_syscall(n);
     else if (!strcmp(c, "signals"))
         cmd_signals();
+    else if (!strcmp(c, "results"))
+        cmd_results();
     else if (!strcmp(c, "busy"))
         cmd_busy(n);
     else if (!strcmp(c, "wait-signal"))

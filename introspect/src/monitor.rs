@@ -31,8 +31,8 @@
 //! the event, and a hit that cannot be attributed is answered `Continue`.
 
 use crate::event::{
-    errno_text, path_arg, Event, ExecEvent, ExecFailedEvent, ExitEvent, ForkEvent, IdChange,
-    SetidEvent, SyscallEvent, SyscallReturnEvent, TaskHeader, MAX_ARGV_ENTRIES, MAX_PATH_BYTES,
+    path_arg, Event, ExecEvent, ExitEvent, ForkEvent, IdChange, SetidEvent, SyscallEvent,
+    TaskHeader, MAX_ARGV_ENTRIES, MAX_PATH_BYTES,
 };
 use crate::kaslr::KernelLayout;
 use crate::kernel::{is_kernel_address, Kernel, KernelError};
@@ -44,20 +44,23 @@ use crate::probes::{
     MEM_CHILD_MM, MEM_CHILD_PID, MEM_CHILD_TGID, MEM_CURRENT_TASK, MEM_EXEC_DENTRY,
     MEM_EXEC_EXE_FILE, MEM_EXEC_MM, MEM_EXEC_NAME_HASH, MEM_EXEC_PARENT, MEM_EXIT_CODE,
     MEM_EXIT_LIVE, MEM_EXIT_SIGNAL, MEM_HDR_COMM, MEM_HDR_CRED, MEM_HDR_EUID, MEM_HDR_PID,
-    MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_RET_AX, MEM_RET_ORIG_AX,
-    MEM_SYSCALL_ARGS, PROC_EVENT_GID, PROC_EVENT_UID,
+    MEM_HDR_PPID, MEM_HDR_REAL_PARENT, MEM_HDR_TGID, MEM_HDR_UID, MEM_SYSCALL_ARGS, PROC_EVENT_GID,
+    PROC_EVENT_UID,
 };
 use crate::probes::{ReturnHook, SignalHook, MEM_KILL_FLAGS, MEM_KILL_GROUP_CODE};
 use crate::profile::{Profile, ProfileError};
 use crate::task::{Argv, Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
 use crate::vmem::VirtMem;
-use ornament_engine::{Action, Gva, PhysMemory, ProbeHit};
+use ornament_engine::{Action, Gva, PhysMemory, ProbeHit, ProbeId};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 mod reader;
+mod returns;
 mod signal;
 use reader::{kptr_at_hit, low32, low32_signed, Reader};
+use returns::PendingCall;
+pub use returns::MAX_PENDING_CALLS;
 
 /// Why a monitor could not be built.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -79,6 +82,11 @@ pub struct HitOutcome {
     /// Some ornament asked to pause the guest (also true when `action` is a deny that
     /// took precedence: pause after answering).
     pub pause: bool,
+    /// Probes to arm before the vCPU is answered (their spec says they are not armed at
+    /// start: [`crate::probes::ArmSpec::armed_at_start`]).
+    pub arm: Vec<ProbeId>,
+    /// Probes to disarm before the vCPU is answered.
+    pub disarm: Vec<ProbeId>,
 }
 
 impl HitOutcome {
@@ -87,6 +95,8 @@ impl HitOutcome {
             events: Vec::new(),
             action: Action::Continue,
             pause: false,
+            arm: Vec::new(),
+            disarm: Vec::new(),
         }
     }
 }
@@ -108,17 +118,6 @@ pub struct MonitorStats {
     /// (more than [`MAX_PENDING_CALLS`] tasks inside one at once): their returns carry no
     /// `entry_time_ns`, and a task that exits inside one gets no `syscall_return`.
     pub unpaired: u64,
-}
-
-/// Most watched syscalls in flight (one per task) remembered to pair with their returns.
-pub const MAX_PENDING_CALLS: usize = 1 << 16;
-
-/// A watched syscall a task entered and has not returned from.
-#[derive(Debug, Clone)]
-struct PendingCall {
-    nr: u32,
-    name: Option<String>,
-    time_ns: u64,
 }
 
 /// What [`Monitor::build`] made of a hit.
@@ -160,6 +159,10 @@ pub struct Monitor {
     pending: HashMap<Gva, PendingCall>,
     /// The probe set reports syscall results.
     pairs_returns: bool,
+    /// The failed-exec return probe, armed only while [`Monitor::in_exec`] is not empty.
+    exec_window: Option<ProbeId>,
+    /// Tasks inside an `execve`/`execveat` (from its entry until its return or exit).
+    in_exec: std::collections::HashSet<Gva>,
     stats: MonitorStats,
 }
 
@@ -207,6 +210,11 @@ impl Monitor {
             .specs()
             .iter()
             .any(|s| s.kind == ProbeKind::Return(ReturnHook::Syscall));
+        let exec_window = probes
+            .specs()
+            .iter()
+            .find(|s| s.kind == ProbeKind::Return(ReturnHook::Exec) && !s.armed_at_start)
+            .map(|s| s.id);
         Ok(Self {
             mem,
             profile,
@@ -214,6 +222,8 @@ impl Monitor {
             probes,
             pending: HashMap::new(),
             pairs_returns,
+            exec_window,
+            in_exec: std::collections::HashSet::new(),
             registry: Registry::new(),
             task_off,
             limits: Limits::default(),
@@ -265,20 +275,29 @@ impl Monitor {
     /// Handle one hit: read the task, build the event, deliver it, return the action.
     pub fn on_hit(&mut self, hit: &ProbeHit) -> HitOutcome {
         self.stats.hits += 1;
-        let Some(spec) = self.probes.get(hit.probe) else {
+        let Some(kind) = self.probes.get(hit.probe).map(|s| s.kind) else {
             self.stats.unknown_probe += 1;
             tracing::debug!(probe = ?hit.probe, "hit of a probe not in the set");
             return HitOutcome::nothing();
         };
+        let (arm, disarm) = self.exec_window(kind, hit);
         // None: the hit is filtered out (not a watched syscall, not a setid).
+        let built = self
+            .probes
+            .get(hit.probe)
+            .and_then(|spec| self.build(spec, hit));
         let Some(Built {
             mut ev,
             no_current,
             task,
-        }) = self.build(spec, hit)
+        }) = built
         else {
             self.stats.filtered += 1;
-            return HitOutcome::nothing();
+            return HitOutcome {
+                arm,
+                disarm,
+                ..HitOutcome::nothing()
+            };
         };
         if no_current {
             self.stats.no_current += 1;
@@ -307,53 +326,8 @@ impl Monitor {
             events,
             action,
             pause: d.pause_requested(),
-        }
-    }
-
-    /// Pair watched syscalls' entries and returns by task: an entry is remembered, a return
-    /// takes its entry's time, and an exit of a task inside one gives the `syscall_return`
-    /// that says it never returned (returned here, to go first).
-    fn pair(&mut self, ev: &mut Event, task: Option<Gva>) -> Option<Event> {
-        if !self.pairs_returns {
-            return None;
-        }
-        let task = task?;
-        match ev {
-            Event::Syscall(s) if s.reported => {
-                if self.pending.len() >= MAX_PENDING_CALLS && !self.pending.contains_key(&task) {
-                    self.stats.unpaired += 1;
-                    return None;
-                }
-                self.pending.insert(
-                    task,
-                    PendingCall {
-                        nr: s.nr,
-                        name: s.name.clone(),
-                        time_ns: s.task.time_ns,
-                    },
-                );
-                None
-            }
-            Event::SyscallReturn(r) => {
-                if let Some(p) = self.pending.remove(&task) {
-                    if p.nr == r.nr {
-                        r.entry_time_ns = Some(p.time_ns);
-                    }
-                }
-                None
-            }
-            Event::Exit(x) => {
-                let p = self.pending.remove(&task)?;
-                Some(Event::SyscallReturn(SyscallReturnEvent {
-                    task: x.task.clone(),
-                    nr: p.nr,
-                    name: p.name,
-                    ret: None,
-                    errno: None,
-                    entry_time_ns: Some(p.time_ns),
-                }))
-            }
-            _ => None,
+            arm,
+            disarm,
         }
     }
 
@@ -405,22 +379,7 @@ impl Monitor {
             &*self.mem,
             PageRoot::kernel_from_cr3(hit.regs.cr3, hit.regs.cr4),
         );
-        // As Kernel::current_task_on, through the uncached `vm`.
-        let base = match kernel.percpu_base(&hit.regs) {
-            Ok(b) => Some(b),
-            Err(KernelError::NoPerCpuBase { .. }) => kernel.percpu_base_of_cpu(hit.vcpu).ok(),
-            Err(_) => None,
-        };
-        // The task the engine read at the hit, else the one current now.
-        let current_at_hit = hit
-            .mem
-            .get(MEM_CURRENT_TASK)
-            .copied()
-            .flatten()
-            .map(Gva)
-            .filter(|t| crate::kernel::is_kernel_address(*t));
-        let current =
-            current_at_hit.or_else(|| base.and_then(|b| kernel.current_task_at(&vm, b).ok()));
+        let (current, current_at_hit) = current_task(&kernel, &vm, hit);
         let r = Reader {
             reader: &reader,
             vm: &vm,
@@ -619,62 +578,18 @@ impl Monitor {
                 })
             }
             ProbeKind::Return(hook) => {
-                let regs = arg(hit.regs.rdi);
-                let regs_now = || regs.and_then(|p| reader.regs_at(&vm, p).ok());
-                let (ax, orig_ax) = match (hit.mem[MEM_RET_AX], hit.mem[MEM_RET_ORIG_AX]) {
-                    (Some(a), Some(o)) => (a, o),
-                    _ => regs_now().map(|u| (u.ax, u.orig_ax))?,
+                let name_of = |nr: u32| {
+                    usize::try_from(nr)
+                        .ok()
+                        .and_then(|i| self.syscalls.get(i))
+                        .and_then(Option::as_ref)
+                        .map(|(n, _)| n.clone())
                 };
-                // -1 (a return from a signal handler, or no syscall) is none.
-                let nr = u32::try_from(orig_ax).ok()?;
-                if spec
-                    .syscall_filter
-                    .as_ref()
-                    .is_some_and(|f| !f.contains(&nr))
-                {
-                    return None;
-                }
-                // The register's bits as the signed long the syscall returned.
-                let ret = i64::from_ne_bytes(ax.to_ne_bytes());
-                let errno = (-4095..=-1)
-                    .contains(&ret)
-                    .then(|| i32::try_from(-ret).unwrap_or(0));
-                let name = usize::try_from(nr)
-                    .ok()
-                    .and_then(|i| self.syscalls.get(i))
-                    .and_then(Option::as_ref)
-                    .map(|(n, _)| n.clone());
-                let task = r.header_at_hit(current, current_at_hit.is_some());
-                match hook {
-                    ReturnHook::Syscall => Event::SyscallReturn(SyscallReturnEvent {
-                        task,
-                        nr,
-                        name,
-                        ret: Some(ret),
-                        errno: errno.map(errno_text),
-                        entry_time_ns: None,
-                    }),
-                    ReturnHook::Exec => {
-                        // Only a failure: a successful exec is the exec event's.
-                        let errno = errno?;
-                        let syscall = name.unwrap_or_else(|| format!("#{nr}"));
-                        // execve(filename, ...), execveat(dirfd, filename, ...): read while
-                        // the task is held, before it can reuse the buffer.
-                        let i = usize::from(syscall == "execveat");
-                        let filename = regs_now()
-                            .map(|u| u.syscall_args()[i])
-                            .zip(current)
-                            .and_then(|(p, c)| r.user_string(c, p));
-                        Event::ExecFailed(ExecFailedEvent {
-                            task,
-                            syscall,
-                            filename,
-                            errno,
-                            errno_name: errno_text(errno),
-                        })
-                    }
-                }
+                let header = r.header_at_hit(current, current_at_hit.is_some());
+                returns::build(&r, hook, spec, header, current, name_of)?
             }
+            // Bookkeeping only (the exec window).
+            ProbeKind::ExecAttempt => return None,
             ProbeKind::Signal(hook) => {
                 // `ksig->sig` for a handler: read at the hit, else now (held).
                 let ksig_sig = hit.mem[0].or_else(|| {
@@ -710,6 +625,30 @@ impl Monitor {
             task: about,
         })
     }
+}
+
+/// The task current at `hit`: (the one the engine read at the hit, else the one current
+/// now; the one read at the hit).
+fn current_task(
+    kernel: &Kernel<'_>,
+    vm: &VirtMem<'_>,
+    hit: &ProbeHit,
+) -> (Option<Gva>, Option<Gva>) {
+    // As Kernel::current_task_on, through the uncached `vm`.
+    let base = match kernel.percpu_base(&hit.regs) {
+        Ok(b) => Some(b),
+        Err(KernelError::NoPerCpuBase { .. }) => kernel.percpu_base_of_cpu(hit.vcpu).ok(),
+        Err(_) => None,
+    };
+    let at_hit = hit
+        .mem
+        .get(MEM_CURRENT_TASK)
+        .copied()
+        .flatten()
+        .map(Gva)
+        .filter(|t| crate::kernel::is_kernel_address(*t));
+    let current = at_hit.or_else(|| base.and_then(|b| kernel.current_task_at(vm, b).ok()));
+    (current, at_hit)
 }
 
 #[cfg(test)]

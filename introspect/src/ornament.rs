@@ -56,7 +56,9 @@ pub mod ecs;
 mod summary;
 pub mod timeline;
 mod writer;
-pub use consumers::{Consumers, DEFAULT_CAPACITY as CONSUMER_QUEUE};
+pub use consumers::{
+    Consumers, DEFAULT_CAPACITY as CONSUMER_QUEUE, DEFAULT_PATIENCE as CONSUMER_PATIENCE,
+};
 pub use summary::{RunSummary, SummaryCounts};
 pub use timeline::{StagedFile, Timeline, TimelineError, TimelineView};
 pub use writer::{EventWriter, Format, OutputHealth, OutputReport};

@@ -11,7 +11,7 @@
 //! | syscall | all: `do_syscall_64(regs, nr)`                       | none |
 //! | deny    | held `do_syscall_64(regs, nr)` filtered to the denied numbers | none: an error |
 //! | syscall_return | `syscall_exit_to_user_mode(regs)`, filtered on `regs->orig_ax` to the watched numbers | none |
-//! | exec_failed | held `syscall_exit_to_user_mode(regs)`, filtered to `execve`/`execveat` | none |
+//! | exec_failed | held `__x64_sys_execve`/`__x64_sys_execveat` (the attempt) open a window in which a held `syscall_exit_to_user_mode(regs)`, filtered to `execve`/`execveat`, is armed | none |
 //! | signal  | `__send_signal_locked(sig, info, t, type, force)`, current = sender | `send_signal_locked(sig, info, t, type)` |
 //! | signal_deliver | handler: `signal_setup_done(failed, ksig, stepping)`; stop: `do_signal_stop(sig)`; kill: `do_group_exit(code)` with a signal in `code` | none |
 //!
@@ -212,6 +212,9 @@ pub enum ProbeKind {
     Return(ReturnHook),
     /// Signal generated or delivered.
     Signal(SignalHook),
+    /// `__x64_sys_execve` or `__x64_sys_execveat`: an exec begins. It produces no event;
+    /// it arms the failed-exec return probe until every exec in flight has returned.
+    ExecAttempt,
 }
 
 impl ProbeKind {
@@ -229,6 +232,7 @@ impl ProbeKind {
                 EventKind::Signal
             }
             ProbeKind::Signal(_) => EventKind::SignalDeliver,
+            ProbeKind::ExecAttempt => EventKind::ExecFailed,
         }
     }
 }
@@ -248,9 +252,13 @@ pub struct ArmSpec {
     pub hold: bool,
     /// For `do_syscall_64`: report only hits whose `nr` (the low 32 bits of rsi at the
     /// probe) is one of these (sorted); `None`: all. For `syscall_exit_to_user_mode`: the
-    /// same on `regs->orig_ax`. An engine that cannot filter delivers every hit and the monitor drops the
-    /// others (answering `Continue`).
+    /// same on `regs->orig_ax`. An engine that cannot filter delivers every hit and the
+    /// monitor drops the others (answering `Continue`).
     pub syscall_filter: Option<Vec<u32>>,
+    /// Armed when the guest starts; false for a probe the monitor arms only while it is
+    /// needed ([`crate::monitor::HitOutcome::arm`]): the failed-exec return probe, which
+    /// would otherwise cost every syscall of the run a filter test.
+    pub armed_at_start: bool,
 }
 
 /// A hook that was missing from the profile.
@@ -328,6 +336,7 @@ impl Builder<'_> {
             kind,
             hold,
             syscall_filter: f,
+            armed_at_start: true,
         });
     }
 
@@ -423,17 +432,34 @@ impl Builder<'_> {
             ),
         }
         if cfg.exec {
-            let execs: Vec<u32> = ["execve", "execveat"]
-                .iter()
-                .filter_map(|n| self.profile.syscall_nr(n))
-                .collect();
-            self.push(
-                at,
-                EXIT,
-                ProbeKind::Return(ReturnHook::Exec),
-                true,
-                Some(execs),
-            );
+            // The return probe, armed only while an exec is in flight: each attempt's
+            // entry function (held: the probe is armed before the attempt runs on).
+            let mut execs = Vec::new();
+            for name in ["execve", "execveat"] {
+                let (Some(nr), sym) = (self.profile.syscall_nr(name), format!("__x64_sys_{name}"))
+                else {
+                    continue;
+                };
+                match self.addr(&sym) {
+                    Some(entry) => {
+                        self.push(entry, &sym, ProbeKind::ExecAttempt, true, None);
+                        execs.push(nr);
+                    }
+                    None => self.warn(EventKind::ExecFailed, &sym, None),
+                }
+            }
+            if !execs.is_empty() {
+                self.push(
+                    at,
+                    EXIT,
+                    ProbeKind::Return(ReturnHook::Exec),
+                    true,
+                    Some(execs),
+                );
+                if let Some(last) = self.specs.last_mut() {
+                    last.armed_at_start = false;
+                }
+            }
         }
     }
 

@@ -18,12 +18,12 @@ pub mod capture;
 pub mod scope;
 
 use crate::kaslr::KernelLayout;
-use crate::monitor::{Monitor, MonitorError, MonitorStats};
+use crate::monitor::{HitOutcome, Monitor, MonitorError, MonitorStats};
 use crate::ornament::{Ornament, OrnamentHandle, Registry};
 use crate::probes::{ProbeSet, ProbesError, SyscallWatch, WatchConfig};
 use crate::profile::{Profile, ProfileError};
 use ornament_engine::{
-    Action, Capabilities, DenyAt, Engine, EngineError, EngineEvent, GuestExit, ProbeHit,
+    Action, Capabilities, DenyAt, Engine, EngineError, EngineEvent, GuestExit, ProbeHit, ProbeId,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -238,14 +238,43 @@ impl Session {
                 at: spec.at,
                 source,
             })?;
-            tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = req.capture.hold, deny = req.deny, "armed");
+            // Placed (an engine that translates code knows the address from the start)
+            // but off until the monitor asks for it.
+            if !spec.armed_at_start {
+                engine.disarm(spec.id)?;
+            }
+            tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = req.capture.hold, deny = req.deny, armed = spec.armed_at_start, "armed");
         }
         Ok(())
+    }
+
+    /// Arm and disarm what the monitor asked for at a hit, before its vCPU is answered.
+    fn rearm(&self, engine: &mut dyn Engine, arm: &[ProbeId], disarm: &[ProbeId]) {
+        let probes = self.monitor.probes();
+        for &id in arm {
+            let Some(spec) = probes.get(id) else { continue };
+            let armed = capture::request(spec, probes, &self.profile, self.caps, self.exec_acts)
+                .map_err(SessionError::from)
+                .and_then(|req| engine.arm(&req).map_err(SessionError::from));
+            if let Err(e) = armed {
+                tracing::warn!(probe = ?id, symbol = %spec.symbol, error = %e, "arming a probe failed");
+            }
+        }
+        for &id in disarm {
+            if let Err(e) = engine.disarm(id) {
+                tracing::warn!(probe = ?id, error = %e, "disarming a probe failed");
+            }
+        }
     }
 
     /// One hit through the monitor and the ornaments: the action for its vCPU, and whether
     /// an ornament asked to pause the whole guest.
     pub fn deliver(&mut self, hit: &ProbeHit) -> (Action, bool) {
+        let (action, pause, _) = self.deliver_outcome(hit);
+        (action, pause)
+    }
+
+    fn deliver_outcome(&mut self, hit: &ProbeHit) -> (Action, bool, HitOutcome) {
         let out = self.monitor.on_hit(hit);
         let pause = out.pause || out.action == Action::PauseGuest;
         let action = match out.action {
@@ -253,7 +282,7 @@ impl Session {
             Action::PauseGuest => Action::Continue,
             a => a,
         };
-        (action, pause)
+        (action, pause, out)
     }
 
     /// Run the guest to its end, delivering every hit: held hits are decided and answered
@@ -287,7 +316,10 @@ impl Session {
             }
             match engine.next_event(Duration::from_millis(20))? {
                 EngineEvent::Hit(hit) => {
-                    let (action, pause) = self.deliver(&hit);
+                    let (action, pause, out) = self.deliver_outcome(&hit);
+                    if !out.arm.is_empty() || !out.disarm.is_empty() {
+                        self.rearm(engine, &out.arm, &out.disarm);
+                    }
                     if hit.held {
                         if let Err(e) = engine.answer(&hit, action) {
                             tracing::warn!(error = %e, ?action, "answering a held hit failed");

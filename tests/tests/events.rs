@@ -539,3 +539,104 @@ fn events_on_kernels_resolved_from_meta_packages() {
         );
     }
 }
+
+/// Issue #16: what syscalls return, paired with their own entries. `ornament-workload
+/// results` opens a missing file, reads 5 bytes from a pipe that a child fills 300 ms later
+/// (the read blocks while the child runs), then exits; `exit_group` never returns.
+#[test]
+fn syscall_results_pair_with_their_entries() {
+    gate!();
+    for image in ["debian-6.1-cloud", "debian-6.12-cloud"] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("events.json");
+        let (r, rt) = ornament(&[
+            "run",
+            "--image",
+            image,
+            "--timeout",
+            "600",
+            "--watch",
+            "fork,exit,syscall=openat,read,write,exit_group",
+            "--format",
+            "json",
+            "--output",
+            out.to_str().expect("utf8"),
+            "--",
+            "/ornament/bin/ornament-workload",
+            "results",
+        ]);
+        assert_eq!(r.code, Some(0), "{image}: {}", r.stderr);
+        assert_nothing_left(&r, rt.path());
+        let evs = events(&out);
+        check_schema(&evs);
+        let line = r
+            .stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("W results "))
+            .unwrap_or_else(|| panic!("{image}: no results line: {}", r.stderr));
+        let kv = |k: &str| -> i64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{k} in {line}"))
+        };
+        let (pid, fd) = (kv("pid"), kv("fd"));
+        assert_eq!((kv("open"), kv("read")), (-2, 5), "{line}");
+        let mine = |e: &&Value| i(e, "pid") == pid;
+        // The entry, and the one return that names its time.
+        let pair = |what: &str, entry: &dyn Fn(&Value) -> bool| {
+            let es: Vec<&Value> = evs
+                .iter()
+                .filter(mine)
+                .filter(|e| e["event"] == "syscall" && entry(e))
+                .collect();
+            assert_eq!(es.len(), 1, "{image}: {what} entries: {es:#?}");
+            let rets: Vec<&Value> = evs
+                .iter()
+                .filter(mine)
+                .filter(|e| {
+                    e["event"] == "syscall_return" && e["entry_time_ns"] == es[0]["time_ns"]
+                })
+                .collect();
+            assert_eq!(rets.len(), 1, "{image}: {what} returns: {rets:#?}");
+            assert_eq!(rets[0]["nr"], es[0]["nr"], "{image}");
+            (es[0].clone(), rets[0].clone())
+        };
+        let (_, ret) = pair("openat", &|e| e["path"] == "/nonexistent-ornament");
+        assert_eq!(
+            (&ret["ret"], &ret["errno"]),
+            (&(-2).into(), &"ENOENT".into()),
+            "{image}"
+        );
+        // The blocking read: the child's write that ends it came while it waited.
+        let (entry, ret) = pair("read", &|e| e["name"] == "read" && e["args"][0] == fd);
+        assert_eq!(
+            (&ret["ret"], &ret["errno"]),
+            (&5.into(), &Value::Null),
+            "{image}"
+        );
+        let between: Vec<&Value> = evs
+            .iter()
+            .filter(|e| i(e, "seq") > i(&entry, "seq") && i(e, "seq") < i(&ret, "seq"))
+            .filter(|e| e["event"] == "syscall" && e["name"] == "write" && i(e, "ppid") == pid)
+            .collect();
+        assert_eq!(
+            between.len(),
+            1,
+            "{image}: the child's write during the read"
+        );
+        assert_eq!(between[0]["args"][2], 5, "{image}");
+        // exit_group never returns: its return says so, just before the exit.
+        let (entry, ret) = pair("exit_group", &|e| e["name"] == "exit_group");
+        assert_eq!(entry["args"][0], 0, "{image}");
+        assert!(
+            ret["ret"].is_null() && ret["errno"].is_null(),
+            "{image}: {ret}"
+        );
+        let exit = evs
+            .iter()
+            .find(|e| e["event"] == "exit" && i(e, "pid") == pid)
+            .expect("exit");
+        assert_eq!(i(exit, "seq"), i(&ret, "seq") + 1, "{image}: {exit}");
+    }
+}

@@ -4,6 +4,7 @@
 use super::*;
 use crate::event::EventKind;
 use crate::ornament::{DenySyscalls, Ornament};
+use crate::event::{ExecFailedEvent, SyscallReturnEvent};
 use crate::probes::{ForkHook, ReturnHook, SyscallWatch, WatchConfig};
 use crate::task::UserRegs;
 use crate::testing::{committed_profiles, SynthConfig, SynthGuest, TaskSpec, USER_ARGS};
@@ -867,6 +868,24 @@ fn syscall_returns_pair_with_their_entries_and_failed_execs() {
         regs.ax = 0;
         w.g.write_user_regs(w.child, &regs).expect("pt_regs");
         assert!(m.on_hit(&hit(w, &exec, pt.raw(), 0)).events.is_empty());
+        // The failed-exec probe is armed only while an exec is in flight: the attempt
+        // (held, at __x64_sys_execve) opens the window, the last return closes it, and so
+        // does the exit of a task that died inside its exec.
+        assert!(!exec.armed_at_start);
+        let attempt = spec(&m, |s| {
+            s.kind == ProbeKind::ExecAttempt && s.symbol == "__x64_sys_execve"
+        });
+        assert!(attempt.hold);
+        let out = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
+        assert!(out.events.is_empty());
+        assert_eq!((out.arm, out.disarm), (vec![exec.id], vec![]));
+        let again = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
+        assert!(again.arm.is_empty(), "already open");
+        let out = m.on_hit(&hit(w, &exec, pt.raw(), 0));
+        assert_eq!((out.arm, out.disarm), (vec![], vec![exec.id]));
+        let _ = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
+        let out = m.on_hit(&hit(w, &exit, w.child.raw(), 0));
+        assert_eq!(out.disarm, vec![exec.id], "the task died inside its exec");
         w.g.set_current(VCPU, w.parent).expect("current");
     });
 }

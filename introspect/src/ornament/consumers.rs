@@ -1,8 +1,10 @@
 //! [`Consumers`]: ornaments that only consume events (an event writer, a process tree, a
-//! summary) run on a thread of their own behind a bounded queue, so a slow sink (a file on
-//! a slow disk, a pipe nobody reads, a network exporter) never holds a vCPU. What the
-//! ornaments before them decided (a deny) travels with each event. When the queue is full
-//! an event is dropped for them and counted ([`Consumers::dropped`]): never silently.
+//! summary) run on a thread of their own behind a bounded queue, so their work is not done
+//! while a vCPU waits. What the ornaments before them decided (a deny) travels with each
+//! event. When the queue is full the caller waits for room, up to its patience (by
+//! default [`DEFAULT_PATIENCE`]): a sink slower than the guest slows the guest (the
+//! engine's hits back up to the vCPUs) rather than lose events. A sink stuck longer (a
+//! pipe nobody reads) loses the event, counted ([`Consumers::dropped`]): never silently.
 
 use super::{Decision, Ornament, Registry};
 use crate::event::{Event, EventMask};
@@ -10,9 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Events queued for the consumers, at most, by default.
 pub const DEFAULT_CAPACITY: usize = 1 << 16;
+
+/// How long one event waits for room in a full queue, by default, before it is dropped.
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A group of consuming ornaments behind one bounded queue and one thread, in order.
 pub struct Consumers {
@@ -21,6 +27,9 @@ pub struct Consumers {
     tx: Option<SyncSender<(Event, Option<i32>)>>,
     thread: Option<JoinHandle<()>>,
     dropped: Arc<AtomicU64>,
+    patience: Duration,
+    /// Time spent waiting for room, nanoseconds.
+    waited_ns: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Consumers {
@@ -57,7 +66,21 @@ impl Consumers {
             tx: thread.is_some().then_some(tx),
             thread,
             dropped: Arc::new(AtomicU64::new(0)),
+            patience: DEFAULT_PATIENCE,
+            waited_ns: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Wait at most `patience` for room in a full queue (zero: drop at once).
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// Time callers waited for room in the queue in all (the guest was slowed that long,
+    /// at most), nanoseconds.
+    pub fn waited_ns(&self) -> Arc<AtomicU64> {
+        self.waited_ns.clone()
     }
 
     /// Events dropped because the queue was full (or the consumers' thread was gone).
@@ -80,16 +103,31 @@ impl Ornament for Consumers {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        match tx.try_send((ev.clone(), d.denied())) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(ornaments = %self.name, "the event queue is full: events are dropped for these ornaments (counted)");
+        let mut item = (ev.clone(), d.denied());
+        let mut since: Option<Instant> = None;
+        loop {
+            match tx.try_send(item) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) => {
+                    let start = *since.get_or_insert_with(Instant::now);
+                    if start.elapsed() >= self.patience {
+                        if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                            tracing::warn!(ornaments = %self.name, patience = ?self.patience, "the event queue stayed full: events are dropped for these ornaments (counted)");
+                        }
+                        break;
+                    }
+                    item = back;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
             }
-            Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        }
+        if let Some(start) = since {
+            let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.waited_ns.fetch_add(waited, Ordering::Relaxed);
         }
     }
 
@@ -184,7 +222,33 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_consumer_never_holds_the_caller_and_drops_are_counted() {
+    fn a_slow_consumer_slows_the_caller_and_loses_nothing() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut c = Consumers::new(
+            vec![Box::new(Slow {
+                seen: seen.clone(),
+                delay: Duration::from_millis(5),
+            })],
+            4,
+        );
+        let begin = std::time::Instant::now();
+        for pid in 1..=40 {
+            c.on_event(&syscall(pid), &mut Decision::new(true));
+        }
+        // The queue holds 4: the caller waited for the rest.
+        assert!(
+            begin.elapsed() >= Duration::from_millis(5 * 30),
+            "{:?}",
+            begin.elapsed()
+        );
+        assert!(c.waited_ns().load(Ordering::Relaxed) > 0);
+        c.finish();
+        assert_eq!(seen.lock().expect("lock").len(), 40);
+        assert_eq!(c.dropped().load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_stuck_consumer_holds_the_caller_only_its_patience_and_drops_are_counted() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut c = Consumers::new(
             vec![Box::new(Slow {
@@ -192,7 +256,8 @@ mod tests {
                 delay: Duration::from_millis(50),
             })],
             4,
-        );
+        )
+        .with_patience(Duration::ZERO);
         let begin = std::time::Instant::now();
         for pid in 1..=40 {
             c.on_event(&syscall(pid), &mut Decision::new(true));

@@ -304,7 +304,8 @@ pub fn hit_reads(
         }
         ProbeKind::Exec(ExecHook::BeginNewExec)
         | ProbeKind::Exit(ExitHook::DoExit)
-        | ProbeKind::Setid => {}
+        | ProbeKind::Setid
+        | ProbeKind::ExecAttempt => {}
     }
     Ok(m)
 }

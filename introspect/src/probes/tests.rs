@@ -176,6 +176,7 @@ fn hit_reads_layout() {
             ProbeKind::Signal(SignalHook::Handler),
             ProbeKind::Signal(SignalHook::Stop),
             ProbeKind::Signal(SignalHook::Kill),
+            ProbeKind::ExecAttempt,
         ];
         for kind in kinds {
             let m = hit_reads(kind, &p).expect("reads");
