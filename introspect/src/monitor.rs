@@ -161,8 +161,11 @@ pub struct Monitor {
     pairs_returns: bool,
     /// The failed-exec return probe, armed only while [`Monitor::in_exec`] is not empty.
     exec_window: Option<ProbeId>,
-    /// Tasks inside an `execve`/`execveat` (from its entry until its return or exit).
-    in_exec: std::collections::HashSet<Gva>,
+    /// Tasks inside an `execve`/`execveat` (from its entry until its return or exit), with
+    /// the file name the attempt passed.
+    in_exec: HashMap<Gva, Option<String>>,
+    /// The file name of the exec whose return is being handled (set by the exec window).
+    exec_file: Option<Option<String>>,
     stats: MonitorStats,
 }
 
@@ -223,7 +226,8 @@ impl Monitor {
             pending: HashMap::new(),
             pairs_returns,
             exec_window,
-            in_exec: std::collections::HashSet::new(),
+            in_exec: HashMap::new(),
+            exec_file: None,
             registry: Registry::new(),
             task_off,
             limits: Limits::default(),
@@ -280,6 +284,7 @@ impl Monitor {
             tracing::debug!(probe = ?hit.probe, "hit of a probe not in the set");
             return HitOutcome::nothing();
         };
+        self.exec_file = None;
         let (arm, disarm) = self.exec_window(kind, hit);
         // None: the hit is filtered out (not a watched syscall, not a setid).
         let built = self
@@ -586,7 +591,15 @@ impl Monitor {
                         .map(|(n, _)| n.clone())
                 };
                 let header = r.header_at_hit(current, current_at_hit.is_some());
-                returns::build(&r, hook, spec, header, current, name_of)?
+                returns::build(
+                    &r,
+                    hook,
+                    spec,
+                    header,
+                    current,
+                    self.exec_file.clone(),
+                    name_of,
+                )?
             }
             // Bookkeeping only (the exec window).
             ProbeKind::ExecAttempt => return None,

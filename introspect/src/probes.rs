@@ -11,7 +11,7 @@
 //! | syscall | all: `do_syscall_64(regs, nr)`                       | none |
 //! | deny    | held `do_syscall_64(regs, nr)` filtered to the denied numbers | none: an error |
 //! | syscall_return | `syscall_exit_to_user_mode(regs)`, filtered on `regs->orig_ax` to the watched numbers | none |
-//! | exec_failed | held `__x64_sys_execve`/`__x64_sys_execveat` (the attempt) open a window in which a held `syscall_exit_to_user_mode(regs)`, filtered to `execve`/`execveat`, is armed | none |
+//! | exec_failed | held `__x64_sys_execve`/`__x64_sys_execveat` (the attempt: file name read) open a window in which `syscall_exit_to_user_mode(regs)`, filtered to `execve`/`execveat`, is armed | none |
 //! | signal  | `__send_signal_locked(sig, info, t, type, force)`, current = sender | `send_signal_locked(sig, info, t, type)` |
 //! | signal_deliver | handler: `signal_setup_done(failed, ksig, stepping)`; stop: `do_signal_stop(sig)`; kill: `do_group_exit(code)` with a signal in `code` | none |
 //!
@@ -449,11 +449,12 @@ impl Builder<'_> {
                 }
             }
             if !execs.is_empty() {
+                // Not held: the attempt read the file name; the return value is read at the hit.
                 self.push(
                     at,
                     EXIT,
                     ProbeKind::Return(ReturnHook::Exec),
-                    true,
+                    cfg.hold_syscalls,
                     Some(execs),
                 );
                 if let Some(last) = self.specs.last_mut() {

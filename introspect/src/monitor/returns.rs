@@ -8,6 +8,7 @@ use crate::event::{errno_text, Event, ExecFailedEvent, SyscallReturnEvent, TaskH
 use crate::kernel::{is_kernel_address, Kernel};
 use crate::paging::PageRoot;
 use crate::probes::{ArmSpec, ExitHook, ProbeKind, ReturnHook, MEM_RET_AX, MEM_RET_ORIG_AX};
+use crate::task::TaskReader;
 use crate::vmem::VirtMem;
 use ornament_engine::{Gva, ProbeHit, ProbeId};
 
@@ -22,16 +23,18 @@ pub(super) struct PendingCall {
     time_ns: u64,
 }
 
-/// The event of a return probe's hit (`task`: the header of the task current there,
-/// `current` its address); `None` for a number outside the probe's filter (an engine that
-/// cannot filter delivers every hit), `orig_ax` -1 (a return from a signal handler: no
-/// syscall), or an exec that succeeded (that is the exec event's).
+/// The event of a return probe's hit (`task`: the header of the task current there;
+/// `exec_file`: for an exec's return, the file name its attempt passed, when the attempt
+/// was seen); `None` for a number outside the probe's filter (an engine that cannot filter
+/// delivers every hit), `orig_ax` -1 (a return from a signal handler: no syscall), or an
+/// exec that succeeded (that is the exec event's).
 pub(super) fn build(
     r: &Reader<'_, '_, '_>,
     hook: ReturnHook,
     spec: &ArmSpec,
     task: TaskHeader,
     current: Option<Gva>,
+    exec_file: Option<Option<String>>,
     name_of: impl Fn(u32) -> Option<String>,
 ) -> Option<Event> {
     let hit = r.hit;
@@ -67,13 +70,23 @@ pub(super) fn build(
         ReturnHook::Exec => {
             let errno = errno?;
             let syscall = name.unwrap_or_else(|| format!("#{nr}"));
-            // execve(filename, ...), execveat(dirfd, filename, ...): read while the task
-            // is held, before it can reuse the buffer.
-            let i = usize::from(syscall == "execveat");
-            let filename = regs_now()
-                .map(|u| u.syscall_args()[i])
-                .zip(current)
-                .and_then(|(p, c)| r.user_string(c, p));
+            // execve(filename, ...): the bytes the probe read at the hit, at regs->di.
+            // Else (execveat(dirfd, filename, ...), or an engine without reads at the hit)
+            // what the attempt read, held; else memory now.
+            let at_hit = (syscall == "execve")
+                .then_some(hit.bytes.as_ref())
+                .flatten()
+                .and_then(|b| {
+                    let end = b.data.iter().position(|&c| c == 0)?;
+                    Some(crate::guest_text::decode(&b.data[..end]))
+                });
+            let filename = at_hit.or(exec_file.flatten()).or_else(|| {
+                let i = usize::from(syscall == "execveat");
+                regs_now()
+                    .map(|u| u.syscall_args()[i])
+                    .zip(current)
+                    .and_then(|(p, c)| r.user_string(c, p))
+            });
             Event::ExecFailed(ExecFailedEvent {
                 task,
                 syscall,
@@ -87,8 +100,10 @@ pub(super) fn build(
 
 impl Monitor {
     /// Keep the failed-exec return probe armed while some task is inside an exec: an
-    /// attempt's entry opens the window (arming the probe when it was closed), the return
-    /// or the exit of the last task inside closes it. (probes to arm, probes to disarm).
+    /// attempt's entry (held) opens the window (arming the probe when it was closed) and
+    /// records the file name the attempt passes; the return or the exit of the last task
+    /// inside closes it, a return taking its task's file name into `exec_file` for its
+    /// event. (probes to arm, probes to disarm).
     pub(super) fn exec_window(
         &mut self,
         kind: ProbeKind,
@@ -122,16 +137,35 @@ impl Monitor {
             return none;
         };
         if opens {
+            // The attempt holds its vCPU: the file name it passes is read now, exactly.
+            // execve(filename, ...), execveat(dirfd, filename, ...), from the pt_regs of
+            // __x64_sys_execve(regs).
+            let reader = TaskReader::from_offsets(&kernel, self.task_off, self.limits);
+            let r = Reader {
+                reader: &reader,
+                vm: &vm,
+                hit,
+                euid_at_hit: false,
+            };
+            let execveat = self.profile.syscall_nr("execveat").map(u64::from);
+            let file = Some(Gva(hit.regs.rdi))
+                .filter(|&g| is_kernel_address(g))
+                .and_then(|p| reader.regs_at(&vm, p).ok())
+                .map(|u| u.syscall_args()[usize::from(Some(u.orig_ax) == execveat)])
+                .and_then(|p| r.user_string(task, p));
             let was_closed = self.in_exec.is_empty();
             // Bounded by the guest's tasks: each is in at most once.
-            self.in_exec.insert(task);
+            self.in_exec.insert(task, file);
             return (
                 if was_closed { vec![window] } else { Vec::new() },
                 Vec::new(),
             );
         }
-        if self.in_exec.remove(&task) && self.in_exec.is_empty() {
-            return (Vec::new(), vec![window]);
+        if let Some(file) = self.in_exec.remove(&task) {
+            self.exec_file = Some(file);
+            if self.in_exec.is_empty() {
+                return (Vec::new(), vec![window]);
+            }
         }
         none
     }

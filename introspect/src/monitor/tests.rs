@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::event::EventKind;
-use crate::ornament::{DenySyscalls, Ornament};
 use crate::event::{ExecFailedEvent, SyscallReturnEvent};
+use crate::ornament::{DenySyscalls, Ornament};
 use crate::probes::{ForkHook, ReturnHook, SyscallWatch, WatchConfig};
 use crate::task::UserRegs;
 use crate::testing::{committed_profiles, SynthConfig, SynthGuest, TaskSpec, USER_ARGS};
@@ -773,7 +773,7 @@ fn syscall_returns_pair_with_their_entries_and_failed_execs() {
             exec.syscall_filter,
             Some(vec![execve, p.syscall_nr("execveat").expect("nr")])
         );
-        assert!(!ret.hold && exec.hold, "only the failed-exec probe holds");
+        assert!(!ret.hold && !exec.hold, "returns are read at the hit");
         let entry = spec(&m, |s| {
             s.kind == ProbeKind::Syscall(SyscallHook::Function { nr: mkdirat })
         });
@@ -845,18 +845,35 @@ fn syscall_returns_pair_with_their_entries_and_failed_execs() {
             (None, mkdirat, Some(200))
         );
         assert!(matches!(out.events[1], Event::Exit(_)));
-        // execve failing with ENOENT: an exec_failed with the file name; a successful one
-        // (ret 0) gives nothing here.
+        // The failed-exec probe is armed only while an exec is in flight: the attempt
+        // (held, at __x64_sys_execve) opens the window and reads the file name, the last
+        // return closes it, and so does the exit of a task that died inside its exec.
+        assert!(!exec.armed_at_start);
+        let attempt = spec(&m, |s| {
+            s.kind == ProbeKind::ExecAttempt && s.symbol == "__x64_sys_execve"
+        });
+        assert!(attempt.hold);
         let file = USER_ARGS + 6;
         regs = UserRegs {
             di: file,
             orig_ax: u64::from(execve),
-            ax: (-2i64) as u64,
             ..UserRegs::default()
         };
         w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        let out = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
+        assert!(out.events.is_empty());
+        assert_eq!((out.arm, out.disarm), (vec![exec.id], vec![]));
+        let again = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
+        assert!(again.arm.is_empty(), "already open");
+        // It fails with ENOENT: an exec_failed with the name the attempt passed (the
+        // buffer has changed since: the name is the attempt's), and the window closes.
+        regs.ax = (-2i64) as u64;
+        regs.di = 0x1000;
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        let out = m.on_hit(&hit(w, &exec, pt.raw(), 0));
+        assert_eq!((&out.arm, &out.disarm), (&vec![], &vec![exec.id]));
         assert_eq!(
-            one(m.on_hit(&hit(w, &exec, pt.raw(), 0))),
+            one(out),
             Event::ExecFailed(ExecFailedEvent {
                 task: header(11, 11, 10, "mkdir", 1000),
                 syscall: "execve".into(),
@@ -865,24 +882,18 @@ fn syscall_returns_pair_with_their_entries_and_failed_execs() {
                 errno_name: "ENOENT".into(),
             })
         );
+        // One that succeeds (ret 0) gives nothing here; a return whose attempt was not
+        // seen has no file name.
         regs.ax = 0;
         w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        let _ = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
         assert!(m.on_hit(&hit(w, &exec, pt.raw(), 0)).events.is_empty());
-        // The failed-exec probe is armed only while an exec is in flight: the attempt
-        // (held, at __x64_sys_execve) opens the window, the last return closes it, and so
-        // does the exit of a task that died inside its exec.
-        assert!(!exec.armed_at_start);
-        let attempt = spec(&m, |s| {
-            s.kind == ProbeKind::ExecAttempt && s.symbol == "__x64_sys_execve"
-        });
-        assert!(attempt.hold);
-        let out = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
-        assert!(out.events.is_empty());
-        assert_eq!((out.arm, out.disarm), (vec![exec.id], vec![]));
-        let again = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
-        assert!(again.arm.is_empty(), "already open");
-        let out = m.on_hit(&hit(w, &exec, pt.raw(), 0));
-        assert_eq!((out.arm, out.disarm), (vec![], vec![exec.id]));
+        regs.ax = (-13i64) as u64;
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        let Event::ExecFailed(e) = one(m.on_hit(&hit(w, &exec, pt.raw(), 0))) else {
+            panic!("exec_failed");
+        };
+        assert_eq!((e.filename, e.errno_name.as_str()), (None, "EACCES"));
         let _ = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
         let out = m.on_hit(&hit(w, &exit, w.child.raw(), 0));
         assert_eq!(out.disarm, vec![exec.id], "the task died inside its exec");

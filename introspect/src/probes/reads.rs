@@ -3,7 +3,7 @@
 //! [`hit_reads`] and [`hit_bytes`] that fill them, and [`captured_at_hit`]: which events
 //! are complete from them, so their probes need not hold the vCPU.
 
-use super::{ExecHook, ExitHook, ProbeKind, SignalHook};
+use super::{ExecHook, ExitHook, ProbeKind, ReturnHook, SignalHook};
 use crate::profile::{Profile, ProfileError};
 use ornament_engine::wire::FilterOn;
 use ornament_engine::wire::{BytesRead, MemBase, MemRead, Reg, MAX_MEM_READS};
@@ -73,8 +73,15 @@ pub const MEM_EXEC_PARENT: usize = 15;
 /// value the syscall returns, ...
 pub const MEM_RET_AX: usize = 0;
 /// ... and `[1]` `regs->orig_ax`, the syscall's number (what their filter tests); with the
-/// caller's header at `MEM_HDR_*`.
+/// caller's header at `MEM_HDR_*`. The failed-exec probe also reads `[2]` `regs->di`
+/// (`execve`'s file name), and the name itself as its byte range ([`MAX_EXEC_NAME_AT_HIT`]
+/// bytes from there, cut at the NUL by the reader): the kernel's own copy of it has been
+/// freed by then, and the user's may change once the task runs on.
 pub const MEM_RET_ORIG_AX: usize = 1;
+/// `regs->di` at the failed-exec probe.
+pub const MEM_RET_DI: usize = 2;
+/// Most bytes of the file name the failed-exec probe reads (`PATH_MAX`).
+pub const MAX_EXEC_NAME_AT_HIT: u32 = 4096;
 /// Signal-generation probes (`__send_signal_locked`) read the target (rdx):
 /// `ProbeHit::mem[0]` `t->pid`, ...
 pub const MEM_SIG_TARGET_PID: usize = 0;
@@ -152,6 +159,11 @@ pub fn hit_bytes(kind: ProbeKind) -> BytesRead {
             end: u8::try_from(MEM_EXEC_ARG_END).unwrap_or(u8::MAX),
             max: MAX_ARGV_BYTES_AT_HIT,
         },
+        ProbeKind::Return(ReturnHook::Exec) => BytesRead {
+            start: u8::try_from(MEM_RET_DI).unwrap_or(u8::MAX),
+            end: u8::try_from(MEM_RET_DI).unwrap_or(u8::MAX),
+            max: MAX_EXEC_NAME_AT_HIT,
+        },
         _ => BytesRead::default(),
     }
 }
@@ -227,6 +239,9 @@ pub fn hit_reads(
             m[MEM_RET_AX] = MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", "ax")?, 8);
             m[MEM_RET_ORIG_AX] =
                 MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", "orig_ax")?, 8);
+            if kind == ProbeKind::Return(ReturnHook::Exec) {
+                m[MEM_RET_DI] = MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", "di")?, 8);
+            }
             header(
                 &mut m,
                 MemBase::Mem(u8::try_from(MEM_CURRENT_TASK).unwrap_or(u8::MAX)),

@@ -200,8 +200,9 @@ fn hit_reads_layout() {
                 ProbeKind::Exec(ExecHook::ProcExecConnector) => 16,
                 // Six arguments, the current task and its 9-read header.
                 ProbeKind::Syscall(_) => 16,
-                // ax, orig_ax, the current task and its header.
-                ProbeKind::Return(_) => 12,
+                // ax, orig_ax, the current task and its header (and di for an exec).
+                ProbeKind::Return(ReturnHook::Syscall) => 12,
+                ProbeKind::Return(ReturnHook::Exec) => 13,
                 // The current task and its header, and: the target's pid, tgid, comm and the
                 // siginfo's code and fields; ksig->sig; the current task again, its signal,
                 // that one's flags and group exit code.
@@ -222,13 +223,18 @@ fn hit_reads_layout() {
                         | ProbeKind::Exec(ExecHook::ProcExecConnector)
                 )
             );
-            // Only exec reads a byte range, between two of its own reads.
+            // Exec reads its command line (between two of its own reads), a failed exec its file name.
             let b = hit_bytes(kind);
             if kind == ProbeKind::Exec(ExecHook::ProcExecConnector) {
                 assert_eq!(m[usize::from(b.start)].base, MemBase::Mem(0));
                 assert_eq!(m[usize::from(b.end)].base, MemBase::Mem(0));
                 assert_eq!(b.max, MAX_ARGV_BYTES_AT_HIT);
                 assert_eq!(m[MEM_EXEC_MM].base, MemBase::Reg(Reg::Rdi));
+            } else if kind == ProbeKind::Return(ReturnHook::Exec) {
+                // The file name: a C string at regs->di.
+                assert_eq!((b.start, b.end), (2, 2));
+                assert_eq!(m[2].base, MemBase::Reg(Reg::Rdi));
+                assert_eq!(b.max, MAX_EXEC_NAME_AT_HIT);
             } else {
                 assert!(!b.is_some(), "{kind:?}");
             }

@@ -53,8 +53,9 @@ impl MemRead {
 
 /// A byte range read at each hit, between the values of two of its memory reads (e.g. a
 /// task's `mm->arg_start` and `mm->arg_end`): `min(mem[end] - mem[start], max)` bytes at
-/// guest-virtual `mem[start]`, read page by page up to the first unreadable page. `max == 0`:
-/// none.
+/// guest-virtual `mem[start]`, read page by page up to the first unreadable page. With
+/// `start == end`, `max` bytes at `mem[start]` (a C string of unknown length, e.g. a file
+/// name: the reader cuts it at its NUL). `max == 0`: none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BytesRead {
     /// Index of the memory read whose value is the start address.
@@ -79,6 +80,10 @@ impl BytesRead {
             return None;
         }
         let start = mem(usize::from(self.start))?;
+        if self.start == self.end {
+            let max = usize::try_from(self.max.min(MAX_BYTES_READ)).ok()?;
+            return Some((start, max, false));
+        }
         let end = mem(usize::from(self.end))?;
         let len = end.checked_sub(start)?;
         let max = u64::from(self.max.min(MAX_BYTES_READ));
