@@ -131,6 +131,14 @@ fn byte_ranges_are_checked() {
     assert_eq!(r.range(vals(None, Some(110))), None);
     assert!(!ProbeSpec::default().bytes.is_some());
     assert_eq!(BytesRead::default().range(|_| Some(1)), None);
+    // start == end: a C string of `max` bytes at that read's value (the reader cuts it).
+    let c = BytesRead {
+        start: 2,
+        end: 2,
+        max: 4096,
+    };
+    assert_eq!(c.range(|_| Some(0x7000)), Some((0x7000, 4096, false)));
+    assert_eq!(c.range(|_| None), None);
 }
 
 #[test]
