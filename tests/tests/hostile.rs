@@ -130,15 +130,23 @@ fn a_denied_syscall_says_so_and_denials_cover_only_the_command() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(r.stderr.contains("\nmkdir-rc=1\n"), "{}", r.stderr);
     let evs = json_lines(&std::fs::read_to_string(&out).expect("events"));
-    assert_eq!(evs.len(), 1, "{evs:?}");
+    // The denied call, and what it returned (the errno it was made to fail with).
+    assert_eq!(evs.len(), 2, "{evs:?}");
     let e = &evs[0];
     assert_eq!(e["seq"], 1);
     assert_eq!(e["name"], "mkdir");
     assert_eq!(e["path"], "/tmp/d");
     assert_eq!(e["denied"], 13, "{e}");
+    let ret = &evs[1];
+    assert_eq!(
+        (&ret["event"], &ret["ret"], &ret["errno"]),
+        (&"syscall_return".into(), &(-13).into(), &"EACCES".into()),
+        "{ret}"
+    );
+    assert_eq!(ret["entry_time_ns"], e["time_ns"], "{ret}");
     assert!(
         r.stderr
-            .contains("1 syscall (1 denied); 1 event written to"),
+            .contains("1 syscall (1 denied); 2 events written to"),
         "{}",
         r.stderr
     );
