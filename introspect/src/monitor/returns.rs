@@ -137,9 +137,11 @@ impl Monitor {
             return none;
         };
         if opens {
-            // The attempt holds its vCPU: the file name it passes is read now, exactly.
-            // execve(filename, ...), execveat(dirfd, filename, ...), from the pt_regs of
-            // __x64_sys_execve(regs).
+            // The attempt holds its vCPU: the file name it passes is read now, from the
+            // pt_regs of __x64_sys_execve(regs) (execve(filename, ...), execveat(dirfd,
+            // filename, ...)). For execve the return probe's own read at the hit comes
+            // first (a name in a page not yet faulted in reads only there); this one serves
+            // execveat, and execve when that read failed.
             let reader = TaskReader::from_offsets(&kernel, self.task_off, self.limits);
             let r = Reader {
                 reader: &reader,
