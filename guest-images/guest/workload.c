@@ -171,12 +171,20 @@ static void cmd_bigargv(void)
         argv[i + 2] = store[i];
     }
     argv[N + 2] = NULL;
+    /* It execs in a directory of its own on the /tmp tmpfs: its working directory crosses a
+       mount point. */
+    static const char cwd[] = "/tmp/ornament-cwd";
+    if (mkdir(cwd, 0755) != 0 && errno != EEXIST) {
+        printf("W error mkdir %s errno=%d\n", cwd, errno);
+    }
     pid_t pid = do_fork();
     if (pid == 0) {
+        if (chdir(cwd) != 0)
+            _exit(126);
         execv(self, argv);
         _exit(127);
     }
-    printf("W exec pid=%d filename=%s argc=%d\n", (int)pid, self, N + 2);
+    printf("W exec pid=%d filename=%s argc=%d cwd=%s\n", (int)pid, self, N + 2, cwd);
     wait_report(pid);
 }
 

@@ -235,6 +235,7 @@ mod tests {
             filename: Some("/bin/busybox".into()),
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
             argv_truncated: false,
+            cwd: None,
         })
     }
 

@@ -229,6 +229,9 @@ pub struct ExecEvent {
     pub argv: Vec<String>,
     /// True when `argv` was cut short (by the caps, or an unreadable page).
     pub argv_truncated: bool,
+    /// The working directory at the exec (`task->fs->pwd`), or `null` where it could not be
+    /// read (a profile without `fs_struct`).
+    pub cwd: Option<String>,
 }
 
 /// A task exited.

@@ -48,6 +48,14 @@ use crate::probes::{
     PROC_EVENT_UID,
 };
 use crate::probes::{ReturnHook, SignalHook, MEM_KILL_FLAGS, MEM_KILL_GROUP_CODE};
+use crate::probes::{
+    MEM_EXEC_FS, MEM_EXEC_PWD_DENTRY, MEM_EXEC_PWD_HASH, MEM_EXEC_PWD_MNT, MEM_EXEC_PWD_PARENT,
+};
+
+/// The slots of the stamps an exec probe read at the hit for the executable's dentry ...
+const EXE_STAMP: [usize; 2] = [MEM_EXEC_NAME_HASH, MEM_EXEC_PARENT];
+/// ... and for the working directory's.
+const PWD_STAMP: [usize; 2] = [MEM_EXEC_PWD_HASH, MEM_EXEC_PWD_PARENT];
 use crate::profile::{Profile, ProfileError};
 use crate::task::{Argv, Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
 use crate::vmem::VirtMem;
@@ -363,15 +371,15 @@ impl Monitor {
     /// True unless the dentry at `d` now reads differently from the stamps the hit carries
     /// (its name hash and parent at the hit): then it was freed and reused since, and its
     /// path is not the executable's. A stamp the hit does not carry is not checked.
-    fn same_dentry(&self, vm: &VirtMem<'_>, d: Gva, hit: &ProbeHit) -> bool {
+    fn same_dentry(&self, vm: &VirtMem<'_>, d: Gva, hit: &ProbeHit, slots: [usize; 2]) -> bool {
         let Some((hash, parent)) = self.dentry_stamp else {
             return true;
         };
         let at_hit = |i: usize| hit.mem.get(i).copied().flatten();
-        let hash_ok = at_hit(MEM_EXEC_NAME_HASH)
+        let hash_ok = at_hit(slots[0])
             .is_none_or(|h| vm.read_u32(d.wrapping_add(hash)).ok() == Some(low32(h)));
-        let parent_ok = at_hit(MEM_EXEC_PARENT)
-            .is_none_or(|p| vm.read_u64(d.wrapping_add(parent)).ok() == Some(p));
+        let parent_ok =
+            at_hit(slots[1]).is_none_or(|p| vm.read_u64(d.wrapping_add(parent)).ok() == Some(p));
         hash_ok && parent_ok
     }
 
@@ -452,13 +460,30 @@ impl Monitor {
                             match kptr_at_hit(m(MEM_EXEC_DENTRY)) {
                                 // The file's mount is read now, from the file that still
                                 // names that dentry.
-                                Some(Some(d)) if self.same_dentry(&vm, d, hit) => {
+                                Some(Some(d)) if self.same_dentry(&vm, d, hit, EXE_STAMP) => {
                                     reader.path_of_file_at(&vm, file, d).ok()
                                 }
                                 _ => None,
                             }
                         }
                         _ => reader.exe_path(&vm, t).ok().flatten(),
+                    };
+                    // The working directory: its mount and dentry as read at the hit (a
+                    // NULL fs means none), its path read now; else all from memory now.
+                    ev.cwd = match kptr_at_hit(m(MEM_EXEC_FS)) {
+                        Some(None) => None,
+                        Some(Some(_)) => match (
+                            kptr_at_hit(m(MEM_EXEC_PWD_MNT)),
+                            kptr_at_hit(m(MEM_EXEC_PWD_DENTRY)),
+                        ) {
+                            (Some(Some(mnt)), Some(Some(d)))
+                                if self.same_dentry(&vm, d, hit, PWD_STAMP) =>
+                            {
+                                reader.file_path(&vm, mnt, d).ok()
+                            }
+                            _ => None,
+                        },
+                        None => reader.cwd(&vm, t).ok().flatten(),
                     };
                     // The command line: the bytes read at the hit, else from memory now.
                     let argv = match (mm, &hit.bytes) {

@@ -208,6 +208,9 @@ pub struct TaskSpec {
     pub exe_path: Option<String>,
     /// Command line (user tasks).
     pub argv: Vec<String>,
+    /// Working directory (`task->fs->pwd`), where the profile has `fs_struct`; `None`
+    /// leaves `task->fs` NULL, as after the task left it on exit.
+    pub cwd: Option<String>,
 }
 
 impl TaskSpec {
@@ -222,6 +225,7 @@ impl TaskSpec {
             kernel_thread: false,
             exe_path: Some(exe.into()),
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            cwd: None,
         }
     }
 
@@ -528,6 +532,17 @@ impl SynthGuest {
             self.write_u32(cred.wrapping_add(self.off("cred", m)?), v)?;
         }
         self.write_u64(task.wrapping_add(o("cred")?), cred.raw())?;
+        if let (Some(cwd), Ok(fs), Ok(pwd)) = (&spec.cwd, o("fs"), self.off("fs_struct", "pwd")) {
+            let size = self.profile.structs.get("fs_struct").map_or(64, |s| s.size);
+            let fs_struct = self.alloc(size)?;
+            let (root, dentry) = self.dentry_chain_from_root(cwd)?;
+            let mnt = self.add_mount(None, root)?;
+            let at = |m| self.off("path", m).map(|o| fs_struct.wrapping_add(pwd + o));
+            let (d, m) = (at("dentry")?, at("mnt")?);
+            self.write_u64(d, dentry.raw())?;
+            self.write_u64(m, mnt.raw())?;
+            self.write_u64(task.wrapping_add(fs), fs_struct.raw())?;
+        }
         self.write_u64(task.wrapping_add(o("real_cred")?), cred.raw())?;
 
         if spec.kernel_thread {

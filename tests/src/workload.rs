@@ -38,6 +38,8 @@ pub struct Facts {
     pub exits: BTreeMap<i64, (i64, Option<i64>)>,
     /// pid and argc of the exec with the long argv.
     pub big_exec: Option<(i64, usize)>,
+    /// The working directory it made that exec in.
+    pub big_exec_cwd: Option<String>,
     /// pid whose exec failed.
     pub failed_exec: Option<i64>,
     /// How many times it called the watched syscall.
@@ -77,6 +79,7 @@ pub fn facts(console: &str) -> Facts {
             Some("exec") => {
                 if let Some(argc) = kv(l, "argc") {
                     f.big_exec = Some((num(l, "pid"), argc.parse().expect("argc")));
+                    f.big_exec_cwd = kv(l, "cwd");
                 }
             }
             Some("execfail") => {
@@ -191,6 +194,12 @@ pub fn check_workload_events(console: &str, evs: &[Value], results: bool) {
     let x = execs[0];
     assert_eq!(i(x, "pid"), big_pid);
     assert_eq!(x["filename"], "/ornament/bin/ornament-workload");
+    // Its working directory, in a directory on the /tmp tmpfs (a mount point crossed).
+    let cwd = f
+        .big_exec_cwd
+        .as_deref()
+        .expect("cwd= on the big exec line");
+    assert_eq!(x["cwd"], cwd, "working directory of the big exec");
     let argv: Vec<&str> = x["argv"]
         .as_array()
         .expect("argv")
@@ -214,11 +223,14 @@ pub fn check_workload_events(console: &str, evs: &[Value], results: bool) {
     );
 
     // The root's own execs, in order: /init's `sh /ornament/cmd`, which execs the
-    // workload with the command line given.
+    // workload with the command line given; both in `/`, where /init runs it.
     let root_execs: Vec<(&Value, &Value)> = evs
         .iter()
         .filter(|e| kind(e) == "exec" && i(e, "pid") == f.root)
-        .map(|e| (&e["filename"], &e["argv"]))
+        .map(|e| {
+            assert_eq!(e["cwd"], "/", "working directory of {e}");
+            (&e["filename"], &e["argv"])
+        })
         .collect();
     assert_eq!(
         root_execs,

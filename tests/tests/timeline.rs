@@ -295,6 +295,7 @@ fn synthetic(n: usize) -> ornament_introspect::ornament::timeline::TimelineData 
             filename: Some("/usr/bin/worker".into()),
             argv,
             argv_truncated: false,
+            cwd: Some("/srv".into()),
         }));
         for k in 0..(i % 7) as u64 {
             deliver(Event::Syscall(SyscallEvent {

@@ -68,6 +68,7 @@ pub(crate) fn samples() -> Vec<Event> {
             filename: Some("/bin/ls".into()),
             argv: vec!["ls".into(), "-l".into()],
             argv_truncated: false,
+            cwd: Some("/home/u".into()),
         }),
         Event::Exit(ExitEvent {
             task: header(),
@@ -215,6 +216,7 @@ fn guest_strings_cannot_forge_a_line_or_reach_the_terminal() {
         filename: Some("/tmp/a\n9.999 cpu0 ss[1] exit\u{1b}[2J\u{9b}1m\\".into()),
         argv: vec!["x\"y\r".into()],
         argv_truncated: false,
+        cwd: None,
     });
     let text = ev.to_text();
     assert!(!text.contains(['\n', '\r', '\u{1b}', '\u{9b}']), "{text}");

@@ -150,6 +150,7 @@ impl Reader<'_, '_, '_> {
     ) -> ExecEvent {
         let mut ev = ExecEvent {
             task: self.header(current),
+            cwd: current.and_then(|t| self.reader.cwd(self.vm, t).ok().flatten()),
             ..ExecEvent::default()
         };
         let (Some(off), Some(bprm)) = (off, bprm) else {

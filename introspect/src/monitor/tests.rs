@@ -49,6 +49,7 @@ fn world(profile: Profile) -> World {
     );
     c.parent = Some(parent);
     c.creds = [1000, 1001, 1002, 1003];
+    c.cwd = Some("/home/u".into());
     let child = g.add_task(&c).expect("child");
     let mut t = TaskSpec::user(12, "sh", "/bin/sh", &["sh"]);
     t.tgid = 10;
@@ -202,6 +203,7 @@ fn exec_events_from_the_connector_and_the_fallback() {
                 filename: Some("/usr/bin/mkdir".into()),
                 argv: vec!["mkdir".into(), "/tmp/newdir".into(), "-p".into()],
                 argv_truncated: false,
+                cwd: Some("/home/u".into()),
             })
         );
 
@@ -669,6 +671,19 @@ fn fork_exec_and_exit_events_from_values_read_at_the_hit() {
         };
         assert_eq!(e.argv, ["mkdir", "/tmp/newdir", "-p"]);
         assert_eq!(e.filename.as_deref(), Some("/usr/bin/mkdir"));
+        assert_eq!(e.cwd.as_deref(), Some("/home/u"));
+        assert!(at_hit.mem[crate::probes::MEM_EXEC_PWD_PARENT].is_some());
+        // A working directory whose dentry was reused before the host read it (its
+        // parent is no longer the one read at the hit): no cwd rather than a wrong one.
+        let mut moved = at_hit.clone();
+        moved.mem[crate::probes::MEM_EXEC_PWD_PARENT] = Some(0xffff_8880_dead_0000);
+        let Event::Exec(e) = one(m.on_hit(&moved)) else {
+            panic!("exec");
+        };
+        assert_eq!(
+            (e.cwd, e.filename.as_deref()),
+            (None, Some("/usr/bin/mkdir"))
+        );
         // A cut range says so; an unreadable first page gives no argv, truncated.
         let mut cut = at_hit.clone();
         if let Some(b) = cut.bytes.as_mut() {

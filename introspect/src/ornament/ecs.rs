@@ -123,6 +123,7 @@ pub fn document(ev: &Event, seq: u64, run: &RunInfo) -> Value {
         Event::Exec(e) => {
             process(&mut d, t);
             put(&mut d, "process.executable", s(&e.filename));
+            put(&mut d, "process.working_directory", s(&e.cwd));
             put(&mut d, "process.args", Some(e.argv.clone().into()));
             put(&mut d, "process.args_count", Some(e.argv.len().into()));
         }

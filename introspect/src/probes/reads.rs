@@ -69,6 +69,17 @@ pub const MEM_EXEC_ARG_END: usize = 4;
 pub const MEM_EXEC_NAME_HASH: usize = 5;
 /// ... `[15]` the dentry's `d_parent`.
 pub const MEM_EXEC_PARENT: usize = 15;
+/// ... `[16]` `task->fs`, ...
+pub const MEM_EXEC_FS: usize = 16;
+/// ... `[17]` `fs->pwd.mnt` and `[18]` `fs->pwd.dentry` (the working directory), ...
+pub const MEM_EXEC_PWD_MNT: usize = 17;
+/// ... `[18]` `fs->pwd.dentry`, ...
+pub const MEM_EXEC_PWD_DENTRY: usize = 18;
+/// ... and `[19]` that dentry's `d_name.hash` and `[20]` its `d_parent`: the same stamps
+/// as the executable's, for the working directory's path read after the vCPU ran on.
+pub const MEM_EXEC_PWD_HASH: usize = 19;
+/// ... `[20]` the working directory's `d_parent`.
+pub const MEM_EXEC_PWD_PARENT: usize = 20;
 /// Return probes (`syscall_exit_to_user_mode`) read `ProbeHit::mem[0]` `regs->ax`, the
 /// value the syscall returns, ...
 pub const MEM_RET_AX: usize = 0;
@@ -312,9 +323,21 @@ pub fn hit_reads(
             m[MEM_EXEC_DENTRY] = chain(MEM_EXEC_EXE_FILE, dentry, 8);
             m[MEM_EXEC_ARG_START] = chain(MEM_EXEC_MM, mm("arg_start")?, 8);
             m[MEM_EXEC_ARG_END] = chain(MEM_EXEC_MM, mm("arg_end")?, 8);
-            if let Some((hash, parent)) = dentry_stamp(profile) {
+            let stamp = dentry_stamp(profile);
+            if let Some((hash, parent)) = stamp {
                 m[MEM_EXEC_NAME_HASH] = chain(MEM_EXEC_DENTRY, hash, 4);
                 m[MEM_EXEC_PARENT] = chain(MEM_EXEC_DENTRY, parent, 8);
+            }
+            // The working directory, where the profile has `task->fs->pwd`.
+            if let (Ok(fs), Ok(pwd)) = (t("fs"), profile.offset("fs_struct", "pwd")) {
+                let in_pwd = |f: &str| profile.offset("path", f).map(|o| pwd.wrapping_add(o));
+                m[MEM_EXEC_FS] = MemRead::at_reg(Reg::Rdi, fs, 8);
+                m[MEM_EXEC_PWD_MNT] = chain(MEM_EXEC_FS, in_pwd("mnt")?, 8);
+                m[MEM_EXEC_PWD_DENTRY] = chain(MEM_EXEC_FS, in_pwd("dentry")?, 8);
+                if let Some((hash, parent)) = stamp {
+                    m[MEM_EXEC_PWD_HASH] = chain(MEM_EXEC_PWD_DENTRY, hash, 4);
+                    m[MEM_EXEC_PWD_PARENT] = chain(MEM_EXEC_PWD_DENTRY, parent, 8);
+                }
             }
         }
         ProbeKind::Exec(ExecHook::BeginNewExec)

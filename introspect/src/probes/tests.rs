@@ -196,8 +196,9 @@ fn hit_reads_layout() {
                 ProbeKind::Fork(_) => 14,
                 ProbeKind::Exit(ExitHook::ProcExitConnector) => 13,
                 // The task's 8-read header (no euid), mm, exe_file, its dentry, arg_start,
-                // arg_end, the dentry's name hash and parent.
-                ProbeKind::Exec(ExecHook::ProcExecConnector) => 16,
+                // arg_end, the dentry's name hash and parent; fs, the working directory's
+                // mount and dentry, that dentry's name hash and parent.
+                ProbeKind::Exec(ExecHook::ProcExecConnector) => 21,
                 // Six arguments, the current task and its 9-read header.
                 ProbeKind::Syscall(_) => 16,
                 // ax, orig_ax, the current task and its header (and di for an exec).
@@ -230,6 +231,18 @@ fn hit_reads_layout() {
                 assert_eq!(m[usize::from(b.end)].base, MemBase::Mem(0));
                 assert_eq!(b.max, MAX_ARGV_BYTES_AT_HIT);
                 assert_eq!(m[MEM_EXEC_MM].base, MemBase::Reg(Reg::Rdi));
+                // The working directory: task->fs, then its pwd, then that dentry's stamps.
+                assert_eq!(m[MEM_EXEC_FS].base, MemBase::Reg(Reg::Rdi));
+                let fs = MemBase::Mem(u8::try_from(MEM_EXEC_FS).expect("small"));
+                assert_eq!(
+                    (m[MEM_EXEC_PWD_MNT].base, m[MEM_EXEC_PWD_DENTRY].base),
+                    (fs, fs)
+                );
+                let d = MemBase::Mem(u8::try_from(MEM_EXEC_PWD_DENTRY).expect("small"));
+                assert_eq!(
+                    (m[MEM_EXEC_PWD_HASH].base, m[MEM_EXEC_PWD_PARENT].base),
+                    (d, d)
+                );
             } else if kind == ProbeKind::Return(ReturnHook::Exec) {
                 // The file name: a C string at regs->di.
                 assert_eq!((b.start, b.end), (2, 2));

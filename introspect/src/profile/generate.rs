@@ -18,7 +18,7 @@ use std::path::Path;
 /// Revision of what the generator records: raised whenever it records more (symbols,
 /// fields), so that profiles made by an older one are made again (cached `--kernel`
 /// profiles, and the profiles inside cached images).
-pub const GENERATOR_REVISION: u32 = 3;
+pub const GENERATOR_REVISION: u32 = 4;
 
 /// Symbols every profile must have.
 pub const REQUIRED_SYMBOLS: &[&str] = &[
@@ -99,6 +99,7 @@ const STRUCT_FIELDS: &[(&str, &[&str], &[&str])] = &[
             "__state",
             "state",
             "start_time",
+            "fs",
         ],
     ),
     (
@@ -128,6 +129,7 @@ const STRUCT_FIELDS: &[(&str, &[&str], &[&str])] = &[
     ),
     ("file", &["f_path"], &["f_inode"]),
     ("path", &["dentry", "mnt"], &[]),
+    ("fs_struct", &[], &["pwd"]),
     ("dentry", &["d_name", "d_parent"], &["d_iname", "d_hash"]),
     ("hlist_bl_node", &[], &["pprev"]),
     // The mount tree, for paths across mount points (fs/mount.h).

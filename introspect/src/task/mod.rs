@@ -18,7 +18,7 @@ mod tests;
 mod user;
 mod walk;
 
-pub use offsets::{MountOffsets, TaskOffsets};
+pub use offsets::{CwdOffsets, MountOffsets, TaskOffsets};
 
 use crate::kernel::{is_kernel_address, Kernel};
 use crate::profile::ProfileError;

@@ -34,6 +34,9 @@ pub struct TaskOffsets {
     pub file_f_path: u64,
     pub path_dentry: u64,
     pub path_mnt: u64,
+    /// `task_struct.fs` and `fs_struct.pwd` (the working directory, a `struct path`), where
+    /// the profile has them.
+    pub cwd: Option<CwdOffsets>,
     /// The mount tree, where the profile has it: paths then cross mount points.
     pub mounts: Option<MountOffsets>,
     /// `dentry.d_hash.pprev` (NULL for an unhashed, i.e. deleted, dentry), where the
@@ -60,6 +63,15 @@ pub struct MountOffsets {
     pub mnt_mountpoint: u64,
     /// `vfsmount.mnt_root`: the root dentry of the mounted tree.
     pub mnt_root: u64,
+}
+
+/// Where a task's working directory is: `task->fs->pwd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CwdOffsets {
+    /// `task_struct.fs` (NULL once the task has left its `fs_struct` on exit).
+    pub task_fs: u64,
+    /// `fs_struct.pwd`: the working directory's `struct path`.
+    pub fs_pwd: u64,
 }
 
 impl MountOffsets {
@@ -102,6 +114,10 @@ impl TaskOffsets {
             file_f_path: p.offset("file", "f_path")?,
             path_dentry: p.offset("path", "dentry")?,
             path_mnt: p.offset("path", "mnt")?,
+            cwd: t("fs")
+                .ok()
+                .zip(p.offset("fs_struct", "pwd").ok())
+                .map(|(task_fs, fs_pwd)| CwdOffsets { task_fs, fs_pwd }),
             mounts: MountOffsets::from_profile(p),
             dentry_d_hash_pprev: p
                 .offset("dentry", "d_hash")

@@ -118,6 +118,21 @@ impl TaskReader<'_> {
         self.path_of_file(vm, file).map(Some)
     }
 
+    /// The task's working directory (`task->fs->pwd`) as a path; `None` for a task without
+    /// an `fs_struct` (it has exited) or a profile without those offsets.
+    pub fn cwd(&self, vm: &VirtMem<'_>, task: Gva) -> Field<Option<String>> {
+        let Some(c) = self.off.cwd else {
+            return Ok(None);
+        };
+        let Some(fs) = Self::kptr(vm, at(task, c.task_fs), true)? else {
+            return Ok(None);
+        };
+        let pwd = fs.wrapping_add(c.fs_pwd);
+        let dentry = Self::kptr_nonnull(vm, at(pwd, self.off.path_dentry))?;
+        let mnt = Self::kptr_nonnull(vm, at(pwd, self.off.path_mnt))?;
+        self.file_path(vm, mnt, dentry).map(Some)
+    }
+
     /// `file->f_path` as a path ([`TaskReader::file_path`]).
     pub fn path_of_file(&self, vm: &VirtMem<'_>, file: Gva) -> Field<String> {
         let dentry = Self::kptr_nonnull(vm, at(file, self.off.file_f_path + self.off.path_dentry))?;

@@ -77,9 +77,9 @@ pub(crate) fn mem_reads(
     spec: &ProbeSpec,
     reg: &mut dyn FnMut(Reg) -> Option<u64>,
     read: &mut dyn FnMut(u64, usize) -> Option<u64>,
-) -> (u16, u16, [u64; MAX_MEM_READS]) {
-    let mut present = 0u16;
-    let mut ok = 0u16;
+) -> (u32, u32, [u64; MAX_MEM_READS]) {
+    let mut present = 0u32;
+    let mut ok = 0u32;
     let mut vals = [0u64; MAX_MEM_READS];
     for (i, m) in spec.mem.iter().enumerate() {
         let base = match chain_base(m, ok, &vals, reg) {
@@ -109,7 +109,7 @@ pub(crate) enum Base {
 /// The base of read `m`: nothing, a failure (its register or earlier read failed), or a value.
 pub(crate) fn chain_base(
     m: &MemRead,
-    ok: u16,
+    ok: u32,
     vals: &[u64; MAX_MEM_READS],
     reg: &mut dyn FnMut(Reg) -> Option<u64>,
 ) -> Base {

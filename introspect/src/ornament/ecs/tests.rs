@@ -48,6 +48,7 @@ fn each_kind_maps_to_ecs_fields() {
     );
     assert_eq!(exec["process"]["args"], serde_json::json!(["ls", "-l"]));
     assert_eq!(exec["process"]["executable"], "/bin/ls");
+    assert_eq!(exec["process"]["working_directory"], "/home/u");
     assert_eq!(exec["process"]["entity_id"], id("42:2"));
     assert_eq!(exec["process"]["parent"]["entity_id"], id("1:1"));
     assert_eq!(exit["process"]["exit_code"], 3);

@@ -33,6 +33,7 @@ fn exec(t: u64, who: (i32, &str), argv: &[&str]) -> Event {
         filename: Some(format!("/bin/{}", argv[0])),
         argv: argv.iter().map(|s| (*s).to_owned()).collect(),
         argv_truncated: false,
+        cwd: None,
     })
 }
 

@@ -68,16 +68,16 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
             let vcpu = r.u32()?;
             let seq = r.u64()?;
             let mono_ns = r.u64()?;
-            let packed = r.u64()?;
-            let regs = RegMask(packed & 0xffff_ffff);
+            let regs = RegMask(r.u64()?);
             if !regs.is_valid() {
                 return Err(WireError::BadField("regs"));
             }
-            let mem_present = u16::try_from((packed >> 32) & 0xffff).unwrap_or(0);
-            if usize::from(mem_present) >> MAX_MEM_READS != 0 {
+            let masks = r.u64()?;
+            let mem_present = u32::try_from(masks & 0xffff_ffff).unwrap_or(0);
+            if u64::from(mem_present) >> MAX_MEM_READS != 0 {
                 return Err(WireError::BadField("mem_present"));
             }
-            let mem_ok = u16::try_from((packed >> 48) & 0xffff).unwrap_or(0);
+            let mem_ok = u32::try_from(masks >> 32).unwrap_or(0);
             let fixed = hit_len(regs, mem_present, None);
             let has_bytes = h.flags & HIT_BYTES != 0;
             let length_is_bad = if has_bytes {

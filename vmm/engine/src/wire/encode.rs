@@ -21,7 +21,7 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 }
 
 /// Length of a hit record for `regs`, `mem_present` and a byte range of `bytes` bytes.
-pub const fn hit_len(regs: RegMask, mem_present: u16, bytes: Option<usize>) -> usize {
+pub const fn hit_len(regs: RegMask, mem_present: u32, bytes: Option<usize>) -> usize {
     let fixed = HIT_HEAD_LEN + 8 * (regs.count() + mem_present.count_ones() as usize);
     match bytes {
         Some(n) => fixed + 8 + n.div_ceil(8) * 8,
@@ -41,8 +41,8 @@ pub fn put_hit_head(
     seq: u64,
     mono_ns: u64,
     regs: RegMask,
-    mem_present: u16,
-    mem_ok: u16,
+    mem_present: u32,
+    mem_ok: u32,
     bytes: Option<usize>,
 ) {
     let flags = if bytes.is_some() {
@@ -55,11 +55,9 @@ pub fn put_hit_head(
     put_u32(out, vcpu);
     put_u64(out, seq);
     put_u64(out, mono_ns);
-    // Bits 0..26 register mask, 32..48 mem_present, 48..64 mem_ok.
-    put_u64(
-        out,
-        (regs.0 & RegMask::ALL.0) | u64::from(mem_present) << 32 | u64::from(mem_ok) << 48,
-    );
+    // The register mask (bits 0..26), then mem_present (bits 0..32) and mem_ok (32..64).
+    put_u64(out, regs.0 & RegMask::ALL.0);
+    put_u64(out, u64::from(mem_present) | u64::from(mem_ok) << 32);
 }
 
 /// Append one value of a hit record.

@@ -45,7 +45,7 @@ pub use record::{
 pub use reg::{Reg, RegMask};
 
 /// Version of this format; the plugin sends it in [`Hello`] and the host checks it.
-pub const WIRE_VERSION: u32 = 4;
+pub const WIRE_VERSION: u32 = 5;
 /// Size of the common record header.
 pub const HEADER_LEN: usize = 8;
 /// Largest record: a hit with every register, every memory read and the largest byte range.
@@ -54,13 +54,13 @@ pub const MAX_RECORD_LEN: usize =
 /// Most bytes a probe's [`BytesRead`] may ask for.
 pub const MAX_BYTES_READ: u32 = 64 << 10;
 /// Memory reads a probe may ask for.
-pub const MAX_MEM_READS: usize = 16;
+pub const MAX_MEM_READS: usize = 24;
 /// Largest single memory read, in bytes (it is returned as one little-endian `u64`).
 pub const MAX_MEM_READ_LEN: u8 = 8;
 /// Number of values the syscall-style filter bitmap covers (`0..FILTER_BITS`).
 pub const FILTER_BITS: usize = 512;
 /// Fixed part of a hit record (header included).
-pub const HIT_HEAD_LEN: usize = 40;
+pub const HIT_HEAD_LEN: usize = 48;
 /// Length of an [`ArmRecord`].
 pub const ARM_LEN: usize = HEADER_LEN + 24 + 16 * MAX_MEM_READS + 8 + FILTER_BITS / 8 + 8;
 /// Most guest RAM regions a [`RamRecord`] carries.

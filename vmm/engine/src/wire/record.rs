@@ -77,9 +77,9 @@ pub struct HitRecord {
     /// Which registers follow.
     pub regs: RegMask,
     /// Bit `i` set: memory read `i` was requested (a value follows).
-    pub mem_present: u16,
+    pub mem_present: u32,
     /// Bit `i` set: memory read `i` succeeded (its value is meaningful).
-    pub mem_ok: u16,
+    pub mem_ok: u32,
     /// Register values by [`Reg`] index (on the wire only those in `regs`, in mask order;
     /// the others are 0 here).
     pub reg_values: [u64; Reg::COUNT],
@@ -114,8 +114,8 @@ impl HitRecord {
 
 /// Value of memory read `i` among `values`, if bit `i` is set in both `present` (it was
 /// requested) and `ok` (it succeeded).
-pub fn mem_value(present: u16, ok: u16, values: &[u64; MAX_MEM_READS], i: usize) -> Option<u64> {
-    let bit = 1u16.checked_shl(u32::try_from(i).ok()?)?;
+pub fn mem_value(present: u32, ok: u32, values: &[u64; MAX_MEM_READS], i: usize) -> Option<u64> {
+    let bit = 1u32.checked_shl(u32::try_from(i).ok()?)?;
     if present & ok & bit == 0 {
         return None;
     }

@@ -100,7 +100,8 @@ fn byte_ranges_are_checked() {
     b[4..8].copy_from_slice(&u32::try_from(HIT_HEAD_LEN).expect("small").to_le_bytes());
     assert!(matches!(decode(&b), Err(WireError::BadLength { .. })));
     // Arm: more than MAX_BYTES_READ, or a read index out of range.
-    for (start, end, max) in [(0, 1, MAX_BYTES_READ + 1), (0, 16, 8), (16, 0, 8)] {
+    let past = u8::try_from(MAX_MEM_READS).expect("small");
+    for (start, end, max) in [(0, 1, MAX_BYTES_READ + 1), (0, past, 8), (past, 0, 8)] {
         let spec = ProbeSpec {
             bytes: BytesRead { start, end, max },
             ..ProbeSpec::default()
