@@ -91,6 +91,8 @@ pub enum Logged {
     Pause,
     /// The engine was told to kill the guest.
     Stopped,
+    /// A task's part of a probe's window was closed by the session.
+    WindowClosed(ProbeId),
 }
 
 /// A scripted engine over a synthetic guest.
@@ -135,6 +137,7 @@ impl FakeEngine {
             dispatcher_probes: false,
             captures_at_hit: false,
             pause: true,
+            probe_windows: false,
         }
     }
 
@@ -145,6 +148,7 @@ impl FakeEngine {
             dispatcher_probes: true,
             captures_at_hit: true,
             pause: true,
+            probe_windows: true,
         }
     }
 
@@ -218,6 +222,14 @@ impl Engine for FakeEngine {
             .remove(&probe)
             .map(|_| ())
             .ok_or(EngineError::NoSuchProbe(probe))
+    }
+
+    fn close_window(&mut self, probe: ProbeId) -> Result<(), EngineError> {
+        if !self.caps.probe_windows {
+            return Err(EngineError::Unsupported("probe windows"));
+        }
+        self.record(Logged::WindowClosed(probe));
+        Ok(())
     }
 
     fn enable_deny(&mut self, _offsets: &DenyOffsets) -> Result<(), EngineError> {

@@ -90,11 +90,9 @@ pub struct HitOutcome {
     /// Some ornament asked to pause the guest (also true when `action` is a deny that
     /// took precedence: pause after answering).
     pub pause: bool,
-    /// Probes to arm before the vCPU is answered (their spec says they are not armed at
-    /// start: [`crate::probes::ArmSpec::armed_at_start`]).
-    pub arm: Vec<ProbeId>,
-    /// Probes to disarm before the vCPU is answered.
-    pub disarm: Vec<ProbeId>,
+    /// Windows ([`crate::probes::ArmSpec::window`]) to close one task's part of: the task
+    /// exited inside an exec, so its return probe will never close it.
+    pub close: Vec<ProbeId>,
 }
 
 impl HitOutcome {
@@ -103,8 +101,7 @@ impl HitOutcome {
             events: Vec::new(),
             action: Action::Continue,
             pause: false,
-            arm: Vec::new(),
-            disarm: Vec::new(),
+            close: Vec::new(),
         }
     }
 }
@@ -167,13 +164,9 @@ pub struct Monitor {
     pending: HashMap<Gva, PendingCall>,
     /// The probe set reports syscall results.
     pairs_returns: bool,
-    /// The failed-exec return probe, armed only while [`Monitor::in_exec`] is not empty.
-    exec_window: Option<ProbeId>,
     /// Tasks inside an `execve`/`execveat` (from its entry until its return or exit), with
-    /// the file name the attempt passed.
-    in_exec: HashMap<Gva, Option<String>>,
-    /// The file name of the exec whose return is being handled (set by the exec window).
-    exec_file: Option<Option<String>>,
+    /// the window their attempt opened.
+    in_exec: HashMap<Gva, ProbeId>,
     stats: MonitorStats,
 }
 
@@ -221,11 +214,6 @@ impl Monitor {
             .specs()
             .iter()
             .any(|s| s.kind == ProbeKind::Return(ReturnHook::Syscall));
-        let exec_window = probes
-            .specs()
-            .iter()
-            .find(|s| s.kind == ProbeKind::Return(ReturnHook::Exec) && !s.armed_at_start)
-            .map(|s| s.id);
         Ok(Self {
             mem,
             profile,
@@ -233,9 +221,7 @@ impl Monitor {
             probes,
             pending: HashMap::new(),
             pairs_returns,
-            exec_window,
             in_exec: HashMap::new(),
-            exec_file: None,
             registry: Registry::new(),
             task_off,
             limits: Limits::default(),
@@ -287,13 +273,12 @@ impl Monitor {
     /// Handle one hit: read the task, build the event, deliver it, return the action.
     pub fn on_hit(&mut self, hit: &ProbeHit) -> HitOutcome {
         self.stats.hits += 1;
-        let Some(kind) = self.probes.get(hit.probe).map(|s| s.kind) else {
+        let Some((kind, window)) = self.probes.get(hit.probe).map(|s| (s.kind, s.window)) else {
             self.stats.unknown_probe += 1;
             tracing::debug!(probe = ?hit.probe, "hit of a probe not in the set");
             return HitOutcome::nothing();
         };
-        self.exec_file = None;
-        let (arm, disarm) = self.exec_window(kind, hit);
+        let close = self.exec_window(kind, window, hit);
         // None: the hit is filtered out (not a watched syscall, not a setid).
         let built = self
             .probes
@@ -307,8 +292,7 @@ impl Monitor {
         else {
             self.stats.filtered += 1;
             return HitOutcome {
-                arm,
-                disarm,
+                close,
                 ..HitOutcome::nothing()
             };
         };
@@ -339,8 +323,7 @@ impl Monitor {
             events,
             action,
             pause: d.pause_requested(),
-            arm,
-            disarm,
+            close,
         }
     }
 
@@ -616,15 +599,7 @@ impl Monitor {
                         .map(|(n, _)| n.clone())
                 };
                 let header = r.header_at_hit(current, current_at_hit.is_some());
-                returns::build(
-                    &r,
-                    hook,
-                    spec,
-                    header,
-                    current,
-                    self.exec_file.clone(),
-                    name_of,
-                )?
+                returns::build(&r, hook, spec, header, current, name_of)?
             }
             // Bookkeeping only (the exec window).
             ProbeKind::ExecAttempt => return None,

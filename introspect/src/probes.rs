@@ -11,7 +11,7 @@
 //! | syscall | all: `do_syscall_64(regs, nr)`                       | none |
 //! | deny    | held `do_syscall_64(regs, nr)` filtered to the denied numbers | none: an error |
 //! | syscall_return | `syscall_exit_to_user_mode(regs)`, filtered on `regs->orig_ax` to the watched numbers | none |
-//! | exec_failed | held `__x64_sys_execve`/`__x64_sys_execveat` (the attempt: file name read) open a window in which `syscall_exit_to_user_mode(regs)`, filtered to `execve`/`execveat`, is armed | none |
+//! | exec_failed | `__x64_sys_execve`/`__x64_sys_execveat` (the attempt) open a window in which `syscall_exit_to_user_mode(regs)`, filtered to that syscall, is armed by the engine itself until every attempt has returned or exited | none |
 //! | signal  | `__send_signal_locked(sig, info, t, type, force)`, current = sender | `send_signal_locked(sig, info, t, type)` |
 //! | signal_deliver | handler: `signal_setup_done(failed, ksig, stepping)`; stop: `do_signal_stop(sig)`; kill: `do_group_exit(code)` with a signal in `code` | none |
 //!
@@ -29,6 +29,7 @@
 use crate::event::EventKind;
 use crate::kaslr::KernelLayout;
 use crate::profile::Profile;
+use ornament_engine::wire::Window;
 use ornament_engine::{Gva, ProbeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -190,9 +191,11 @@ pub enum SignalHook {
 pub enum ReturnHook {
     /// The result of a watched syscall (`regs->ax`), paired with its entry.
     Syscall,
-    /// An `execve`/`execveat` that returned an error: a failed exec (the probe holds, so
-    /// the file name is read from the caller's memory before it runs on).
+    /// An `execve` that returned an error: a failed exec (its file name, `regs->di`, is
+    /// read at the hit).
     Exec,
+    /// The same for `execveat` (its file name is `regs->si`).
+    ExecAt,
 }
 
 /// What a probe reports, and how its hit is read.
@@ -213,7 +216,8 @@ pub enum ProbeKind {
     /// Signal generated or delivered.
     Signal(SignalHook),
     /// `__x64_sys_execve` or `__x64_sys_execveat`: an exec begins. It produces no event;
-    /// it arms the failed-exec return probe until every exec in flight has returned.
+    /// it opens the window of its failed-exec return probe (the engine arms that probe
+    /// until every exec in flight has returned: [`ArmSpec::window`]).
     ExecAttempt,
 }
 
@@ -227,7 +231,7 @@ impl ProbeKind {
             ProbeKind::Setid => EventKind::Setid,
             ProbeKind::Syscall(_) => EventKind::Syscall,
             ProbeKind::Return(ReturnHook::Syscall) => EventKind::SyscallReturn,
-            ProbeKind::Return(ReturnHook::Exec) => EventKind::ExecFailed,
+            ProbeKind::Return(ReturnHook::Exec | ReturnHook::ExecAt) => EventKind::ExecFailed,
             ProbeKind::Signal(SignalHook::SendLocked | SignalHook::SendLockedOuter) => {
                 EventKind::Signal
             }
@@ -255,10 +259,18 @@ pub struct ArmSpec {
     /// same on `regs->orig_ax`. An engine that cannot filter delivers every hit and the
     /// monitor drops the others (answering `Continue`).
     pub syscall_filter: Option<Vec<u32>>,
-    /// Armed when the guest starts; false for a probe the monitor arms only while it is
-    /// needed ([`crate::monitor::HitOutcome::arm`]): the failed-exec return probe, which
-    /// would otherwise cost every syscall of the run a filter test.
-    pub armed_at_start: bool,
+    /// Its part in a window ([`Window`]): a failed-exec return probe is armed by the engine
+    /// only while an exec is in flight (it would otherwise cost every syscall of the run a
+    /// filter test), from its attempt's hit (`Opens`) to its own (`Closes`); the session
+    /// closes the part of a task that exited inside ([`crate::monitor::HitOutcome::close`]).
+    pub window: Window,
+}
+
+impl ArmSpec {
+    /// Armed when the guest starts: all but the probes a window arms.
+    pub fn armed_at_start(&self) -> bool {
+        self.window != Window::Closes
+    }
 }
 
 /// A hook that was missing from the profile.
@@ -328,6 +340,18 @@ impl Builder<'_> {
     }
 
     fn push(&mut self, at: Gva, symbol: &str, kind: ProbeKind, hold: bool, f: Option<Vec<u32>>) {
+        self.push_id(at, symbol, kind, hold, f);
+    }
+
+    /// As [`Builder::push`], returning the new probe's id.
+    fn push_id(
+        &mut self,
+        at: Gva,
+        symbol: &str,
+        kind: ProbeKind,
+        hold: bool,
+        f: Option<Vec<u32>>,
+    ) -> ProbeId {
         let id = ProbeId(u32::try_from(self.specs.len()).unwrap_or(u32::MAX));
         self.specs.push(ArmSpec {
             id,
@@ -336,8 +360,9 @@ impl Builder<'_> {
             kind,
             hold,
             syscall_filter: f,
-            armed_at_start: true,
+            window: Window::None,
         });
+        id
     }
 
     /// A held probe on the entry function of each denied syscall not already probed
@@ -432,33 +457,33 @@ impl Builder<'_> {
             ),
         }
         if cfg.exec {
-            // The return probe, armed only while an exec is in flight: each attempt's
-            // entry function (held: the probe is armed before the attempt runs on).
-            let mut execs = Vec::new();
-            for name in ["execve", "execveat"] {
+            // Each exec syscall's return probe, armed only while an exec of it is in flight:
+            // its attempt's entry function opens the window, the return closes it. Neither
+            // holds: the return reads the file name and the result at the hit.
+            for (name, hook) in [
+                ("execve", ReturnHook::Exec),
+                ("execveat", ReturnHook::ExecAt),
+            ] {
                 let (Some(nr), sym) = (self.profile.syscall_nr(name), format!("__x64_sys_{name}"))
                 else {
                     continue;
                 };
-                match self.addr(&sym) {
-                    Some(entry) => {
-                        self.push(entry, &sym, ProbeKind::ExecAttempt, true, None);
-                        execs.push(nr);
-                    }
-                    None => self.warn(EventKind::ExecFailed, &sym, None),
-                }
-            }
-            if !execs.is_empty() {
-                // Not held: the attempt read the file name; the return value is read at the hit.
-                self.push(
+                let Some(entry) = self.addr(&sym) else {
+                    self.warn(EventKind::ExecFailed, &sym, None);
+                    continue;
+                };
+                let ret = self.push_id(
                     at,
                     EXIT,
-                    ProbeKind::Return(ReturnHook::Exec),
+                    ProbeKind::Return(hook),
                     cfg.hold_syscalls,
-                    Some(execs),
+                    Some(vec![nr]),
                 );
-                if let Some(last) = self.specs.last_mut() {
-                    last.armed_at_start = false;
+                let attempt = self.push_id(entry, &sym, ProbeKind::ExecAttempt, false, None);
+                for (id, window) in [(ret, Window::Closes), (attempt, Window::Opens(ret.0))] {
+                    if let Some(s) = self.specs.get_mut(id.0 as usize) {
+                        s.window = window;
+                    }
                 }
             }
         }

@@ -137,7 +137,7 @@ impl Session {
                 }
             }
         }
-        if cfg.results && !(caps.dispatcher_probes && caps.captures_at_hit) {
+        if cfg.results && !(caps.dispatcher_probes && caps.captures_at_hit && caps.probe_windows) {
             // syscall_exit_to_user_mode has no fentry site, and runs at every syscall: only
             // an engine that traps any instruction and filters at the hit can afford it.
             cfg.results = false;
@@ -240,29 +240,19 @@ impl Session {
             })?;
             // Placed (an engine that translates code knows the address from the start)
             // but off until the monitor asks for it.
-            if !spec.armed_at_start {
+            if !spec.armed_at_start() {
                 engine.disarm(spec.id)?;
             }
-            tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = req.capture.hold, deny = req.deny, armed = spec.armed_at_start, "armed");
+            tracing::debug!(probe = ?spec.id, symbol = %spec.symbol, at = %spec.at, hold = req.capture.hold, deny = req.deny, armed = spec.armed_at_start(), "armed");
         }
         Ok(())
     }
 
-    /// Arm and disarm what the monitor asked for at a hit, before its vCPU is answered.
-    fn rearm(&self, engine: &mut dyn Engine, arm: &[ProbeId], disarm: &[ProbeId]) {
-        let probes = self.monitor.probes();
-        for &id in arm {
-            let Some(spec) = probes.get(id) else { continue };
-            let armed = capture::request(spec, probes, &self.profile, self.caps, self.exec_acts)
-                .map_err(SessionError::from)
-                .and_then(|req| engine.arm(&req).map_err(SessionError::from));
-            if let Err(e) = armed {
-                tracing::warn!(probe = ?id, symbol = %spec.symbol, error = %e, "arming a probe failed");
-            }
-        }
-        for &id in disarm {
-            if let Err(e) = engine.disarm(id) {
-                tracing::warn!(probe = ?id, error = %e, "disarming a probe failed");
+    /// Close the window parts the monitor found left open (tasks that exited inside).
+    fn close_windows(&self, engine: &mut dyn Engine, close: &[ProbeId]) {
+        for &id in close {
+            if let Err(e) = engine.close_window(id) {
+                tracing::warn!(probe = ?id, error = %e, "closing a probe window failed");
             }
         }
     }
@@ -317,9 +307,7 @@ impl Session {
             match engine.next_event(Duration::from_millis(20))? {
                 EngineEvent::Hit(hit) => {
                     let (action, pause, out) = self.deliver_outcome(&hit);
-                    if !out.arm.is_empty() || !out.disarm.is_empty() {
-                        self.rearm(engine, &out.arm, &out.disarm);
-                    }
+                    self.close_windows(engine, &out.close);
                     if hit.held {
                         if let Err(e) = engine.answer(&hit, action) {
                             tracing::warn!(error = %e, ?action, "answering a held hit failed");

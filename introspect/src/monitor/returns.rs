@@ -1,6 +1,6 @@
 //! Syscall returns: the `syscall_return` and `exec_failed` events read at
 //! `syscall_exit_to_user_mode(regs)`, the pairing of watched syscalls' entries with their
-//! returns (by task), and the window in which the failed-exec return probe is armed.
+//! returns (by task), and the tasks inside an exec (whose window the engine keeps open).
 
 use super::reader::Reader;
 use super::{current_task, Monitor};
@@ -8,8 +8,8 @@ use crate::event::{errno_text, Event, ExecFailedEvent, SyscallReturnEvent, TaskH
 use crate::kernel::{is_kernel_address, Kernel};
 use crate::paging::PageRoot;
 use crate::probes::{ArmSpec, ExitHook, ProbeKind, ReturnHook, MEM_RET_AX, MEM_RET_ORIG_AX};
-use crate::task::TaskReader;
 use crate::vmem::VirtMem;
+use ornament_engine::wire::Window;
 use ornament_engine::{Gva, ProbeHit, ProbeId};
 
 /// Most watched syscalls in flight (one per task) remembered to pair with their returns.
@@ -23,18 +23,16 @@ pub(super) struct PendingCall {
     time_ns: u64,
 }
 
-/// The event of a return probe's hit (`task`: the header of the task current there;
-/// `exec_file`: for an exec's return, the file name its attempt passed, when the attempt
-/// was seen); `None` for a number outside the probe's filter (an engine that cannot filter
-/// delivers every hit), `orig_ax` -1 (a return from a signal handler: no syscall), or an
-/// exec that succeeded (that is the exec event's).
+/// The event of a return probe's hit (`task`: the header of the task current there);
+/// `None` for a number outside the probe's filter (an engine that cannot filter delivers
+/// every hit), `orig_ax` -1 (a return from a signal handler: no syscall), or an exec that
+/// succeeded (that is the exec event's).
 pub(super) fn build(
     r: &Reader<'_, '_, '_>,
     hook: ReturnHook,
     spec: &ArmSpec,
     task: TaskHeader,
     current: Option<Gva>,
-    exec_file: Option<Option<String>>,
     name_of: impl Fn(u32) -> Option<String>,
 ) -> Option<Event> {
     let hit = r.hit;
@@ -67,21 +65,18 @@ pub(super) fn build(
             errno: errno.map(errno_text),
             entry_time_ns: None,
         }),
-        ReturnHook::Exec => {
+        ReturnHook::Exec | ReturnHook::ExecAt => {
             let errno = errno?;
             let syscall = name.unwrap_or_else(|| format!("#{nr}"));
-            // execve(filename, ...): the bytes the probe read at the hit, at regs->di.
-            // Else (execveat(dirfd, filename, ...), or an engine without reads at the hit)
-            // what the attempt read, held; else memory now.
-            let at_hit = (syscall == "execve")
-                .then_some(hit.bytes.as_ref())
-                .flatten()
-                .and_then(|b| {
-                    let end = b.data.iter().position(|&c| c == 0)?;
-                    Some(crate::guest_text::decode(&b.data[..end]))
-                });
-            let filename = at_hit.or(exec_file.flatten()).or_else(|| {
-                let i = usize::from(syscall == "execveat");
+            // The file name (execve(filename, ...), execveat(dirfd, filename, ...)): the
+            // bytes the probe read at the hit; else (an engine without reads at the hit)
+            // from the caller's pt_regs and memory now.
+            let at_hit = hit.bytes.as_ref().and_then(|b| {
+                let end = b.data.iter().position(|&c| c == 0)?;
+                Some(crate::guest_text::decode(&b.data[..end]))
+            });
+            let filename = at_hit.or_else(|| {
+                let i = usize::from(hook == ReturnHook::ExecAt);
                 regs_now()
                     .map(|u| u.syscall_args()[i])
                     .zip(current)
@@ -99,28 +94,23 @@ pub(super) fn build(
 }
 
 impl Monitor {
-    /// Keep the failed-exec return probe armed while some task is inside an exec: an
-    /// attempt's entry (held) opens the window (arming the probe when it was closed) and
-    /// records the file name the attempt passes; the return or the exit of the last task
-    /// inside closes it, a return taking its task's file name into `exec_file` for its
-    /// event. (probes to arm, probes to disarm).
+    /// Follow the tasks inside an exec: an attempt's entry opens its window (the engine
+    /// arms the return probe, [`Window::Opens`]), the return closes it (the engine again),
+    /// and a task that exits inside never returns: its part is closed here, the window to
+    /// close returned for the session to tell the engine.
     pub(super) fn exec_window(
         &mut self,
         kind: ProbeKind,
+        window: Window,
         hit: &ProbeHit,
-    ) -> (Vec<ProbeId>, Vec<ProbeId>) {
-        let none = (Vec::new(), Vec::new());
-        let Some(window) = self.exec_window else {
-            return none;
+    ) -> Vec<ProbeId> {
+        let opens = match (kind, window) {
+            (ProbeKind::ExecAttempt, Window::Opens(w)) => Some(ProbeId(w)),
+            _ => None,
         };
-        let opens = kind == ProbeKind::ExecAttempt;
-        let closes = matches!(
-            kind,
-            ProbeKind::Return(ReturnHook::Exec) | ProbeKind::Exit(_)
-        );
-        let closing = closes && !self.in_exec.is_empty();
-        if !opens && !closing {
-            return none;
+        let closes = matches!(kind, ProbeKind::Return(_) | ProbeKind::Exit(_));
+        if opens.is_none() && (!closes || self.in_exec.is_empty()) {
+            return Vec::new();
         }
         let kernel = Kernel::new(&*self.mem, &self.profile, self.layout);
         let vm = VirtMem::new(
@@ -134,42 +124,24 @@ impl Monitor {
             _ => current_task(&kernel, &vm, hit).0,
         };
         let Some(task) = task else {
-            return none;
+            return Vec::new();
         };
-        if opens {
-            // The attempt holds its vCPU: the file name it passes is read now, from the
-            // pt_regs of __x64_sys_execve(regs) (execve(filename, ...), execveat(dirfd,
-            // filename, ...)). For execve the return probe's own read at the hit comes
-            // first (a name in a page not yet faulted in reads only there); this one serves
-            // execveat, and execve when that read failed.
-            let reader = TaskReader::from_offsets(&kernel, self.task_off, self.limits);
-            let r = Reader {
-                reader: &reader,
-                vm: &vm,
-                hit,
-                euid_at_hit: false,
-            };
-            let execveat = self.profile.syscall_nr("execveat").map(u64::from);
-            let file = Some(Gva(hit.regs.rdi))
-                .filter(|&g| is_kernel_address(g))
-                .and_then(|p| reader.regs_at(&vm, p).ok())
-                .map(|u| u.syscall_args()[usize::from(Some(u.orig_ax) == execveat)])
-                .and_then(|p| r.user_string(task, p));
-            let was_closed = self.in_exec.is_empty();
+        match (opens, kind) {
             // Bounded by the guest's tasks: each is in at most once.
-            self.in_exec.insert(task, file);
-            return (
-                if was_closed { vec![window] } else { Vec::new() },
-                Vec::new(),
-            );
-        }
-        if let Some(file) = self.in_exec.remove(&task) {
-            self.exec_file = Some(file);
-            if self.in_exec.is_empty() {
-                return (Vec::new(), vec![window]);
+            (Some(w), _) => {
+                self.in_exec.insert(task, w);
             }
+            (None, ProbeKind::Return(ReturnHook::Exec | ReturnHook::ExecAt)) => {
+                self.in_exec.remove(&task);
+            }
+            (None, ProbeKind::Exit(_)) => {
+                if let Some(w) = self.in_exec.remove(&task) {
+                    return vec![w];
+                }
+            }
+            _ => {}
         }
-        none
+        Vec::new()
     }
 
     /// Pair watched syscalls' entries and returns by task: an entry is remembered, a return

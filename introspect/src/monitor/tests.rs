@@ -8,6 +8,7 @@ use crate::ornament::{DenySyscalls, Ornament};
 use crate::probes::{ForkHook, ReturnHook, SyscallWatch, WatchConfig};
 use crate::task::UserRegs;
 use crate::testing::{committed_profiles, SynthConfig, SynthGuest, TaskSpec, USER_ARGS};
+use ornament_engine::wire::Window;
 use ornament_engine::{Gpa, MemError, ProbeId};
 
 /// Guest memory shared between the test and the monitor.
@@ -598,7 +599,15 @@ fn with_reads(w: &World, s: &ArmSpec, mut h: ProbeHit) -> ProbeHit {
     // plugin reads it through CR3 of the task that runs exec.
     let b = crate::probes::hit_bytes(s.kind);
     h.bytes = b.range(|i| vals[i]).map(|(start, n, cut)| {
-        let mm = vals[crate::probes::MEM_EXEC_MM].expect("mm");
+        // Exec's own read of the new mm; else the current task's (a failed exec's name).
+        let mm = match s.kind {
+            ProbeKind::Exec(_) => vals[crate::probes::MEM_EXEC_MM].expect("mm"),
+            _ => {
+                let cur = vals[crate::probes::MEM_CURRENT_TASK].expect("current");
+                let off = w.g.off("task_struct", "mm").expect("mm");
+                w.g.read_u64(Gva(cur).wrapping_add(off)).expect("mm")
+            }
+        };
         let pgd =
             w.g.read_u64(Gva(mm).wrapping_add(w.g.off("mm_struct", "pgd").expect("pgd")))
                 .expect("pgd");
@@ -783,11 +792,11 @@ fn syscall_returns_pair_with_their_entries_and_failed_execs() {
         );
         let ret = spec(&m, |s| s.kind == ProbeKind::Return(ReturnHook::Syscall));
         let exec = spec(&m, |s| s.kind == ProbeKind::Return(ReturnHook::Exec));
+        let exec_at = spec(&m, |s| s.kind == ProbeKind::Return(ReturnHook::ExecAt));
         assert_eq!(ret.syscall_filter, Some(vec![openat, mkdirat]));
-        assert_eq!(
-            exec.syscall_filter,
-            Some(vec![execve, p.syscall_nr("execveat").expect("nr")])
-        );
+        assert_eq!(exec.syscall_filter, Some(vec![execve]));
+        let execveat = p.syscall_nr("execveat").expect("nr");
+        assert_eq!(exec_at.syscall_filter, Some(vec![execveat]));
         assert!(!ret.hold && !exec.hold, "returns are read at the hit");
         let entry = spec(&m, |s| {
             s.kind == ProbeKind::Syscall(SyscallHook::Function { nr: mkdirat })
@@ -860,58 +869,76 @@ fn syscall_returns_pair_with_their_entries_and_failed_execs() {
             (None, mkdirat, Some(200))
         );
         assert!(matches!(out.events[1], Event::Exit(_)));
-        // The failed-exec probe is armed only while an exec is in flight: the attempt
-        // (held, at __x64_sys_execve) opens the window and reads the file name, the last
-        // return closes it, and so does the exit of a task that died inside its exec.
-        assert!(!exec.armed_at_start);
+        // The failed-exec probes are armed only while an exec is in flight: each attempt
+        // (not held) opens its own return probe's window, which the engine keeps; the
+        // monitor only closes the part of a task that died inside its exec.
+        assert_eq!(
+            (exec.window, exec_at.window),
+            (Window::Closes, Window::Closes)
+        );
+        assert!(!exec.armed_at_start() && ret.armed_at_start());
         let attempt = spec(&m, |s| {
             s.kind == ProbeKind::ExecAttempt && s.symbol == "__x64_sys_execve"
         });
-        assert!(attempt.hold);
-        let file = USER_ARGS + 6;
+        let attempt_at = spec(&m, |s| {
+            s.kind == ProbeKind::ExecAttempt && s.symbol == "__x64_sys_execveat"
+        });
+        assert_eq!(attempt.window, Window::Opens(exec.id.0));
+        assert_eq!(attempt_at.window, Window::Opens(exec_at.id.0));
+        assert!(!attempt.hold && !attempt_at.hold);
         regs = UserRegs {
-            di: file,
+            di: USER_ARGS + 6,
             orig_ax: u64::from(execve),
             ..UserRegs::default()
         };
         w.g.write_user_regs(w.child, &regs).expect("pt_regs");
         let out = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
-        assert!(out.events.is_empty());
-        assert_eq!((out.arm, out.disarm), (vec![exec.id], vec![]));
-        let again = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
-        assert!(again.arm.is_empty(), "already open");
-        // It fails with ENOENT: an exec_failed with the name the attempt passed (the
-        // buffer has changed since: the name is the attempt's), and the window closes.
+        assert!(out.events.is_empty() && out.close.is_empty());
+        // It fails with ENOENT: an exec_failed with the name read at the hit (regs->di),
+        // else from the caller's memory.
         regs.ax = (-2i64) as u64;
-        regs.di = 0x1000;
         w.g.write_user_regs(w.child, &regs).expect("pt_regs");
-        let out = m.on_hit(&hit(w, &exec, pt.raw(), 0));
-        assert_eq!((&out.arm, &out.disarm), (&vec![], &vec![exec.id]));
-        assert_eq!(
-            one(out),
+        let want = |filename: &str, syscall: &str| {
             Event::ExecFailed(ExecFailedEvent {
                 task: header(11, 11, 10, "mkdir", 1000),
-                syscall: "execve".into(),
-                filename: Some("/tmp/newdir".into()),
+                syscall: syscall.into(),
+                filename: Some(filename.into()),
                 errno: 2,
                 errno_name: "ENOENT".into(),
             })
+        };
+        let at_hit = with_reads(w, &exec, hit(w, &exec, pt.raw(), 0));
+        assert_eq!(at_hit.mem[crate::probes::MEM_RET_NAME], Some(USER_ARGS + 6));
+        let out = m.on_hit(&at_hit);
+        assert!(out.close.is_empty());
+        assert_eq!(one(out), want("/tmp/newdir", "execve"));
+        assert_eq!(
+            one(m.on_hit(&hit(w, &exec, pt.raw(), 0))),
+            want("/tmp/newdir", "execve")
         );
-        // One that succeeds (ret 0) gives nothing here; a return whose attempt was not
-        // seen has no file name.
+        // execveat(dirfd, filename, ...): the name is regs->si.
+        regs = UserRegs {
+            di: 3,
+            si: USER_ARGS + 6,
+            ax: (-2i64) as u64,
+            orig_ax: u64::from(execveat),
+            ..UserRegs::default()
+        };
+        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
+        let at_hit = with_reads(w, &exec_at, hit(w, &exec_at, pt.raw(), 0));
+        assert_eq!(one(m.on_hit(&at_hit)), want("/tmp/newdir", "execveat"));
+        // One that succeeds (ret 0) gives nothing here.
         regs.ax = 0;
         w.g.write_user_regs(w.child, &regs).expect("pt_regs");
-        let _ = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
-        assert!(m.on_hit(&hit(w, &exec, pt.raw(), 0)).events.is_empty());
-        regs.ax = (-13i64) as u64;
-        w.g.write_user_regs(w.child, &regs).expect("pt_regs");
-        let Event::ExecFailed(e) = one(m.on_hit(&hit(w, &exec, pt.raw(), 0))) else {
-            panic!("exec_failed");
-        };
-        assert_eq!((e.filename, e.errno_name.as_str()), (None, "EACCES"));
-        let _ = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
+        assert!(m.on_hit(&hit(w, &exec_at, pt.raw(), 0)).events.is_empty());
+        // A task that dies inside its exec: the session is told to close its part.
+        let _ = m.on_hit(&hit(w, &attempt_at, pt.raw(), 0));
         let out = m.on_hit(&hit(w, &exit, w.child.raw(), 0));
-        assert_eq!(out.disarm, vec![exec.id], "the task died inside its exec");
+        assert_eq!(out.close, vec![exec_at.id], "the task died inside its exec");
+        // A task that returned is not closed again.
+        let _ = m.on_hit(&hit(w, &attempt, pt.raw(), 0));
+        let _ = m.on_hit(&hit(w, &exec, pt.raw(), 0));
+        assert!(m.on_hit(&hit(w, &exit, w.child.raw(), 0)).close.is_empty());
         w.g.set_current(VCPU, w.parent).expect("current");
     });
 }

@@ -84,13 +84,14 @@ pub const MEM_EXEC_PWD_PARENT: usize = 20;
 /// value the syscall returns, ...
 pub const MEM_RET_AX: usize = 0;
 /// ... and `[1]` `regs->orig_ax`, the syscall's number (what their filter tests); with the
-/// caller's header at `MEM_HDR_*`. The failed-exec probe also reads `[2]` `regs->di`
-/// (`execve`'s file name), and the name itself as its byte range ([`MAX_EXEC_NAME_AT_HIT`]
-/// bytes from there, cut at the NUL by the reader): the kernel's own copy of it has been
-/// freed by then, and the user's may change once the task runs on.
+/// caller's header at `MEM_HDR_*`. The failed-exec probes also read `[2]` the file-name
+/// argument (`regs->di` of `execve`, `regs->si` of `execveat`), and the name itself as
+/// their byte range ([`MAX_EXEC_NAME_AT_HIT`] bytes from there, cut at the NUL by the
+/// reader): the kernel's own copy of it has been freed by then, and the user's may change
+/// once the task runs on.
 pub const MEM_RET_ORIG_AX: usize = 1;
-/// `regs->di` at the failed-exec probe.
-pub const MEM_RET_DI: usize = 2;
+/// The file-name argument at a failed-exec probe.
+pub const MEM_RET_NAME: usize = 2;
 /// Most bytes of the file name the failed-exec probe reads (`PATH_MAX`).
 pub const MAX_EXEC_NAME_AT_HIT: u32 = 4096;
 /// Signal-generation probes (`__send_signal_locked`) read the target (rdx):
@@ -170,9 +171,9 @@ pub fn hit_bytes(kind: ProbeKind) -> BytesRead {
             end: u8::try_from(MEM_EXEC_ARG_END).unwrap_or(u8::MAX),
             max: MAX_ARGV_BYTES_AT_HIT,
         },
-        ProbeKind::Return(ReturnHook::Exec) => BytesRead {
-            start: u8::try_from(MEM_RET_DI).unwrap_or(u8::MAX),
-            end: u8::try_from(MEM_RET_DI).unwrap_or(u8::MAX),
+        ProbeKind::Return(ReturnHook::Exec | ReturnHook::ExecAt) => BytesRead {
+            start: u8::try_from(MEM_RET_NAME).unwrap_or(u8::MAX),
+            end: u8::try_from(MEM_RET_NAME).unwrap_or(u8::MAX),
             max: MAX_EXEC_NAME_AT_HIT,
         },
         _ => BytesRead::default(),
@@ -250,8 +251,13 @@ pub fn hit_reads(
             m[MEM_RET_AX] = MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", "ax")?, 8);
             m[MEM_RET_ORIG_AX] =
                 MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", "orig_ax")?, 8);
-            if kind == ProbeKind::Return(ReturnHook::Exec) {
-                m[MEM_RET_DI] = MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", "di")?, 8);
+            let name_arg = match kind {
+                ProbeKind::Return(ReturnHook::Exec) => Some("di"),
+                ProbeKind::Return(ReturnHook::ExecAt) => Some("si"),
+                _ => None,
+            };
+            if let Some(arg) = name_arg {
+                m[MEM_RET_NAME] = MemRead::at_reg(Reg::Rdi, profile.offset("pt_regs", arg)?, 8);
             }
             header(
                 &mut m,

@@ -171,6 +171,7 @@ fn hit_reads_layout() {
             ProbeKind::Syscall(SyscallHook::DoSyscall64),
             ProbeKind::Return(ReturnHook::Syscall),
             ProbeKind::Return(ReturnHook::Exec),
+            ProbeKind::Return(ReturnHook::ExecAt),
             ProbeKind::Signal(SignalHook::SendLocked),
             ProbeKind::Signal(SignalHook::SendLockedOuter),
             ProbeKind::Signal(SignalHook::Handler),
@@ -203,7 +204,7 @@ fn hit_reads_layout() {
                 ProbeKind::Syscall(_) => 16,
                 // ax, orig_ax, the current task and its header (and di for an exec).
                 ProbeKind::Return(ReturnHook::Syscall) => 12,
-                ProbeKind::Return(ReturnHook::Exec) => 13,
+                ProbeKind::Return(ReturnHook::Exec | ReturnHook::ExecAt) => 13,
                 // The current task and its header, and: the target's pid, tgid, comm and the
                 // siginfo's code and fields; ksig->sig; the current task again, its signal,
                 // that one's flags and group exit code.
@@ -243,10 +244,12 @@ fn hit_reads_layout() {
                     (m[MEM_EXEC_PWD_HASH].base, m[MEM_EXEC_PWD_PARENT].base),
                     (d, d)
                 );
-            } else if kind == ProbeKind::Return(ReturnHook::Exec) {
-                // The file name: a C string at regs->di.
+            } else if let ProbeKind::Return(hook @ (ReturnHook::Exec | ReturnHook::ExecAt)) = kind {
+                // The file name: a C string at regs->di (execve) or regs->si (execveat).
                 assert_eq!((b.start, b.end), (2, 2));
                 assert_eq!(m[2].base, MemBase::Reg(Reg::Rdi));
+                let arg = if hook == ReturnHook::Exec { "di" } else { "si" };
+                assert_eq!(m[2].offset, p.offset("pt_regs", arg).expect("arg"));
                 assert_eq!(b.max, MAX_EXEC_NAME_AT_HIT);
             } else {
                 assert!(!b.is_some(), "{kind:?}");

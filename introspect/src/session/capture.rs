@@ -70,6 +70,7 @@ pub fn request(
         capture = capture.with_filter_on(filter_on(spec.kind), &nrs);
     }
     capture.hold = hold;
+    capture.window = spec.window;
     let denies = !probes.deniable().is_empty() && spec.hold;
     let deny = denies
         && match (caps.deny_at, spec.kind) {

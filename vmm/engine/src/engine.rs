@@ -97,6 +97,9 @@ pub struct Capabilities {
     pub captures_at_hit: bool,
     /// The engine can stop the whole guest and let it go on ([`Engine::pause`]).
     pub pause: bool,
+    /// The engine arms and disarms probes in windows by itself
+    /// ([`Window`](crate::wire::Window), [`Engine::close_window`]).
+    pub probe_windows: bool,
 }
 
 /// One probe the session wants: where, what to capture, and whether it must hold.
@@ -179,6 +182,11 @@ pub trait Engine: Send {
     fn arm(&mut self, probe: &ProbeRequest) -> Result<(), EngineError>;
     /// Disarm a probe.
     fn disarm(&mut self, probe: ProbeId) -> Result<(), EngineError>;
+    /// One task left probe `probe`'s window without its closing hit (it exited inside):
+    /// only engines with [`Capabilities::probe_windows`].
+    fn close_window(&mut self, _probe: ProbeId) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("probe windows"))
+    }
     /// Give the kernel facts a [`DenyAt::Dispatcher`] engine needs; others ignore them.
     fn enable_deny(&mut self, _offsets: &DenyOffsets) -> Result<(), EngineError> {
         Ok(())

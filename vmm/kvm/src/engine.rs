@@ -589,6 +589,7 @@ impl Engine for KvmEngine {
             dispatcher_probes: false,
             captures_at_hit: false,
             pause: true,
+            probe_windows: false,
         }
     }
 

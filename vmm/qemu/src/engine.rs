@@ -389,12 +389,14 @@ impl Engine for QemuEngine {
                 dispatcher_probes: true,
                 captures_at_hit: true,
                 pause: true,
+                probe_windows: true,
             },
             Backend::Gdbstub { .. } => Capabilities {
                 deny_at: DenyAt::Nowhere,
                 dispatcher_probes: false,
                 captures_at_hit: false,
                 pause: true,
+                probe_windows: false,
             },
         }
     }
@@ -458,6 +460,16 @@ impl Engine for QemuEngine {
                 by_addr.insert(probe.at.raw(), probe.id);
                 Ok(())
             }
+        }
+    }
+
+    fn close_window(&mut self, probe: ProbeId) -> Result<(), EngineError> {
+        match &mut self.backend {
+            Backend::Plugin { link, .. } => link.close_window(probe).map_err(|e| match e {
+                PluginLinkError::NoSuchProbe(p) => EngineError::NoSuchProbe(p),
+                e => EngineError::backend(e),
+            }),
+            Backend::Gdbstub { .. } => Err(EngineError::Unsupported("probe windows")),
         }
     }
 

@@ -491,6 +491,17 @@ impl PluginLink {
         Ok(())
     }
 
+    /// Close one task's part of probe `probe`'s window (it will never make the closing hit).
+    pub fn close_window(&mut self, probe: ProbeId) -> Result<(), PluginLinkError> {
+        if !self.armed.contains_key(&probe) {
+            return Err(PluginLinkError::NoSuchProbe(probe));
+        }
+        if self.connected() {
+            self.send(&Msg::CloseWindow(DisarmRecord { probe: probe.0 }))?;
+        }
+        Ok(())
+    }
+
     /// Allow [`Action::DenySyscall`] answers: `ram` is the guest's shared RAM. Sends the
     /// internal `syscall_exit_to_user_mode` probe as a disabled candidate.
     pub fn enable_deny(

@@ -6,7 +6,7 @@ use crate::guestmem::{self, CR4_LA57};
 use crate::state::{mono_ns, ProbeConf, ProbeSlot, State, Vcpu, STATE};
 use ornament_engine::wire::{
     self, FilterOn, HitBytes, MemBase, MemRead, PluginErrorCode, ProbeSpec, RamPaging, Reg,
-    RegMask, HIT_HELD, MAX_MEM_READS,
+    RegMask, Window, HIT_HELD, MAX_MEM_READS,
 };
 use std::ffi::c_uint;
 use std::sync::atomic::Ordering;
@@ -278,6 +278,12 @@ fn hit_one(s: &State, vcpu_index: c_uint, conf: &ProbeConf, last_filter: &mut Fi
             return dropped();
         }
         Some(FilterOn::Mem(_)) | None => {}
+    }
+    // A hit that passed its filter opens or closes its window before the vCPU runs on.
+    match spec.window {
+        Window::None => {}
+        Window::Opens(w) => s.open_window(w),
+        Window::Closes => s.close_window(conf.probe),
     }
     let t_start = mono_ns();
     let mut vals = [0u64; Reg::COUNT];

@@ -72,6 +72,7 @@ pub(crate) fn reader_loop(mut sock: FdReader) {
             }
             Ok(Ok(Msg::Arm(a))) => s.apply_arm(&a),
             Ok(Ok(Msg::Disarm(d))) => s.apply_disarm(d.probe),
+            Ok(Ok(Msg::CloseWindow(d))) => s.close_window(d.probe),
             Ok(Ok(Msg::Answer(a))) => s.apply_answer(&a),
             Ok(Ok(Msg::Ram(r))) => s.apply_ram(&r, sock.fd.take()),
             Ok(Ok(_)) => {}

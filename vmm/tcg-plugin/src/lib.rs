@@ -145,6 +145,7 @@ fn install(id: PluginId, info: &QemuInfo, argv: &[&str]) -> Result<(), InstallEr
         stall_ns: AtomicU64::new(0),
         by_addr: RwLock::new(HashMap::new()),
         by_id: Mutex::new(HashMap::new()),
+        windows: Mutex::new(HashMap::new()),
         vcpus: (0..nvcpus).map(|_| Vcpu::new()).collect(),
         host_gone: AtomicBool::new(false),
         flush_wanted: AtomicBool::new(false),

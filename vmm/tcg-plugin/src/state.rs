@@ -29,12 +29,12 @@ pub(crate) struct ProbeSlot {
 }
 
 impl ProbeSlot {
-    /// Switch probe `probe` off here, if it is here.
-    fn disable(&self, probe: u32) {
+    /// Switch probe `probe` on or off here, if it is here.
+    fn set_enabled(&self, probe: u32, on: bool) {
         let mut confs = self.confs.write().unwrap_or_else(|p| p.into_inner());
         for c in confs.iter_mut().flatten() {
             if c.probe == probe {
-                c.enabled = false;
+                c.enabled = on;
             }
         }
     }
@@ -96,6 +96,10 @@ pub(crate) struct State {
     /// Probe table by address; slots are leaked so callbacks can hold `&'static` to them.
     pub(crate) by_addr: RwLock<HashMap<u64, &'static ProbeSlot>>,
     pub(crate) by_id: Mutex<HashMap<u32, u64>>,
+    /// Tasks inside each window, by the window's probe
+    /// ([`Window`](ornament_engine::wire::Window)). Lock order: `windows`
+    /// before `by_id`.
+    pub(crate) windows: Mutex<HashMap<u32, u64>>,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) host_gone: AtomicBool,
     pub(crate) flush_wanted: AtomicBool,
@@ -223,7 +227,7 @@ impl State {
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&old)
                 {
-                    slot.disable(a.probe);
+                    slot.set_enabled(a.probe, false);
                 }
             }
         }
@@ -259,6 +263,10 @@ impl State {
     }
 
     pub(crate) fn apply_disarm(&self, probe: u32) {
+        self.set_enabled(probe, false);
+    }
+
+    fn set_enabled(&self, probe: u32, on: bool) {
         let ids = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(addr) = ids.get(&probe) {
             if let Some(slot) = self
@@ -267,7 +275,31 @@ impl State {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(addr)
             {
-                slot.disable(probe);
+                slot.set_enabled(probe, on);
+            }
+        }
+    }
+
+    /// One more task inside probe `window`'s window: the first arms it. Done in the hit's
+    /// callback, so the probe is on before the vCPU runs on.
+    pub(crate) fn open_window(&self, window: u32) {
+        let mut open = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(window).or_insert(0);
+        *n = n.saturating_add(1);
+        if *n == 1 {
+            self.set_enabled(window, true);
+        }
+    }
+
+    /// One task fewer inside probe `window`'s window (its closing hit, or the host's word
+    /// that it exited inside): the last disarms it. A close with none open does nothing.
+    pub(crate) fn close_window(&self, window: u32) {
+        let mut open = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&window) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&window);
+                self.set_enabled(window, false);
             }
         }
     }

@@ -207,3 +207,60 @@ fn unanswered_hold_times_out_and_is_reported() {
         10
     );
 }
+
+/// A window: each `getppid` entry opens the window of a return probe at
+/// `syscall_exit_to_user_mode` (filtered on `orig_ax` to getppid and getpid), which the
+/// plugin arms at once and disarms at the matching return. So every getppid call is seen
+/// returning, and the marker's getpid, made with no window open, never is (a probe left
+/// armed would see it); the return probe starts disarmed.
+#[test]
+fn a_window_arms_its_probe_from_opening_to_closing_hits() {
+    use ornament_engine::wire::{FilterOn, MemRead, Window};
+    use ornament_engine::ProbeId;
+    const P_WIN: ProbeId = ProbeId(13);
+    let e = require!(INPUTS, env());
+    let p = e
+        .profile
+        .as_ref()
+        .unwrap_or_else(|| panic!("no committed profile for kernel {}", e.release));
+    let orig_ax = profile_offset(p, "pt_regs", "orig_ax");
+    let (getppid, getpid) = (110u64, 39u64);
+    let o = run(
+        &e,
+        "window",
+        2,
+        "mark getppid 300 mark getppid 200 mark",
+        |l, _| {
+            e.arm_mark(l, RegMask::NONE);
+            let mut open = ProbeSpec::regs(RegMask::of(&[Reg::Rip]));
+            open.window = Window::Opens(P_WIN.0);
+            e.arm_getppid(l, open);
+            let mut ret = ProbeSpec::regs(RegMask::of(&[Reg::Rdi]))
+                .with_filter_on(FilterOn::Mem(0), &[getppid, getpid]);
+            ret.mem[0] = MemRead::at_reg(Reg::Rdi, orig_ax, 8);
+            ret.window = Window::Closes;
+            l.add_candidate(P_WIN, e.sym("syscall_exit_to_user_mode"), ret)
+                .expect("window probe");
+        },
+        |_, _| Action::Continue,
+    );
+    let count = |id| o.hits.iter().filter(|h| h.hit.probe == id).count();
+    let returns: Vec<u64> = o
+        .hits
+        .iter()
+        .filter(|h| h.hit.probe == P_WIN)
+        .map(|h| h.hit.mem[0].expect("orig_ax"))
+        .collect();
+    assert_eq!(count(P_MARK), 3, "three marks");
+    assert_eq!(count(P_GETPPID), 500, "getppid entries");
+    assert_eq!(returns.len(), 500, "one return per getppid entry");
+    assert!(
+        returns.iter().all(|&nr| nr == getppid),
+        "a return seen outside any window: {:?}",
+        returns
+            .iter()
+            .filter(|&&nr| nr != getppid)
+            .collect::<Vec<_>>()
+    );
+    eprintln!("window: 500 getppid entries, 500 returns, 0 of the 3 getpid returns");
+}

@@ -3,7 +3,7 @@
 use super::{
     hit_len, AnswerRecord, ArmRecord, ByeRecord, BytesRead, DisarmRecord, ErrorRecord, FilterOn,
     Hello, HitBytes, HitRecord, MemBase, MemRead, Msg, MsgKind, ProbeSpec, RamPaging, RamRecord,
-    RamRegion, Reg, RegMask, VcpuInitRecord, WireError, FILTER_BITS, HEADER_LEN, HIT_BYTES,
+    RamRegion, Reg, RegMask, VcpuInitRecord, Window, WireError, FILTER_BITS, HEADER_LEN, HIT_BYTES,
     HIT_HEAD_LEN, MAX_BYTES_READ, MAX_MEM_READS, MAX_MEM_READ_LEN, MAX_RAM_REGIONS, MAX_RECORD_LEN,
 };
 
@@ -193,6 +193,12 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
                 };
             }
             let f = r.bytes8()?;
+            let window = match f[3] {
+                0 => Window::None,
+                1 => Window::Opens(u32::from_le_bytes([f[4], f[5], f[6], f[7]])),
+                2 => Window::Closes,
+                _ => return Err(WireError::BadField("window")),
+            };
             let filter = match f[0] {
                 0 => None,
                 1 => Some(FilterOn::Reg(
@@ -227,10 +233,12 @@ pub fn decode(buf: &[u8]) -> Result<(Msg, usize), WireError> {
                     filter,
                     filter_bits,
                     bytes,
+                    window,
                 },
             })
         }
         MsgKind::Disarm => Msg::Disarm(DisarmRecord { probe: r.u32()? }),
+        MsgKind::CloseWindow => Msg::CloseWindow(DisarmRecord { probe: r.u32()? }),
         MsgKind::Answer => Msg::Answer(AnswerRecord {
             vcpu: r.u32()?,
             action: r.u32()?,

@@ -1,7 +1,7 @@
 //! Records to bytes: [`Msg::encode`] and the hit-record pieces the plugin writes in place.
 
 use super::{
-    FilterOn, MemBase, Msg, MsgKind, RamPaging, RegMask, ARM_LEN, HIT_BYTES, HIT_HEAD_LEN,
+    FilterOn, MemBase, Msg, MsgKind, RamPaging, RegMask, Window, ARM_LEN, HIT_BYTES, HIT_HEAD_LEN,
     MAX_RAM_REGIONS, RAM_LEN,
 };
 
@@ -153,7 +153,13 @@ impl Msg {
                     None => (0, 0),
                 };
                 let hold = u8::from(a.spec.hold);
-                out.extend_from_slice(&[has, reg, hold, 0, 0, 0, 0, 0]);
+                let (window, opens) = match a.spec.window {
+                    Window::None => (0u8, 0u32),
+                    Window::Opens(p) => (1, p),
+                    Window::Closes => (2, 0),
+                };
+                let o = opens.to_le_bytes();
+                out.extend_from_slice(&[has, reg, hold, window, o[0], o[1], o[2], o[3]]);
                 for w in &a.spec.filter_bits {
                     put_u64(out, *w);
                 }
@@ -163,6 +169,11 @@ impl Msg {
             }
             Msg::Disarm(d) => {
                 put_header(out, MsgKind::Disarm, 0, 16);
+                put_u32(out, d.probe);
+                put_u32(out, 0);
+            }
+            Msg::CloseWindow(d) => {
+                put_header(out, MsgKind::CloseWindow, 0, 16);
                 put_u32(out, d.probe);
                 put_u32(out, 0);
             }

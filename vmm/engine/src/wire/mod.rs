@@ -36,7 +36,7 @@ mod tests;
 
 pub use decode::{decode, decode_header, Header};
 pub use encode::{hit_len, put_hit_bytes, put_hit_head, put_hit_value};
-pub use probe::{BytesRead, FilterOn, MemBase, MemRead, ProbeSpec, ARM_ENABLED};
+pub use probe::{BytesRead, FilterOn, MemBase, MemRead, ProbeSpec, Window, ARM_ENABLED};
 pub use record::{
     mem_value, AnswerRecord, ArmRecord, ByeRecord, DisarmRecord, ErrorRecord, Hello, HitBytes,
     HitRecord, PluginErrorCode, RamPaging, RamRecord, RamRegion, VcpuInitRecord, HIT_BYTES,
@@ -45,7 +45,7 @@ pub use record::{
 pub use reg::{Reg, RegMask};
 
 /// Version of this format; the plugin sends it in [`Hello`] and the host checks it.
-pub const WIRE_VERSION: u32 = 5;
+pub const WIRE_VERSION: u32 = 6;
 /// Size of the common record header.
 pub const HEADER_LEN: usize = 8;
 /// Largest record: a hit with every register, every memory read and the largest byte range.
@@ -120,6 +120,9 @@ pub enum MsgKind {
     /// Host to plugin: guest RAM's layout, with the RAM file descriptor attached,
     /// [`RamRecord`].
     Ram = 0x105,
+    /// Host to plugin: one task left probe `probe`'s window without its closing hit (it
+    /// exited inside), [`DisarmRecord`] naming the window's probe (see [`Window`]).
+    CloseWindow = 0x106,
 }
 
 impl MsgKind {
@@ -136,6 +139,7 @@ impl MsgKind {
             0x103 => Self::Answer,
             0x104 => Self::Go,
             0x105 => Self::Ram,
+            0x106 => Self::CloseWindow,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -153,6 +157,7 @@ impl MsgKind {
             Self::Answer => Some(24),
             Self::Go => Some(8),
             Self::Ram => Some(RAM_LEN),
+            Self::CloseWindow => Some(16),
         }
     }
 }
@@ -171,4 +176,5 @@ pub enum Msg {
     Answer(AnswerRecord),
     Go,
     Ram(RamRecord),
+    CloseWindow(DisarmRecord),
 }

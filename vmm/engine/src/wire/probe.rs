@@ -104,6 +104,23 @@ pub enum FilterOn {
 /// does nothing).
 pub const ARM_ENABLED: u32 = 1 << 0;
 
+/// A probe's part in a window: a probe armed (by the plugin itself, with no round trip to
+/// the host) from the first hit of an opening probe until as many of its own hits have
+/// closed it, or the host closed them for tasks that will never make that hit
+/// ([`Msg::CloseWindow`](super::Msg::CloseWindow)). Used for the failed-exec return probe,
+/// which would cost every syscall a filter test if it were always on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Window {
+    /// No window.
+    #[default]
+    None,
+    /// Each reported hit opens one more of the window of probe `0`, arming it.
+    Opens(u32),
+    /// Each reported hit (one that passed the filter) closes one of this probe's own
+    /// window; the last disarms it.
+    Closes,
+}
+
 /// What a probe reads and does: everything the plugin needs to know about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ProbeSpec {
@@ -121,6 +138,8 @@ pub struct ProbeSpec {
     pub filter_bits: [u64; FILTER_BITS / 64],
     /// A byte range read after the memory reads (none by default).
     pub bytes: BytesRead,
+    /// Its part in a window (none by default).
+    pub window: Window,
 }
 
 impl ProbeSpec {

@@ -216,6 +216,29 @@ fn every_kind_round_trips() {
         spec: sample_spec(),
     }));
     round_trip(Msg::Disarm(DisarmRecord { probe: 42 }));
+    round_trip(Msg::CloseWindow(DisarmRecord { probe: 43 }));
+    for window in [Window::Opens(7), Window::Closes] {
+        round_trip(Msg::Arm(ArmRecord {
+            probe: 8,
+            addr: 0xffff_ffff_819f_9cc0,
+            flags: 0,
+            spec: ProbeSpec {
+                window,
+                ..sample_spec()
+            },
+        }));
+    }
+    // A window role the format does not have.
+    let mut b = Msg::Arm(ArmRecord {
+        probe: 8,
+        addr: 0,
+        flags: 0,
+        spec: ProbeSpec::default(),
+    })
+    .to_bytes();
+    let filter_row = HEADER_LEN + 24 + 16 * MAX_MEM_READS;
+    b[filter_row + 3] = 3;
+    assert_eq!(decode(&b), Err(WireError::BadField("window")));
     round_trip(Msg::Answer(AnswerRecord {
         vcpu: 1,
         action: 2,
