@@ -26,7 +26,9 @@
  *                                      "W busy calls=N" (two syscalls per call)
  *   ornament-workload wait-signal SECS wait SECS seconds for SIGTERM, SIGHUP, SIGINT,
  *                                      SIGUSR1 or SIGUSR2: "W caught sig=N" or "W no-signal"
- *   ornament-workload all              everything above, in order
+ *   ornament-workload threadexec       a thread (not the leader) execs `ornament-workload true`
+ *                                      while the leader waits: "W threadexec pid=P tid=T"
+ *   ornament-workload all              everything above but threadexec, in order
  *   ornament-workload bench-getppid N  time N getppid calls: "W bench getppid ns_per_call=X"
  *   ornament-workload bench-forkexec N time N fork+exec+wait: "W bench forkexec ns_per_iter=X"
  *   ornament-workload true|exit CODE   exit 0 / exit CODE
@@ -144,6 +146,29 @@ static void *thread_main(void *arg)
 {
     (void)arg;
     return NULL;
+}
+
+static void *thread_exec(void *arg)
+{
+    (void)arg;
+    printf("W threadexec pid=%d tid=%ld\n", (int)getpid(), (long)syscall(SYS_gettid));
+    fflush(stdout);
+    execl(self, "ornament-workload", "true", (char *)NULL);
+    printf("W error threadexec errno=%d\n", errno);
+    fflush(stdout);
+    _exit(127);
+}
+
+/* The exec replaces the whole process: the leader never returns from pause(). */
+static void cmd_threadexec(void)
+{
+    pthread_t t;
+    if (pthread_create(&t, NULL, thread_exec, NULL) != 0) {
+        printf("W error pthread_create\n");
+        return;
+    }
+    for (;;)
+        pause();
 }
 
 static void cmd_threads(long n)
@@ -526,6 +551,8 @@ int main(int argc, char **argv)
         cmd_kill();
     else if (!strcmp(c, "threads"))
         cmd_threads(n);
+    else if (!strcmp(c, "threadexec"))
+        cmd_threadexec();
     else if (!strcmp(c, "bigargv"))
         cmd_bigargv();
     else if (!strcmp(c, "failexec"))

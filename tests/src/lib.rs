@@ -7,6 +7,7 @@ pub mod ecs;
 pub mod otlp;
 pub mod schema;
 pub mod signals;
+pub mod threads;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@
 
 use ornament_tests::schema::{check_lineage, check_schema};
 use ornament_tests::signals::check_signal_events;
+use ornament_tests::threads::check_thread_exec;
 use ornament_tests::workload::{check_workload_events, events};
 use ornament_tests::{can_build_images, has_qemu, ornament_bin, require_host};
 use std::path::{Path, PathBuf};
@@ -179,6 +180,13 @@ fn our_vmm_on_nested_svm_gives_exit_status_events_and_passes_its_tests() {
     let evs = events(&out.join("signals-2.json"));
     check_schema(&evs);
     check_signal_events(&err, &evs);
+
+    // An exec by a thread that is not the leader: the same ground truth as on QEMU.
+    let err = read(&out, "threadexec-2.err");
+    assert_eq!(status(&out, "threadexec-2"), 0, "threadexec-2: {err}");
+    let evs = events(&out.join("threadexec-2.json"));
+    check_schema(&evs);
+    check_thread_exec(&err, &evs);
 
     // --block-signal: the shell's kill -TERM was refused (EPERM, at kill's entry function)
     // and the target says it never got a signal.
