@@ -202,7 +202,7 @@ fn json_schema_round_trips_and_names_every_field() {
     );
     assert_eq!(
         events[1].to_text(),
-        "1.500000000 cpu1 sh[42] ppid=1 uid=0 exec \"/bin/ls\" argv=[\"ls\",\"-l\"]"
+        "1.500000000 cpu1 sh[42] ppid=1 uid=0 exec \"/bin/ls\" argv=[\"ls\",\"-l\"] cwd=\"/home/u\""
     );
     assert!(Event::from_json("{\"event\":\"nope\"}").is_err());
 }

@@ -127,7 +127,11 @@ impl fmt::Display for Event {
                 if e.argv_truncated {
                     f.write_str(",...")?;
                 }
-                f.write_str("]")
+                f.write_str("]")?;
+                match &e.cwd {
+                    Some(d) => write!(f, " cwd={}", Quoted(d)),
+                    None => Ok(()),
+                }
             }
             Event::Exit(e) => {
                 match e.signal {
