@@ -1,9 +1,9 @@
-//! The host side of the plugin socket (`ornament-qemu`'s `plugin_link.rs`), compiled here by
+//! The host side of the plugin socket (`ornament-qemu`'s `plugin_link/`), compiled here by
 //! path so its socketpair tests run with this crate's tests (it links no GPL code: only
 //! `ornament-engine`).
 #![allow(missing_docs)]
 
-#[path = "../../qemu/src/plugin_link.rs"]
+#[path = "../../qemu/src/plugin_link/mod.rs"]
 pub mod plugin_link;
 
 use ornament_engine::wire::{self, put_hit_head, put_hit_value, Hello, Msg, Reg, RegMask};

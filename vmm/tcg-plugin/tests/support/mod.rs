@@ -13,7 +13,7 @@
 //!   `mm,arg_start,arg_end` (hex or decimal) override them for a kernel without one.
 #![allow(dead_code)] // each test file uses some of it
 
-#[path = "../../../qemu/src/plugin_link.rs"]
+#[path = "../../../qemu/src/plugin_link/mod.rs"]
 pub mod plugin_link;
 
 use ornament_engine::wire::{ProbeSpec, RegMask};
