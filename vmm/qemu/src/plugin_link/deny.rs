@@ -2,8 +2,7 @@
 //! registers or memory: arm a held probe at `do_syscall_64`'s first instruction with
 //! [`DenyConfig::entry_spec`]. For a hit answered with
 //! [`Action::DenySyscall`](ornament_engine::Action::DenySyscall), while that vCPU is held, the
-//! link writes through the shared
-//! guest RAM ([`GuestRam`]):
+//! link writes through the shared guest RAM ([`GuestRam`]):
 //!
 //! 1. `pt_regs->ax = -errno` (8 bytes at `rdi + pt_regs_ax_offset`; `rdi` is `do_syscall_64`'s
 //!    `regs` argument; `ax` is what the syscall path returns to user space);
