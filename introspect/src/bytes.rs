@@ -1,5 +1,16 @@
 //! Little-endian integers at byte offsets of untrusted data (kernel files, BTF, kallsyms
-//! tables): `None` past the end, never a panic.
+//! tables): `None` past the end, never a panic; and the low half of a register or 8-byte
+//! read as the C ABI's `unsigned int` or `int`.
+
+/// The low 32 bits of a register or an 8-byte read (an `unsigned int` argument).
+pub fn low32(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
+}
+
+/// The low 32 bits as the C ABI's `int` (an `int` argument: a signal, a pid).
+pub fn low32_signed(v: u64) -> i32 {
+    i32::from_le_bytes(low32(v).to_le_bytes())
+}
 
 /// `N` bytes at `at`, if the slice holds them.
 fn array<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {

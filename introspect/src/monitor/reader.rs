@@ -4,15 +4,7 @@
 
 use super::*;
 
-/// The low 32 bits of a register (an `int` or `long` argument read as 32 bits).
-pub(super) fn low32(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
-}
-
-/// The low 32 bits as a signed `int` (a `pid_t`, an `atomic_t`).
-pub(super) fn low32_signed(v: u64) -> i32 {
-    i32::from_le_bytes(low32(v).to_le_bytes())
-}
+pub(super) use crate::bytes::{low32, low32_signed};
 
 /// A pointer read at the hit: `Some(Some(p))` a kernel address, `Some(None)` read but not a
 /// kernel address (the field it leads to is unreadable), `None` not read.

@@ -142,10 +142,7 @@ impl BlockSignals {
             return;
         };
         // The argument registers as the C ABI's int.
-        let as_int = |v: u64| {
-            let low = u32::try_from(v & 0xffff_ffff).unwrap_or(0);
-            i64::from(i32::from_ne_bytes(low.to_ne_bytes()))
-        };
+        let as_int = |v: u64| i64::from(crate::bytes::low32_signed(v));
         let signal = as_int(ev.args[sig]);
         let comm = target.and_then(|i| self.target_comm(as_int(ev.args[i]), thread));
         let hit = self.rules.iter().any(|r| {
