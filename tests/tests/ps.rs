@@ -18,18 +18,18 @@ use std::time::{Duration, Instant};
 
 /// The guest command (`sh -c SCRIPT`): a user, then three children of this shell (one
 /// running as uid 1000 / gid 1001 through `su`, one a shell with odd arguments that has
-/// a child of its own), then the kernel's own `_text` address (`/proc/kallsyms`, as root)
+/// a child of its own, both in `/tmp`), then the kernel's own `_text` address (`/proc/kallsyms`, as root)
 /// and the pids on the console, then it waits.
 const SCRIPT: &str = r#"echo 'pstest:x:1000:1001:ps test:/tmp:/bin/sh' >> /etc/passwd
 echo 'pstest:x:1001:' >> /etc/group
 sleep 1000 & a=$!
 su -s /bin/sh pstest -c 'exec sleep 1001' & b=$!
-sh -c 'sleep 1002 & echo "PSTEST-MID mid=$$ d=$!"; wait' 'two words' '' & c=$!
+sh -c 'cd /tmp; sleep 1002 & echo "PSTEST-MID mid=$$ d=$!"; wait' 'two words' '' & c=$!
 echo "PSTEST-TEXT $(grep ' _text$' /proc/kallsyms)"
 echo "PSTEST-READY main=$$ a=$a b=$b c=$c"
 wait"#;
 /// The middle shell's script.
-const MID_SCRIPT: &str = r#"sleep 1002 & echo "PSTEST-MID mid=$$ d=$!"; wait"#;
+const MID_SCRIPT: &str = r#"cd /tmp; sleep 1002 & echo "PSTEST-MID mid=$$ d=$!"; wait"#;
 
 /// How long a guest may take to boot, start the processes and show them.
 const READY_TIMEOUT: Duration = Duration::from_secs(240);
@@ -161,6 +161,7 @@ struct Want<'a> {
     gid: u32,
     comm: &'static str,
     args: Vec<&'a str>,
+    cwd: &'static str,
 }
 
 /// Check a `ps --json` response: exactly the wanted user processes (in any order),
@@ -181,7 +182,13 @@ fn check_exact(v: &Value, want: &[Want<'_>]) -> Result<(), String> {
         }
         if p["kernel_thread"] == true {
             let ppid = if pid == 2 { 0 } else { 2 };
-            if p["ppid"] != ppid || p["args"] != json!([]) || !p["exe"].is_null() || p["uid"] != 0 {
+            // Kernel threads share init's fs_struct: their working directory is `/`.
+            if p["ppid"] != ppid
+                || p["args"] != json!([])
+                || !p["exe"].is_null()
+                || p["uid"] != 0
+                || p["cwd"] != "/"
+            {
                 return Err(format!("odd kernel thread: {p}"));
             }
         } else if users.insert(pid, p).is_some() {
@@ -205,11 +212,12 @@ fn check_exact(v: &Value, want: &[Want<'_>]) -> Result<(), String> {
         let got = json!({
             "ppid": p["ppid"], "uid": p["uid"], "euid": p["euid"], "gid": p["gid"],
             "egid": p["egid"], "comm": p["comm"], "args": p["args"], "exe": p["exe"],
-            "args_truncated": p["args_truncated"],
+            "args_truncated": p["args_truncated"], "cwd": p["cwd"],
         });
         let expected = json!({
             "ppid": w.ppid, "uid": w.uid, "euid": w.uid, "gid": w.gid, "egid": w.gid,
             "comm": w.comm, "args": w.args, "exe": "/bin/busybox", "args_truncated": false,
+            "cwd": w.cwd,
         });
         if got != expected {
             return Err(format!("pid {}: got {got}, want {expected}", w.pid));
@@ -271,6 +279,7 @@ fn ps_in_guest(image: &str, release: &str, vcpus: u32, append: Option<&str>) {
                     .into_iter()
                     .chain(append.into_iter().flat_map(str::split_whitespace))
                     .collect(),
+                cwd: "/",
             },
             Want {
                 pid: ready["main"],
@@ -279,6 +288,7 @@ fn ps_in_guest(image: &str, release: &str, vcpus: u32, append: Option<&str>) {
                 gid: 0,
                 comm: "sh",
                 args: vec!["sh", "-c", SCRIPT],
+                cwd: "/",
             },
             Want {
                 pid: ready["a"],
@@ -287,6 +297,7 @@ fn ps_in_guest(image: &str, release: &str, vcpus: u32, append: Option<&str>) {
                 gid: 0,
                 comm: "sleep",
                 args: vec!["sleep", "1000"],
+                cwd: "/",
             },
             Want {
                 pid: ready["b"],
@@ -295,6 +306,7 @@ fn ps_in_guest(image: &str, release: &str, vcpus: u32, append: Option<&str>) {
                 gid: 1001,
                 comm: "sleep",
                 args: vec!["sleep", "1001"],
+                cwd: "/",
             },
             Want {
                 pid: ready["c"],
@@ -303,6 +315,7 @@ fn ps_in_guest(image: &str, release: &str, vcpus: u32, append: Option<&str>) {
                 gid: 0,
                 comm: "sh",
                 args: vec!["sh", "-c", MID_SCRIPT, "two words", ""],
+                cwd: "/tmp",
             },
             Want {
                 pid: mid["d"],
@@ -311,6 +324,7 @@ fn ps_in_guest(image: &str, release: &str, vcpus: u32, append: Option<&str>) {
                 gid: 0,
                 comm: "sleep",
                 args: vec!["sleep", "1002"],
+                cwd: "/tmp",
             },
         ];
         assert_eq!(mid["mid"], ready["c"], "{console}");

@@ -241,6 +241,7 @@ mod tests {
             args: args.map(|a| a.iter().map(|s| (*s).to_owned()).collect()),
             args_truncated: false,
             exe: None,
+            cwd: None,
             kernel_thread: Some(kthread),
             task: "0xffff888000000000".into(),
         }

@@ -74,6 +74,8 @@ pub struct Process {
     pub args_truncated: bool,
     /// Executable path.
     pub exe: Option<String>,
+    /// Working directory (null for a task without an `fs_struct`, or unreadable).
+    pub cwd: Option<String>,
     /// `PF_KTHREAD`.
     pub kernel_thread: Option<bool>,
     /// Address of the `task_struct` (hex).
@@ -161,10 +163,12 @@ pub(super) fn process_list_bounded(
             Err(_) => (None, false),
         };
         let exe = info.exe_path.ok().flatten();
+        let cwd = info.cwd.ok().flatten();
         string_bytes += args
             .iter()
             .flatten()
             .chain(&exe)
+            .chain(&cwd)
             .map(|a| a.len() as u64 + 1)
             .sum::<u64>();
         processes.push(Process {
@@ -179,6 +183,7 @@ pub(super) fn process_list_bounded(
             args,
             args_truncated,
             exe,
+            cwd,
             kernel_thread: kthread,
             task: hex(task),
         });

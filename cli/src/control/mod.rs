@@ -20,7 +20,7 @@
 //! -> {"cmd":"ps","id":7}
 //! <- {"ok":true,"id":7,"walk":"complete","processes":[
 //!      {"pid":1,"tgid":1,"ppid":0,"uid":0,"gid":0,"euid":0,"egid":0,"comm":"init",
-//!       "args":["/bin/sh","/init"],"args_truncated":false,"exe":"/bin/busybox",
+//!       "args":["/bin/sh","/init"],"args_truncated":false,"exe":"/bin/busybox","cwd":"/",
 //!       "kernel_thread":false,"task":"0xffff888003d08000"},
 //!      {"pid":2,"tgid":2,"ppid":0,...,"comm":"kthreadd","args":[],"exe":null,
 //!       "kernel_thread":true,...}, ...]}
@@ -41,7 +41,7 @@
 //!   parent's tgid), `uid`/`gid`/`euid`/`egid` (real and effective ids), `comm`, `args`
 //!   (the command line from `mm->arg_start..arg_end`; `[]` for kernel threads and exited
 //!   tasks, which have no mm), `args_truncated`, `exe` (the executable's path, null for
-//!   kernel threads), `kernel_thread` (`PF_KTHREAD`), `task` (the `task_struct` address,
+//!   kernel threads), `cwd` (the working directory: kernel threads have `/` too), `kernel_thread` (`PF_KTHREAD`), `task` (the `task_struct` address,
 //!   hex). `walk` says how the task-list walk ended: `complete`, `budget_exhausted` (more
 //!   than [`PS_TASK_BUDGET`] processes), `cycle` or `unreadable` (with `walk_at`, the
 //!   address where it stopped); the processes found before are still listed.

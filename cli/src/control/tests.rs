@@ -35,6 +35,7 @@ fn process(task: Gva, spec: &TaskSpec, ppid: i32) -> Process {
         args: Some(spec.argv.clone()),
         args_truncated: false,
         exe: spec.exe_path.clone(),
+        cwd: spec.cwd.clone(),
         kernel_thread: Some(spec.kernel_thread),
         task: hex(task),
     }

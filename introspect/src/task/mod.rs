@@ -116,6 +116,9 @@ pub struct TaskInfo {
     /// Executable path (`mm->exe_file->f_path.dentry` up to its root); `None` when the
     /// task has no mm or no exe_file.
     pub exe_path: Field<Option<String>>,
+    /// Working directory (`task->fs->pwd`, across mount points); `None` when the task has
+    /// no `fs_struct` (it has exited) or the profile lacks its offsets.
+    pub cwd: Field<Option<String>>,
     /// Command line; `None` when the task has no mm.
     pub argv: Field<Option<Argv>>,
 }
@@ -361,6 +364,7 @@ impl<'k> TaskReader<'k> {
             egid: pick(3),
             is_kernel_thread: self.is_kernel_thread(vm, task),
             exe_path: self.exe_path(vm, task),
+            cwd: self.cwd(vm, task),
             argv: self.argv(vm, task),
         }
     }

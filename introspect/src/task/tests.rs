@@ -33,6 +33,7 @@ fn world(profile: Profile, mode: PagingMode) -> World {
     );
     spec.parent = Some(init);
     spec.creds = [1000, 1001, 1002, 1003];
+    spec.cwd = Some("/srv/work".into());
     let child = g.add_task(&spec).expect("child");
     g.set_current(1, child).expect("current");
     World {
@@ -96,6 +97,7 @@ fn reads_tasks_exactly_as_written() {
                 egid: Ok(1003),
                 is_kernel_thread: Ok(false),
                 exe_path: Ok(Some("/usr/bin/env".into())),
+                cwd: Ok(Some("/srv/work".into())),
                 argv: Ok(Some(Argv {
                     args: vec!["sh".into(), "-c".into(), "echo hi".into()],
                     truncated: false
@@ -105,6 +107,8 @@ fn reads_tasks_exactly_as_written() {
         let kt = r.read(&vm, w.kthreadd);
         assert_eq!(kt.is_kernel_thread, Ok(true));
         assert_eq!(kt.exe_path, Ok(None));
+        // No fs_struct written for it: as a task that has left its own on exit.
+        assert_eq!(kt.cwd, Ok(None));
         assert_eq!(kt.argv, Ok(None));
         assert_eq!(kt.ppid, Ok(0));
         assert_eq!(kt.comm, Ok("kthreadd".into()));
