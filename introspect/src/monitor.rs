@@ -51,11 +51,6 @@ use crate::probes::{ReturnHook, SignalHook, MEM_KILL_FLAGS, MEM_KILL_GROUP_CODE}
 use crate::probes::{
     MEM_EXEC_FS, MEM_EXEC_PWD_DENTRY, MEM_EXEC_PWD_HASH, MEM_EXEC_PWD_MNT, MEM_EXEC_PWD_PARENT,
 };
-
-/// The slots of the stamps an exec probe read at the hit for the executable's dentry ...
-const EXE_STAMP: [usize; 2] = [MEM_EXEC_NAME_HASH, MEM_EXEC_PARENT];
-/// ... and for the working directory's.
-const PWD_STAMP: [usize; 2] = [MEM_EXEC_PWD_HASH, MEM_EXEC_PWD_PARENT];
 use crate::profile::{Profile, ProfileError};
 use crate::task::{Argv, Limits, TaskError, TaskOffsets, TaskReader, PF_KTHREAD};
 use crate::vmem::VirtMem;
@@ -69,6 +64,11 @@ mod signal;
 use reader::{kptr_at_hit, low32, low32_signed, Reader};
 use returns::PendingCall;
 pub use returns::MAX_PENDING_CALLS;
+
+/// The slots of the stamps an exec probe read at the hit for the executable's dentry ...
+const EXE_STAMP: [usize; 2] = [MEM_EXEC_NAME_HASH, MEM_EXEC_PARENT];
+/// ... and for the working directory's.
+const PWD_STAMP: [usize; 2] = [MEM_EXEC_PWD_HASH, MEM_EXEC_PWD_PARENT];
 
 /// Why a monitor could not be built.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]

@@ -239,7 +239,7 @@ impl Session {
                 source,
             })?;
             // Placed (an engine that translates code knows the address from the start)
-            // but off until the monitor asks for it.
+            // but off until its window opens (the engine arms it: `ArmSpec::window`).
             if !spec.armed_at_start() {
                 engine.disarm(spec.id)?;
             }

@@ -108,7 +108,12 @@ impl Monitor {
             (ProbeKind::ExecAttempt, Window::Opens(w)) => Some(ProbeId(w)),
             _ => None,
         };
-        let closes = matches!(kind, ProbeKind::Return(_) | ProbeKind::Exit(_));
+        // Only an exec's return or an exit can close: a watched syscall's return (every
+        // one, while some exec is in flight) reads no task here.
+        let closes = matches!(
+            kind,
+            ProbeKind::Return(ReturnHook::Exec | ReturnHook::ExecAt) | ProbeKind::Exit(_)
+        );
         if opens.is_none() && (!closes || self.in_exec.is_empty()) {
             return Vec::new();
         }

@@ -373,6 +373,14 @@ fn filtered_numbers(probe: &ProbeRequest) -> Vec<u64> {
     }
 }
 
+/// A link error of a call naming a probe, as the engine seam says it.
+fn probe_error(e: PluginLinkError) -> EngineError {
+    match e {
+        PluginLinkError::NoSuchProbe(p) => EngineError::NoSuchProbe(p),
+        e => EngineError::backend(e),
+    }
+}
+
 impl Engine for QemuEngine {
     fn clock_origin(&self) -> std::time::SystemTime {
         // Each backend times its hits from its own start.
@@ -465,20 +473,14 @@ impl Engine for QemuEngine {
 
     fn close_window(&mut self, probe: ProbeId) -> Result<(), EngineError> {
         match &mut self.backend {
-            Backend::Plugin { link, .. } => link.close_window(probe).map_err(|e| match e {
-                PluginLinkError::NoSuchProbe(p) => EngineError::NoSuchProbe(p),
-                e => EngineError::backend(e),
-            }),
+            Backend::Plugin { link, .. } => link.close_window(probe).map_err(probe_error),
             Backend::Gdbstub { .. } => Err(EngineError::Unsupported("probe windows")),
         }
     }
 
     fn disarm(&mut self, probe: ProbeId) -> Result<(), EngineError> {
         match &mut self.backend {
-            Backend::Plugin { link, .. } => link.disarm(probe).map_err(|e| match e {
-                PluginLinkError::NoSuchProbe(p) => EngineError::NoSuchProbe(p),
-                e => EngineError::backend(e),
-            }),
+            Backend::Plugin { link, .. } => link.disarm(probe).map_err(probe_error),
             Backend::Gdbstub { by_addr, .. } => {
                 let at = by_addr
                     .iter()
